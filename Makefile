@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# pytest arguments, e.g. `make test PYTEST_ARGS="-k metrics"`
+PYTEST_ARGS ?=
+QUICKSTART_DIR ?= .quickstart
+
+.PHONY: install install-test run test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# Stamps make re-runs instant; they are rebuilt whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/recsys quickstart --out $(QUICKSTART_DIR)
+
+# pytest exits 5 when a filter selects no test: that is not a failure of the suite.
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy data evaluation cli
+
+clean:
+	rm -rf $(QUICKSTART_DIR) .pytest_cache build *.egg-info

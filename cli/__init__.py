@@ -1,0 +1,1 @@
+"""The `recsys` command line: wires arguments to library functions, nothing more."""

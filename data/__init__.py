@@ -1,0 +1,1 @@
+"""Data layer: schemas, loaders, the synthetic world, splits and negative sampling (polars)."""

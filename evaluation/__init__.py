@@ -1,0 +1,1 @@
+"""Evaluation: metrics, offline reports, baselines, A/B simulation and statistics."""

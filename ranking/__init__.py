@@ -1,0 +1,1 @@
+"""Ranking: training-set construction, shared feature assembly, LightGBM and DNN rankers."""

@@ -1,0 +1,1 @@
+"""Rule-based re-ranking with per-rule explanations."""

@@ -1,0 +1,1 @@
+"""Multi-stage retrieval: candidate sources, two-tower model, ANN index."""

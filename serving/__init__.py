@@ -1,0 +1,1 @@
+"""Serving: the Pipeline, bundle loading, feedback log and online state, FastAPI app."""
