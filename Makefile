@@ -5,12 +5,17 @@ BIN    := $(VENV)/bin
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k metrics"`
 PYTEST_ARGS ?=
 QUICKSTART_DIR ?= .quickstart
+# Installed before the project so that `torch>=2.4` is already met: 2.13.0 is the CPU build these
+# machines keep on disk (a bare `torch` would resolve to a multi-GB CUDA build). Elsewhere, override:
+# `make install TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install install-test run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 
 # Stamps make re-runs instant; they are rebuilt whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
