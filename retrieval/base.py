@@ -2,8 +2,8 @@
 
 A source answers, for a batch of users, "which ``k`` items are worth ranking?". Every source (two-
 tower ANN, ALS, trending, co-visitation, cold start) takes the same :class:`UserBatch` and returns
-the same :class:`Candidates`, so the merger, the evaluator and the pipeline treat them alike, and one
-contract test suite (``tests/retrieval_contract.py``) checks them all.
+the same :class:`Candidates`, so the merger, the evaluator and the pipeline treat them alike, and
+one contract test suite (``tests/retrieval_contract.py``) checks them all.
 
 Users are described by their *state* (id index + recent history), not by the training log: at
 serving time the history includes feedback that arrived after training, which is how online
@@ -156,7 +156,8 @@ class Candidates:
     ) -> Candidates:
         """Top-``k`` of a dense (n, n_items) score matrix; ``exclude`` (n, n_items) masks items.
 
-        Masked and non-finite scores never appear; rows with fewer than ``k`` valid items are padded.
+        Masked and non-finite scores never appear; rows with fewer than ``k`` valid items are
+        padded.
         """
         scores = np.array(scores, dtype=np.float32, copy=True)
         n, n_items = scores.shape
