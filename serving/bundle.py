@@ -1,0 +1,128 @@
+"""The model bundle: one directory with every trained artifact and a manifest that vouches for it.
+
+``manifest.json`` records the format version, creation time, the dataset fingerprint, the full
+config and the SHA-256 of every file. :func:`verify_bundle` refuses a bundle whose files are missing,
+altered or unlisted, so a half-copied or corrupted bundle is never served. No pickle anywhere:
+weights are ``state_dict``s, arrays ``.npy``/``.npz``, tables parquet, indexes FAISS files.
+
+A bundle is written into a temporary sibling directory and renamed into place once its manifest
+is complete, so readers never see a partial bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from data.errors import BundleError
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# Streaming hash chunk: keeps memory flat on multi-GB indexes.
+_HASH_CHUNK_BYTES = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def bundle_writer(
+    destination: str | Path, *, config: dict[str, Any], dataset_fingerprint: str
+) -> Iterator[Path]:
+    """Yield a staging directory to write artifacts into; on success, seal and move it in place.
+
+    On an exception the staging directory is removed and ``destination`` is left untouched.
+    """
+    final = Path(destination)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        write_manifest(staging, config=config, dataset_fingerprint=dataset_fingerprint)
+        if final.exists():
+            retired = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_manifest(
+    bundle: Path, *, config: dict[str, Any], dataset_fingerprint: str
+) -> dict[str, Any]:
+    files = {
+        path.relative_to(bundle).as_posix(): sha256_file(path)
+        for path in sorted(bundle.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    created = int(time.time())
+    manifest = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created_at": created,
+        # Short, human-quotable identity of exactly these artifacts (served as model_version).
+        "model_version": hashlib.sha256(
+            json.dumps(files, sort_keys=True).encode()
+        ).hexdigest()[:12],
+        "dataset_fingerprint": dataset_fingerprint,
+        "config": config,
+        "files": files,
+    }
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Check a bundle against its manifest and return the manifest; ``BundleError`` if it differs."""
+    bundle = Path(path)
+    manifest_path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {str(bundle)!r} does not exist or is not a directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {str(bundle)!r} has no {MANIFEST_NAME} (not a bundle, or incomplete)")
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(expected {BUNDLE_FORMAT_VERSION})"
+        )
+    listed: dict[str, str] = manifest.get("files", {})
+    present = {
+        p.relative_to(bundle).as_posix()
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise BundleError(f"bundle {str(bundle)!r} is missing {missing[:5]}")
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise BundleError(f"bundle {str(bundle)!r} has files not in its manifest: {unlisted[:5]}")
+    for name, expected in listed.items():
+        actual = sha256_file(bundle / name)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {str(bundle)!r}: {name} does not match its manifest checksum "
+                f"(expected {expected[:12]}..., got {actual[:12]}...)"
+            )
+    return manifest
