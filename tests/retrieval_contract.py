@@ -91,8 +91,9 @@ class CandidateSourceContract:
         assert ((out.item_idx >= PAD_ITEM) & (out.item_idx < log.n_items)).all()
         # padding only at the end of a row, and scores non-increasing over the valid prefix
         assert (np.diff(valid.astype(int), axis=1) <= 0).all()
-        finite = np.where(valid, out.scores, -np.inf)
-        assert (np.diff(finite, axis=1)[valid[:, 1:]] <= 1e-6).all()
+        # compare neighbours that are both real candidates (padding scores are -inf)
+        steps = np.diff(np.where(valid, out.scores, 0.0), axis=1)
+        assert (steps[valid[:, 1:] & valid[:, :-1]] <= 1e-6).all()
         for row in out.item_idx:
             kept = row[row != PAD_ITEM]
             assert len(set(kept.tolist())) == kept.size, "duplicate candidates in a row"

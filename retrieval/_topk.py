@@ -1,0 +1,238 @@
+"""Helpers shared by the non-neural candidate sources: batched top-``k`` and state files.
+
+Three shapes of score cover every source here, each with its own vectorized selection:
+
+* :func:`dense_topk`  - a dense (n, n_items) score matrix built block by block (ALS, cold start);
+* :func:`ranked_topk` - one global ranking shared by every user, minus each row's exclusions
+  (popularity);
+* :func:`sparse_topk` - a sparse (n, n_items) score matrix (co-visitation).
+
+All of them return :class:`~retrieval.base.Candidates` (best first, ``PAD_ITEM`` / ``-inf`` at the
+end of short rows), never return an excluded item, and break score ties by the lower item index
+(:func:`dense_topk` by ``Candidates.from_scores``' own rule), so a row's answer does not depend on
+the other rows of the batch.
+
+:func:`write_state` / :func:`read_state` give every source the same pickle-free layout: a
+``config.json`` (format version, source class, config, scalars) and a ``state.npz`` of arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from data.errors import BundleError, DataError
+from retrieval.base import Candidates
+
+STATE_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.npz"
+
+ScoreBlock = Callable[[int, int], npt.NDArray[np.floating]]
+"""``score_rows(start, stop) -> (stop - start, n_items)`` dense scores of a block of rows."""
+
+
+def check_k(k: int) -> int:
+    """``k`` as an int; ``DataError`` unless it is a non-negative integer."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise DataError(f"k must be a non-negative integer, got {k!r}")
+    return int(k)
+
+
+def align_exclude(
+    exclude: sp.spmatrix | sp.sparray | None, n_rows: int, n_items: int
+) -> sp.csr_matrix | None:
+    """``exclude`` as an (n_rows, n_items) CSR; ``None`` when there is nothing to exclude.
+
+    The caller's matrix may be wider than the source's item space (items added to the id map
+    after training: the source cannot return them anyway, so those columns are dropped) or
+    narrower (an older item map: padded with empty columns). A row count different from the
+    batch is a caller error. The result is binary (every stored entry set to 1): a stored entry
+    excludes its item whatever its value.
+    """
+    if exclude is None:
+        return None
+    if exclude.shape[0] != n_rows:
+        raise DataError(
+            f"exclude has {exclude.shape[0]} rows for a batch of {n_rows} users; "
+            "it needs one row per user"
+        )
+    matrix = sp.csr_matrix(exclude, dtype=np.float32, copy=True)
+    matrix.data[:] = 1.0
+    if matrix.shape[1] > n_items:
+        matrix = matrix[:, :n_items]
+    elif matrix.shape[1] < n_items:
+        matrix = sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), (n_rows, n_items))
+    return matrix if matrix.nnz else None
+
+
+def excluded_mask(
+    exclude: sp.csr_matrix | None, items: npt.NDArray[np.integer]
+) -> npt.NDArray[np.bool_]:
+    """(n, L) bool: ``items[r, j]`` is stored in row ``r`` of ``exclude`` (n, n_items).
+
+    ``PAD_ITEM`` and items outside the matrix are never excluded.
+    """
+    mask = np.zeros(items.shape, dtype=bool)
+    if exclude is None or exclude.nnz == 0:
+        return mask
+    valid = (items >= 0) & (items < exclude.shape[1])
+    rows = np.broadcast_to(np.arange(items.shape[0])[:, None], items.shape)
+    mask[valid] = pair_excluded(exclude, rows[valid], items[valid])
+    return mask
+
+
+def pair_excluded(
+    exclude: sp.csr_matrix, rows: npt.NDArray[np.integer], items: npt.NDArray[np.integer]
+) -> npt.NDArray[np.bool_]:
+    """(m,) bool: the pair ``(rows[j], items[j])`` is stored in ``exclude``.
+
+    Vectorized as a sorted-key lookup on ``row * n_items + item`` (no per-row Python loop).
+    """
+    n_items = exclude.shape[1]
+    coo = exclude.tocoo()
+    keys = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
+    query = rows.astype(np.int64) * n_items + items
+    if keys.size == 0:
+        return np.zeros(query.shape, dtype=bool)
+    position = np.searchsorted(keys, query).clip(max=keys.size - 1)
+    return keys[position] == query
+
+
+def dense_topk(
+    score_rows: ScoreBlock,
+    n_rows: int,
+    n_items: int,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    block_elements: int,
+) -> Candidates:
+    """Top-``k`` of a dense score matrix produced ``block_elements`` scores at a time.
+
+    Bounds memory to one block of about ``block_elements`` float32 scores however many users
+    and items there are; non-finite scores (e.g. ``-inf`` for a user without a vector) never
+    become candidates.
+    """
+    out = Candidates.empty(n_rows, k)
+    rows_per_block = max(1, block_elements // max(n_items, 1))
+    for start in range(0, n_rows, rows_per_block):
+        stop = min(start + rows_per_block, n_rows)
+        block = Candidates.from_scores(
+            score_rows(start, stop), k, None if exclude is None else exclude[start:stop]
+        )
+        out.item_idx[start:stop] = block.item_idx
+        out.scores[start:stop] = block.scores
+    return out
+
+
+def ranked_topk(
+    order: npt.NDArray[np.integer],
+    ordered_scores: npt.NDArray[np.floating],
+    n_rows: int,
+    k: int,
+    exclude: sp.csr_matrix | None,
+) -> Candidates:
+    """Top-``k`` of one global ranking for each of ``n_rows`` rows, minus each row's exclusions.
+
+    order:          (m,) item indices, best first.
+    ordered_scores: (m,) their scores, non-increasing.
+
+    Only the first ``k + (most items any row excludes)`` entries of the ranking can reach a
+    row's top ``k``, so the work is (n_rows, that many) whatever the catalogue size.
+    """
+    out = Candidates.empty(n_rows, k)
+    if k == 0 or order.size == 0 or n_rows == 0:
+        return out
+    most_excluded = 0 if exclude is None else int(np.diff(exclude.indptr).max())
+    width = min(order.size, k + most_excluded)
+    items = np.broadcast_to(order[:width].astype(np.int32), (n_rows, width))
+    keep = ~excluded_mask(exclude, items)
+    rank = np.cumsum(keep, axis=1) - 1
+    keep &= rank < k
+    rows = np.broadcast_to(np.arange(n_rows)[:, None], (n_rows, width))[keep]
+    out.item_idx[rows, rank[keep]] = items[keep]
+    scores = np.broadcast_to(ordered_scores[:width].astype(np.float32), (n_rows, width))
+    out.scores[rows, rank[keep]] = scores[keep]
+    return out
+
+
+def sparse_topk(matrix: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None) -> Candidates:
+    """Top-``k`` stored entries of each row of a sparse (n, n_items) score matrix.
+
+    Entries that are not stored are not candidates (a row with three entries gets three items and
+    padding), nor are non-finite or excluded ones. Ties go to the lower item index.
+    """
+    n_rows = matrix.shape[0]
+    out = Candidates.empty(n_rows, k)
+    coo = matrix.tocoo()
+    rows, items = coo.row.astype(np.int64), coo.col.astype(np.int32)
+    scores = coo.data.astype(np.float32)
+    keep = np.isfinite(scores)
+    if exclude is not None:
+        keep &= ~pair_excluded(exclude, rows, items)
+    rows, items, scores = rows[keep], items[keep], scores[keep]
+    order = np.lexsort((items, -scores, rows))
+    rows, items, scores = rows[order], items[order], scores[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+    top = rank < k
+    out.item_idx[rows[top], rank[top]] = items[top]
+    out.scores[rows[top], rank[top]] = scores[top]
+    return out
+
+
+def write_state(
+    directory: Path, source: str, meta: Mapping[str, Any], arrays: Mapping[str, Any]
+) -> None:
+    """Write ``state.npz`` (``arrays``) then ``config.json`` (``meta`` plus format and source).
+
+    ``config.json`` comes last, so a directory that has it holds complete state.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / STATE_FILE, allow_pickle=False, **arrays)
+    document = {"format_version": STATE_FORMAT_VERSION, "source": source, **meta}
+    (out / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def read_state(directory: Path, source: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The ``meta`` and ``arrays`` that :func:`write_state` wrote for ``source``.
+
+    ``BundleError`` names the directory if a file is missing or unreadable, or if it holds
+    another source or format version.
+    """
+    path = Path(directory)
+    meta_file, state_file = path / CONFIG_FILE, path / STATE_FILE
+    if not (meta_file.is_file() and state_file.is_file()):
+        raise BundleError(f"{path}: not a saved {source} ({CONFIG_FILE} or {STATE_FILE} missing)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        with np.load(state_file, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{path}: unreadable {source} state ({exc})") from exc
+    found = (meta.get("source"), meta.get("format_version"))
+    if found != (source, STATE_FORMAT_VERSION):
+        raise BundleError(
+            f"{path}: holds {found[0]!r} format {found[1]!r}, "
+            f"expected {source!r} format {STATE_FORMAT_VERSION}"
+        )
+    return meta, arrays
+
+
+__all__ = [
+    "check_k",
+    "align_exclude",
+    "dense_topk",
+    "excluded_mask",
+    "pair_excluded",
+    "ranked_topk",
+    "read_state",
+    "sparse_topk",
+    "write_state",
+]

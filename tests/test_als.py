@@ -1,0 +1,207 @@
+"""ALSSource: the clustered log's structure is recovered, fold-in personalises without a retrain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from data.errors import ConfigError, DataError
+from data.interactions import Interactions
+from retrieval.als import ALSConfig, ALSSource
+from retrieval.base import PAD_ITEM, UserBatch
+from tests.retrieval_contract import (
+    HISTORY,
+    N_CATEGORIES,
+    N_ITEMS,
+    N_USERS,
+    CandidateSourceContract,
+    clustered_log,
+)
+
+CONFIG = ALSConfig(factors=8, iterations=10, random_state=0, num_threads=1)
+
+
+def cluster(items: np.ndarray) -> np.ndarray:
+    return np.asarray(items) % N_CATEGORIES  # clustered_log puts item i in category i % 3
+
+
+def session(user: int, items: list[int], time: int) -> UserBatch:
+    """One user whose most recent events are ``items`` (most recent first), all at ``time``."""
+    row = np.full((1, HISTORY), PAD_ITEM, np.int32)
+    row[0, : len(items)] = items
+    times = np.where(row >= 0, time, 0).astype(np.int64)
+    return UserBatch(np.array([user], np.int32), row, times, np.array([time], np.int64))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[ALSSource, Interactions]:
+    log, catalog = clustered_log()
+    return ALSSource(CONFIG).fit(log, catalog), log
+
+
+class TestALSContract(CandidateSourceContract):
+    def make_source(self) -> ALSSource:
+        return ALSSource(CONFIG)
+
+
+def test_top1_lands_in_the_users_own_cluster(trained: tuple[ALSSource, Interactions]) -> None:
+    source, log = trained
+    users = UserBatch.from_interactions(log, np.arange(N_USERS), history_length=HISTORY)
+    out = source.retrieve(users, 1, exclude=users.history_matrix(log.n_items))
+    home = np.arange(N_USERS) % N_CATEGORIES
+    assert (cluster(out.item_idx[:, 0]) == home).mean() >= 0.9
+
+
+@pytest.mark.parametrize("home", range(N_CATEGORIES))
+def test_fold_in_gives_an_unknown_user_their_clusters_items(
+    trained: tuple[ALSSource, Interactions], home: int
+) -> None:
+    source, log = trained
+    history = [home, home + 3, home + 6]
+    user = session(-1, history, time=int(log.timestamp.max()) + 60)
+    out = source.retrieve(user, 3, exclude=user.history_matrix(N_ITEMS))
+    assert (out.item_idx != PAD_ITEM).all()
+    assert (cluster(out.item_idx) == home).all()
+    assert not set(out.item_idx[0].tolist()) & set(history)
+
+
+def test_new_events_move_a_known_user_without_retraining(
+    trained: tuple[ALSSource, Interactions],
+) -> None:
+    source, log = trained
+    after = int(log.timestamp.max()) + 60
+    all_items = np.arange(N_ITEMS)[None, :]
+
+    def mean_score_per_cluster(user: UserBatch) -> np.ndarray:
+        scores = source.score(user, all_items)[0]
+        return np.array([scores[cluster(all_items[0]) == c].mean() for c in range(N_CATEGORIES)])
+
+    # User 0 lives in cluster 0 (six training clicks); after training they click six cluster-1
+    # items: cluster 1 goes from unrelated to as strong as the home cluster.
+    before = mean_score_per_cluster(session(0, [], after))
+    switched = mean_score_per_cluster(session(0, [1, 4, 7, 10, 13, 16], after))
+    assert before[1] < 0.1 * before[0]
+    assert switched[1] > 0.8 * switched[0]
+    # The same events at training time are already in the model: the trained vector is kept.
+    old = session(0, [1, 4, 7, 10, 13, 16], time=int(log.timestamp.min()))
+    np.testing.assert_array_equal(source.user_vectors(old)[0], source.user_factors_[0])
+
+
+def test_fold_in_never_keeps_trained_vectors_and_skips_unknown_users() -> None:
+    log, _ = clustered_log()
+    source = ALSSource(ALSConfig(**{**vars(CONFIG), "fold_in": "never"})).fit(log)
+    after = int(log.timestamp.max()) + 60
+    np.testing.assert_array_equal(
+        source.user_vectors(session(0, [1, 4, 7], after))[0], source.user_factors_[0]
+    )
+    out = source.retrieve(session(-1, [1, 4, 7], after), 4)
+    assert (out.item_idx == PAD_ITEM).all() and np.isneginf(out.scores).all()
+
+
+def test_fold_in_always_is_close_to_the_trained_vectors() -> None:
+    log, _ = clustered_log()
+    trained_only = ALSSource(CONFIG).fit(log)
+    always = ALSSource(ALSConfig(**{**vars(CONFIG), "fold_in": "always"})).fit(log)
+    users = UserBatch.from_interactions(log, np.arange(N_USERS), history_length=HISTORY)
+    a, b = trained_only.user_vectors(users), always.user_vectors(users)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.median(cosine) > 0.95
+
+
+def test_fold_in_is_batch_invariant(trained: tuple[ALSSource, Interactions]) -> None:
+    source, log = trained
+    after = int(log.timestamp.max()) + 60
+    rows = [session(-1, [2, 5], after), session(3, [1, 4], after), session(7, [], after)]
+    batch = UserBatch(
+        np.concatenate([r.user_idx for r in rows]),
+        np.concatenate([r.recent_items for r in rows]),
+        np.concatenate([r.recent_times for r in rows]),
+        np.concatenate([r.now for r in rows]),
+    )
+    together = source.user_vectors(batch)
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(source.user_vectors(row)[0], together[i], rtol=1e-5, atol=1e-6)
+
+
+def test_score_agrees_with_retrieve_and_marks_missing_as_nan(
+    trained: tuple[ALSSource, Interactions],
+) -> None:
+    source, log = trained
+    users = UserBatch.from_interactions(log, np.array([0, 1, -1]), history_length=HISTORY)
+    out = source.retrieve(users, 6)
+    scores = source.score(users, out.item_idx)
+    valid = out.item_idx != PAD_ITEM
+    np.testing.assert_allclose(scores[valid], out.scores[valid], rtol=1e-5, atol=1e-5)
+    assert np.isnan(scores[~valid]).all()  # padding items, and the unknown user's whole row
+    assert np.isnan(scores[2]).all()
+    with pytest.raises(DataError, match="item_idx has shape"):
+        source.score(users, np.zeros((2, 3), np.int32))
+
+
+def test_fitting_raises_no_blas_threadpool_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """implicit checks the BLAS thread pool once per process; make it check again here."""
+    import implicit.utils
+
+    monkeypatch.setattr(implicit.utils, "_checked_blas_config", False)
+    log, _ = clustered_log()
+    ALSSource(CONFIG).fit(log)  # filterwarnings=error: a RuntimeWarning would fail this test
+    assert implicit.utils._checked_blas_config
+
+
+def test_same_seed_same_model() -> None:
+    log, _ = clustered_log()
+    a, b = ALSSource(CONFIG).fit(log), ALSSource(CONFIG).fit(log)
+    np.testing.assert_array_equal(a.item_factors_, b.item_factors_)
+    np.testing.assert_array_equal(a.user_factors_, b.user_factors_)
+
+
+def test_items_unknown_to_the_model_are_tolerated(trained: tuple[ALSSource, Interactions]) -> None:
+    source, log = trained
+    after = int(log.timestamp.max()) + 60
+    # History with an item added after training (index N_ITEMS) and an exclude matrix as wide
+    # as the extended catalogue.
+    user = session(-1, [N_ITEMS, 1, 4], after)
+    wide = sp.csr_matrix(([1.0, 1.0], ([0, 0], [7, N_ITEMS])), shape=(1, N_ITEMS + 1))
+    out = source.retrieve(user, 5, exclude=wide)
+    assert 7 not in out.item_idx and (out.item_idx < N_ITEMS).all()
+    assert (cluster(out.item_idx[out.item_idx >= 0]) == 1).all()
+
+
+def test_exclude_with_the_wrong_row_count_is_rejected(
+    trained: tuple[ALSSource, Interactions],
+) -> None:
+    source, log = trained
+    with pytest.raises(DataError, match="exclude has 2 rows"):
+        source.retrieve(session(0, [], 0), 3, exclude=sp.csr_matrix((2, N_ITEMS)))
+
+
+def test_fold_in_survives_save_and_load(
+    trained: tuple[ALSSource, Interactions], tmp_path: Path
+) -> None:
+    source, log = trained
+    source.save(tmp_path / "als")
+    loaded = ALSSource.load(tmp_path / "als")
+    after = int(log.timestamp.max()) + 60
+    for user in (session(-1, [2, 5, 8], after), session(4, [0, 3], after)):
+        np.testing.assert_allclose(
+            loaded.user_vectors(user), source.user_vectors(user), rtol=1e-5, atol=1e-6
+        )
+    assert loaded.config == source.config and loaded.trained_until_ == source.trained_until_
+
+
+def test_empty_log_is_rejected() -> None:
+    log, _ = clustered_log()
+    with pytest.raises(DataError, match="empty"):
+        ALSSource(CONFIG).fit(log.before(0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("factors", 0), ("num_threads", -1), ("alpha", 0.0), ("fold_in", "sometimes")],
+)
+def test_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        ALSConfig(**{field: value})  # type: ignore[arg-type]
