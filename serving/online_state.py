@@ -1,0 +1,132 @@
+"""Online user state: each user's recent history, updated from feedback without a retrain.
+
+Model weights stay frozen between retrains; what moves is the *state* the models read. Every
+source takes a :class:`~retrieval.base.UserBatch` built here, so one ``observe`` call changes what
+the two-tower encodes, what ALS folds in, what co-visitation expands, and what is filtered as seen.
+
+Users unknown to the bundle get a slot too (their model index stays -1): they leave the cold-start
+path as soon as they have a history.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from data.idmap import IdMap
+from data.interactions import Interactions
+from retrieval.base import PAD_ITEM, UserBatch
+
+# Room added when a new user arrives and the arrays are full (amortised growth, like a list).
+_GROWTH = 1.5
+
+
+class OnlineState:
+    """Recent histories of known and new users, most recent first, capped at ``history_length``.
+
+    Thread-safe: the HTTP service observes feedback and serves requests concurrently.
+    """
+
+    def __init__(self, model_users: IdMap, n_items: int, history_length: int) -> None:
+        self.model_users = model_users
+        self.n_items = n_items
+        self.history_length = history_length
+        self._ids: dict[str, int] = {}
+        self._items = np.full((0, history_length), PAD_ITEM, dtype=np.int32)
+        self._times = np.zeros((0, history_length), dtype=np.int64)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_log(cls, log: Interactions, model_users: IdMap, history_length: int) -> OnlineState:
+        """Seed the state with every event of ``log`` (e.g. train + valid at start-up)."""
+        state = cls(model_users, log.n_items, history_length)
+        ids = log.users.to_ids(log.user_idx)
+        state.observe(ids, log.item_idx, log.timestamp)
+        return state
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def observe(
+        self,
+        user_ids: pl.Series | list[str],
+        item_idx: npt.ArrayLike,
+        timestamps: npt.ArrayLike,
+    ) -> None:
+        """Append events (any order); each user keeps their ``history_length`` latest events.
+
+        Item indices must be valid in the bundle's item map (callers map or drop unknown items).
+        """
+        users = _as_series(user_ids)
+        items = np.asarray(item_idx, dtype=np.int32)
+        times = np.asarray(timestamps, dtype=np.int64)
+        if not (users.len() == items.size == times.size):
+            raise ValueError(f"{users.len()} users, {items.size} items, {times.size} timestamps")
+        if items.size == 0:
+            return
+        with self._lock:
+            slots = self._slots(users)
+            # Merge the new events with each touched user's current history, then keep the latest H.
+            touched = np.unique(slots)
+            old_items = self._items[touched]
+            old_times = self._times[touched]
+            old_valid = old_items != PAD_ITEM
+            old_rows = np.broadcast_to(touched[:, None], old_items.shape)[old_valid]
+            all_slots = np.concatenate([old_rows, slots])
+            all_items = np.concatenate([old_items[old_valid], items])
+            all_times = np.concatenate([old_times[old_valid], times])
+            # Newest first within a user; among equal times the later-arriving event first.
+            arrival = np.arange(all_slots.size)
+            order = np.lexsort((-arrival, -all_times, all_slots))
+            all_slots, all_items, all_times = all_slots[order], all_items[order], all_times[order]
+            starts = np.searchsorted(all_slots, touched)
+            run_lengths = np.diff(np.append(starts, all_slots.size))
+            position = np.arange(all_slots.size) - np.repeat(starts, run_lengths)
+            keep = position < self.history_length
+            self._items[touched] = PAD_ITEM
+            self._times[touched] = 0
+            self._items[all_slots[keep], position[keep]] = all_items[keep]
+            self._times[all_slots[keep], position[keep]] = all_times[keep]
+
+    def batch(self, user_ids: pl.Series | list[str], now: npt.ArrayLike) -> UserBatch:
+        """The current state of ``user_ids`` (unknown ids: empty history, model index -1)."""
+        users = _as_series(user_ids)
+        n = users.len()
+        with self._lock:
+            slots = np.array([self._ids.get(u, -1) for u in users.to_list()], dtype=np.int64)
+            known = slots >= 0
+            items = np.full((n, self.history_length), PAD_ITEM, dtype=np.int32)
+            times = np.zeros((n, self.history_length), dtype=np.int64)
+            items[known] = self._items[slots[known]]
+            times[known] = self._times[slots[known]]
+        model_idx = self.model_users.index(users, allow_unknown=True)
+        now_array = np.broadcast_to(np.asarray(now, dtype=np.int64), (n,)).copy()
+        return UserBatch(model_idx, items, times, now_array)
+
+    def _slots(self, users: pl.Series) -> npt.NDArray[np.int64]:
+        """Slot of each user id, allocating slots for new ones (caller holds the lock)."""
+        new = [u for u in users.unique(maintain_order=True).to_list() if u not in self._ids]
+        if new:
+            start = len(self._ids)
+            needed = start + len(new)
+            if needed > self._items.shape[0]:
+                capacity = max(needed, int(self._items.shape[0] * _GROWTH), 16)
+                self._items = _grow(self._items, capacity, PAD_ITEM)
+                self._times = _grow(self._times, capacity, 0)
+            for offset, user in enumerate(new):
+                self._ids[user] = start + offset
+        ids = self._ids
+        return np.fromiter((ids[u] for u in users.to_list()), dtype=np.int64, count=users.len())
+
+
+def _as_series(user_ids: pl.Series | list[str]) -> pl.Series:
+    return user_ids if isinstance(user_ids, pl.Series) else pl.Series(user_ids, dtype=pl.String)
+
+
+def _grow(array: npt.NDArray, capacity: int, fill: int) -> npt.NDArray:
+    grown = np.full((capacity, array.shape[1]), fill, dtype=array.dtype)
+    grown[: array.shape[0]] = array
+    return grown
