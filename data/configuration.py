@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
-    """Build dataclass ``cls`` from ``values``; unknown keys raise ``ConfigError`` naming ``where``."""
+    """Build dataclass ``cls`` from ``values``; unknown keys raise ``ConfigError``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     values = dict(values or {})

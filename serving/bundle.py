@@ -1,8 +1,8 @@
 """The model bundle: one directory with every trained artifact and a manifest that vouches for it.
 
 ``manifest.json`` records the format version, creation time, the dataset fingerprint, the full
-config and the SHA-256 of every file. :func:`verify_bundle` refuses a bundle whose files are missing,
-altered or unlisted, so a half-copied or corrupted bundle is never served. No pickle anywhere:
+config and the SHA-256 of every file. :func:`verify_bundle` refuses a bundle whose files are
+missing, altered or unlisted, so a half-copied or corrupted bundle is never served. No pickle:
 weights are ``state_dict``s, arrays ``.npy``/``.npz``, tables parquet, indexes FAISS files.
 
 A bundle is written into a temporary sibling directory and renamed into place once its manifest
@@ -78,9 +78,9 @@ def write_manifest(
         "format_version": BUNDLE_FORMAT_VERSION,
         "created_at": created,
         # Short, human-quotable identity of exactly these artifacts (served as model_version).
-        "model_version": hashlib.sha256(
-            json.dumps(files, sort_keys=True).encode()
-        ).hexdigest()[:12],
+        "model_version": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[
+            :12
+        ],
         "dataset_fingerprint": dataset_fingerprint,
         "config": config,
         "files": files,
@@ -90,13 +90,15 @@ def write_manifest(
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
-    """Check a bundle against its manifest and return the manifest; ``BundleError`` if it differs."""
+    """Check a bundle against its manifest and return it; ``BundleError`` if anything differs."""
     bundle = Path(path)
     manifest_path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"bundle {str(bundle)!r} does not exist or is not a directory")
     if not manifest_path.is_file():
-        raise BundleError(f"bundle {str(bundle)!r} has no {MANIFEST_NAME} (not a bundle, or incomplete)")
+        raise BundleError(
+            f"bundle {str(bundle)!r} has no {MANIFEST_NAME} (not a bundle, or incomplete)"
+        )
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:

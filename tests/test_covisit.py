@@ -13,7 +13,7 @@ from data.errors import ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
 from retrieval._topk import sparse_topk
-from retrieval.base import PAD_ITEM, Candidates, CandidateSource, UserBatch
+from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
 from tests.retrieval_contract import (
     HISTORY,

@@ -39,7 +39,9 @@ def test_newest_first_capped_and_unknown_users() -> None:
     split=st.integers(0, 40),
     h=st.integers(1, 5),
 )
-def test_incremental_equals_all_at_once(events: list[tuple[str, int, int]], split: int, h: int) -> None:
+def test_incremental_equals_all_at_once(
+    events: list[tuple[str, int, int]], split: int, h: int
+) -> None:
     """Observing in two chunks gives the same state as observing everything at once."""
     once, twice = state(h), state(h)
     users = [e[0] for e in events]
@@ -61,7 +63,12 @@ def test_seeded_from_a_log() -> None:
     from data.interactions import Interactions
 
     frame = pl.DataFrame(
-        {"user_id": ["a", "b", "a"], "item_id": ["x", "y", "z"], "timestamp": [1, 2, 3], "weight": [1.0] * 3}
+        {
+            "user_id": ["a", "b", "a"],
+            "item_id": ["x", "y", "z"],
+            "timestamp": [1, 2, 3],
+            "weight": [1.0] * 3,
+        }
     )
     log = Interactions.from_frame(frame)
     s = OnlineState.from_log(log, log.users, history_length=4)

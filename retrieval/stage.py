@@ -1,0 +1,212 @@
+"""The retrieval stage: the configured candidate sources, fitted together, merged with quotas.
+
+This is what the pipeline calls and what ``recsys train`` saves into the bundle's ``retrieval/``
+directory (one sub-directory per source plus ``stage.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import scipy.sparse as sp
+
+from data.catalog import ItemCatalog
+from data.configuration import from_mapping, to_mapping
+from data.errors import BundleError, ConfigError, NotFittedError
+from data.interactions import Interactions
+from retrieval.als import ALSConfig, ALSSource
+from retrieval.base import Candidates, CandidateSource, UserBatch
+from retrieval.coldstart import ColdStartConfig, ColdStartSource
+from retrieval.covisit import CoVisitationConfig, CoVisitationSource
+from retrieval.index import IndexConfig
+from retrieval.merge import MergedCandidates, merge_candidates
+from retrieval.popular import PopularConfig, PopularSource
+from retrieval.two_tower.config import TwoTowerConfig
+from retrieval.two_tower.source import TwoTowerSource
+
+# Source kind -> (class, config class). The kind is also the default source name.
+SOURCE_KINDS: Mapping[str, tuple[type[Any], type[Any]]] = MappingProxyType(
+    {
+        "two_tower": (TwoTowerSource, TwoTowerConfig),
+        "als": (ALSSource, ALSConfig),
+        "covisit": (CoVisitationSource, CoVisitationConfig),
+        "popular": (PopularSource, PopularConfig),
+        "coldstart": (ColdStartSource, ColdStartConfig),
+    }
+)
+STAGE_FILE = "stage.json"
+
+
+def _default_quotas() -> dict[str, int]:
+    # The learned sources get most of the slate; the safety nets keep a few slots each so that a
+    # user the models know little about still gets a full candidate list.
+    return {"two_tower": 250, "als": 150, "covisit": 50, "popular": 25, "coldstart": 25}
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """sources: enabled source kinds, in merge priority order (quota slots are filled in order).
+    quotas: new items each source may contribute before the round-robin fill.
+    n_candidates: merged list length handed to the ranker (the funnel's width).
+    history_length: recent events per user kept in the user state (H of UserBatch).
+    """
+
+    sources: tuple[str, ...] = ("two_tower", "als", "covisit", "popular", "coldstart")
+    quotas: Mapping[str, int] = field(default_factory=_default_quotas)
+    n_candidates: int = 500
+    history_length: int = 50
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sources if s not in SOURCE_KINDS]
+        if unknown:
+            raise ConfigError(
+                f"[retrieval] unknown source kind(s) {unknown}; known: {list(SOURCE_KINDS)}"
+            )
+        if self.n_candidates <= 0 or self.history_length <= 0:
+            raise ConfigError(
+                f"[retrieval] n_candidates ({self.n_candidates}) and history_length "
+                f"({self.history_length}) must be positive"
+            )
+        missing = [s for s in self.sources if s not in self.quotas]
+        if missing:
+            raise ConfigError(f"[retrieval.quotas] no quota for source(s) {missing}")
+
+
+def retrieval_config_from_mapping(
+    values: Mapping[str, Any] | None,
+) -> tuple[RetrievalConfig, dict[str, Any], IndexConfig]:
+    """Parse the ``[retrieval]`` table: stage config, per-source configs, the ANN index config."""
+    values = dict(values or {})
+    per_source = {kind: values.pop(kind, None) for kind in SOURCE_KINDS}
+    index = from_mapping(IndexConfig, values.pop("index", None), "retrieval.index")
+    quotas = values.pop("quotas", None)
+    stage = from_mapping(RetrievalConfig, values, "retrieval")
+    if quotas is not None:
+        stage = RetrievalConfig(
+            sources=stage.sources,
+            quotas={**_default_quotas(), **quotas},
+            n_candidates=stage.n_candidates,
+            history_length=stage.history_length,
+        )
+    configs = {
+        kind: from_mapping(SOURCE_KINDS[kind][1], per_source[kind], f"retrieval.{kind}")
+        for kind in stage.sources
+    }
+    return stage, configs, index
+
+
+class RetrievalStage:
+    """The fitted sources of one bundle plus the merge policy."""
+
+    def __init__(
+        self,
+        config: RetrievalConfig | None = None,
+        source_configs: Mapping[str, Any] | None = None,
+        index: IndexConfig | None = None,
+    ) -> None:
+        self.config = config if config is not None else RetrievalConfig()
+        self.source_configs = dict(source_configs or {})
+        self.index_config = index if index is not None else IndexConfig()
+        self.sources_: dict[str, CandidateSource] = {}
+
+    def _make(self, kind: str) -> CandidateSource:
+        cls, config_cls = SOURCE_KINDS[kind]
+        config = self.source_configs.get(kind) or config_cls()
+        if cls is TwoTowerSource:
+            return TwoTowerSource(config, self.index_config, name=kind)
+        source: CandidateSource = cls(config, name=kind)
+        return source
+
+    def fit(
+        self, log: Interactions, catalog: ItemCatalog, valid: Interactions | None = None
+    ) -> RetrievalStage:
+        """Fit every configured source on ``log`` (``valid`` drives early stopping where used)."""
+        sources: dict[str, CandidateSource] = {}
+        for kind in self.config.sources:
+            source = self._make(kind)
+            if isinstance(source, TwoTowerSource):
+                source.fit(log, catalog, valid)
+            else:
+                source.fit(log, catalog)
+            sources[kind] = source
+        self.sources_ = sources
+        return self
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(self.sources_)
+
+    def retrieve_each(
+        self, users: UserBatch, k: int, *, exclude: sp.csr_matrix | None = None
+    ) -> dict[str, Candidates]:
+        """Top-``k`` from every source separately (for evaluation and for the merger)."""
+        self._check_fitted()
+        return {
+            name: source.retrieve(users, k, exclude=exclude)
+            for name, source in self.sources_.items()
+        }
+
+    def retrieve(
+        self, users: UserBatch, *, exclude: sp.csr_matrix | None = None
+    ) -> MergedCandidates:
+        """Merged, deduplicated candidates (``n_candidates`` per user) with provenance."""
+        self._check_fitted()
+        quotas = {name: self.config.quotas[name] for name in self.sources_}
+        # Each source fetches enough to fill its quota and to help fill the merged list.
+        per_source = {
+            name: source.retrieve(users, self.config.n_candidates, exclude=exclude)
+            for name, source in self.sources_.items()
+        }
+        return merge_candidates(per_source, quotas, self.config.n_candidates)
+
+    def _check_fitted(self) -> None:
+        if not self.sources_:
+            raise NotFittedError("RetrievalStage is not fitted: call fit() or load() first")
+
+    # ---------------------------------------------------------------------------- persistence
+    def save(self, directory: Path) -> None:
+        self._check_fitted()
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "config": to_mapping(self.config) | {"quotas": dict(self.config.quotas)},
+            "index": to_mapping(self.index_config),
+            "sources": {
+                name: {
+                    "kind": name,
+                    "config": to_mapping(self.source_configs.get(name) or SOURCE_KINDS[name][1]()),
+                }
+                for name in self.sources_
+            },
+        }
+        (directory / STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name, source in self.sources_.items():
+            source.save(directory / name)
+
+    @classmethod
+    def load(cls, directory: Path) -> RetrievalStage:
+        path = directory / STAGE_FILE
+        if not path.is_file():
+            raise BundleError(f"{directory}: {STAGE_FILE} is missing (not a retrieval stage)")
+        meta = json.loads(path.read_text())
+        config_values = dict(meta["config"])
+        stage = cls(
+            from_mapping(RetrievalConfig, config_values, "retrieval"),
+            {
+                name: from_mapping(
+                    SOURCE_KINDS[spec["kind"]][1], spec["config"], f"retrieval.{name}"
+                )
+                for name, spec in meta["sources"].items()
+            },
+            from_mapping(IndexConfig, meta["index"], "retrieval.index"),
+        )
+        # Merge priority is the configured order (the JSON file's key order is not meaningful).
+        stage.sources_ = {
+            name: SOURCE_KINDS[meta["sources"][name]["kind"]][0].load(directory / name)
+            for name in stage.config.sources
+        }
+        return stage

@@ -1,0 +1,117 @@
+"""Train the stages into a bundle, and load a verified bundle back as ``Artifacts``.
+
+``recsys train`` calls :func:`train_bundle`; the pipeline, the evaluator and the simulator call
+:func:`load_artifacts`, which verifies the manifest before reading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from data.catalog import ItemCatalog
+from data.configuration import load_toml
+from data.dataset import load_dataset
+from data.errors import BundleError, ConfigError
+from data.idmap import IdMap
+from data.interactions import Interactions
+from data.schema import ITEM_ID, USER_ID
+from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
+from serving.bundle import bundle_writer, verify_bundle
+
+USERS_MAP = "ids/users.parquet"
+ITEMS_MAP = "ids/items.parquet"
+CATALOG = "catalog/items.parquet"
+RETRIEVAL_DIR = "retrieval"
+KNOWN_SECTIONS = ("retrieval",)
+
+
+@dataclass(frozen=True, eq=False)
+class Artifacts:
+    """Everything a pipeline needs, loaded from one verified bundle."""
+
+    path: Path
+    manifest: dict[str, Any]
+    users: IdMap
+    items: IdMap
+    catalog: ItemCatalog
+    retrieval: RetrievalStage
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+
+def train_bundle(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train every stage on the dataset's train split (valid split for early stopping).
+
+    Returns the bundle manifest. ``config`` is the parsed TOML (``None`` = all defaults);
+    ``device`` overrides ``[retrieval.two_tower] device``.
+    """
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(KNOWN_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; known: {list(KNOWN_SECTIONS)}")
+    retrieval_values = dict(config.get("retrieval", {}))
+    if device is not None:
+        retrieval_values["two_tower"] = {**retrieval_values.get("two_tower", {}), "device": device}
+    stage_config, source_configs, index_config = retrieval_config_from_mapping(retrieval_values)
+
+    dataset = load_dataset(data_dir)
+    train, valid = dataset.splits["train"], dataset.splits["valid"]
+    users = IdMap.from_ids(train[USER_ID])
+    # Items listed in the catalogue but never trained on still get an index: the item tower embeds
+    # them from their features, so they are retrievable from day one.
+    catalog_ids = (
+        dataset.items[ITEM_ID] if dataset.items is not None else pl.Series([], dtype=pl.String)
+    )
+    items = IdMap.from_ids(pl.concat([train[ITEM_ID], catalog_ids.cast(pl.String)]))
+    log = Interactions.from_frame(train, users=users, items=items)
+    valid_log = (
+        Interactions.from_frame(valid, users=users, items=items, drop_unknown=True)
+        if valid.height
+        else None
+    )
+    catalog = ItemCatalog.from_frame(dataset.items, items)
+    stage = RetrievalStage(stage_config, source_configs, index_config).fit(log, catalog, valid_log)
+
+    full_config = {"retrieval": retrieval_values, "data": {"path": str(data_dir)}}
+    with bundle_writer(
+        out, config=full_config, dataset_fingerprint=dataset.meta["fingerprint"]
+    ) as staging:
+        (staging / "ids").mkdir()
+        users.to_frame().write_parquet(staging / USERS_MAP)
+        items.to_frame().write_parquet(staging / ITEMS_MAP)
+        (staging / "catalog").mkdir()
+        if dataset.items is not None:
+            dataset.items.write_parquet(staging / CATALOG)
+        stage.save(staging / RETRIEVAL_DIR)
+    return verify_bundle(out)
+
+
+def load_config_file(path: str | Path | None) -> dict[str, Any]:
+    return {} if path is None else load_toml(path)
+
+
+def load_artifacts(path: str | Path) -> Artifacts:
+    """Verify the bundle at ``path`` against its manifest, then load it (``BundleError`` if bad)."""
+    bundle = Path(path)
+    manifest = verify_bundle(bundle)
+    try:
+        users = IdMap.from_frame(pl.read_parquet(bundle / USERS_MAP))
+        items = IdMap.from_frame(pl.read_parquet(bundle / ITEMS_MAP))
+        catalog_frame = pl.read_parquet(bundle / CATALOG) if (bundle / CATALOG).is_file() else None
+        catalog = ItemCatalog.from_frame(catalog_frame, items)
+        retrieval = RetrievalStage.load(bundle / RETRIEVAL_DIR)
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"bundle {str(bundle)!r} could not be loaded: {exc}") from exc
+    return Artifacts(bundle, manifest, users, items, catalog, retrieval)
