@@ -55,29 +55,48 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if any(c <= 0 for c in args.cutoffs):
         raise DataError(f"--cutoffs must be positive, got {args.cutoffs}")
-    artifacts = load_artifacts(args.bundle)
-    dataset = load_dataset(args.data)
+    run_evaluation(
+        args.data,
+        args.bundle,
+        cutoffs=tuple(args.cutoffs),
+        max_users=args.max_users,
+        report_dir=args.report,
+    )
+    return 0
+
+
+def run_evaluation(
+    data: Path,
+    bundle: Path,
+    *,
+    cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS,
+    max_users: int | None = None,
+    report_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``bundle`` on the test split of ``data``; print tables, optionally write JSON."""
+    artifacts = load_artifacts(bundle)
+    dataset = load_dataset(data)
     history = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
     evaluation = build_evaluation_users(
         artifacts,
         history,
         dataset.splits["test"],
         history_length=artifacts.retrieval.config.history_length,
-        max_users=args.max_users,
+        max_users=max_users,
     )
-    recall = retrieval_recall(artifacts, evaluation, tuple(sorted(args.cutoffs)))
+    recall = retrieval_recall(artifacts, evaluation, tuple(sorted(cutoffs)))
     report: dict[str, Any] = {
-        "bundle": str(args.bundle),
+        "bundle": str(bundle),
         "model_version": artifacts.model_version,
-        "data": str(args.data),
+        "data": str(data),
         "retrieval": recall,
     }
     print_recall_table(recall)
-    if args.report:
-        args.report.mkdir(parents=True, exist_ok=True)
-        (args.report / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(f"wrote {args.report / 'report.json'}")
-    return 0
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"wrote {report_dir / 'report.json'}")
+    return report
 
 
 def print_recall_table(recall: dict[str, dict[str, float]], console: Console | None = None) -> None:
