@@ -52,6 +52,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "one kind with recall@100 >= 0.95 and p99 <= 5 ms on 2 cores",
     ),
     Benchmark(
+        "online",
+        "benchmarks.bench_online",
+        "Online updates: event to changed candidates",
+        "issue 3: the time from event to changed recommendations is measured",
+    ),
+    Benchmark(
         "two_tower",
         "benchmarks.bench_two_tower",
         "Two-tower training throughput",

@@ -46,11 +46,19 @@ class ItemCatalog:
         return len(self.category_names)
 
     @classmethod
-    def from_frame(cls, frame: pl.DataFrame | None, items: IdMap) -> ItemCatalog:
+    def from_frame(
+        cls,
+        frame: pl.DataFrame | None,
+        items: IdMap,
+        *,
+        category_names: tuple[str, ...] | None = None,
+    ) -> ItemCatalog:
         """Align an ``items.parquet`` frame with ``items``; rows for unknown ids are ignored.
 
         Items of ``items`` absent from ``frame`` get no category and ``UNKNOWN_TIME``.
         A ``categories`` column may be ``list[str]`` or a ``|``-separated string.
+        ``category_names`` fixes the category codes (a trained model's vocabulary): categories
+        outside it are dropped, so codes never shift when new items bring new categories.
         """
         n_items = len(items)
         if frame is None or frame.height == 0:
@@ -83,7 +91,11 @@ class ItemCatalog:
             .drop_nulls(CATEGORIES)
             .filter(pl.col(CATEGORIES) != "")
         )
-        names = tuple(sorted(exploded[CATEGORIES].unique().to_list()))
+        if category_names is None:
+            names = tuple(sorted(exploded[CATEGORIES].unique().to_list()))
+        else:
+            names = category_names
+            exploded = exploded.filter(pl.col(CATEGORIES).is_in(list(names)))
         codes = (
             exploded[CATEGORIES]
             .replace_strict(list(names), list(range(len(names))), return_dtype=pl.Int32)

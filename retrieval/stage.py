@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.catalog import ItemCatalog
@@ -163,6 +164,24 @@ class RetrievalStage:
             for name, source in self.sources_.items()
         }
         return merge_candidates(per_source, quotas, self.config.n_candidates)
+
+    def add_items(
+        self, item_idx: npt.ArrayLike, catalog: ItemCatalog, *, now: int | None = None
+    ) -> list[str]:
+        """Make new (or changed) items retrievable now, without a retrain or a restart.
+
+        ``catalog`` is the current catalogue (its id map extends the bundle's). Sources that embed
+        items from features (two-tower) add them to their live index; the others learn about an
+        item only from interactions (ALS at retrain, co-visitation and trending from feedback).
+        Returns the names of the sources that took the items.
+        """
+        self._check_fitted()
+        updated = []
+        for name, source in self.sources_.items():
+            if isinstance(source, TwoTowerSource):
+                source.add_items(item_idx, catalog, now=now)
+                updated.append(name)
+        return updated
 
     def _check_fitted(self) -> None:
         if not self.sources_:

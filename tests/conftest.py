@@ -1,3 +1,46 @@
 """Shared pytest fixtures."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+
+TINY_CONFIG = """
+[retrieval]
+n_candidates = 60
+history_length = 10
+
+[retrieval.quotas]
+two_tower = 25
+als = 15
+
+[retrieval.index]
+kind = "flat"
+
+[retrieval.two_tower]
+embedding_dim = 8
+hidden_dims = [16]
+output_dim = 8
+max_epochs = 2
+batch_size = 256
+threads = 1
+
+[retrieval.als]
+factors = 8
+iterations = 3
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset dir, bundle dir) of a tiny synthetic world trained with a tiny config (~5 s)."""
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    data, bundle, config = root / "data", root / "bundle", root / "config.toml"
+    config.write_text(TINY_CONFIG)
+    world = ["--users", "300", "--items", "150", "--days", "20", "--interactions", "9000"]
+    assert main(["data", "synth", "--out", str(data), *world, "--seed", "1"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(bundle), "--config", str(config)]) == 0
+    return data, bundle

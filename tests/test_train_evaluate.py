@@ -14,59 +14,39 @@ from retrieval.stage import RetrievalStage
 from serving.artifacts import load_artifacts
 from serving.bundle import verify_bundle
 
-TINY_CONFIG = """
-[retrieval]
-n_candidates = 60
-history_length = 10
 
-[retrieval.quotas]
-two_tower = 25
-als = 15
-
-[retrieval.index]
-kind = "flat"
-
-[retrieval.two_tower]
-embedding_dim = 8
-hidden_dims = [16]
-output_dim = 8
-max_epochs = 2
-batch_size = 256
-threads = 1
-
-[retrieval.als]
-factors = 8
-iterations = 3
-"""
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("e2e")
-    data, bundle, config = root / "data", root / "bundle", root / "config.toml"
-    config.write_text(TINY_CONFIG)
-    world = ["--users", "300", "--items", "150", "--days", "20", "--interactions", "9000"]
-    assert main(["data", "synth", "--out", str(data), *world, "--seed", "1"]) == 0
-    assert main(["train", "--data", str(data), "--out", str(bundle), "--config", str(config)]) == 0
-    return data, bundle
-
-
-def test_bundle_is_verified_and_loads(trained: tuple[Path, Path]) -> None:
-    _, bundle = trained
+def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:
+    _, bundle = tiny_bundle
     manifest = verify_bundle(bundle)
     assert manifest["config"]["retrieval"]["n_candidates"] == 60
     artifacts = load_artifacts(bundle)
-    assert artifacts.retrieval.source_names == ("two_tower", "als", "covisit", "popular", "coldstart")
+    assert artifacts.retrieval.source_names == (
+        "two_tower",
+        "als",
+        "covisit",
+        "popular",
+        "coldstart",
+    )
     assert artifacts.model_version == manifest["model_version"]
 
 
 def test_evaluate_reports_recall_per_source(
-    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data, bundle = trained
+    data, bundle = tiny_bundle
     code = main(
-        ["evaluate", "--data", str(data), "--bundle", str(bundle), "--cutoffs", "10", "50",
-         "--report", str(tmp_path)]
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--bundle",
+            str(bundle),
+            "--cutoffs",
+            "10",
+            "50",
+            "--report",
+            str(tmp_path),
+        ]
     )
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -79,8 +59,10 @@ def test_evaluate_reports_recall_per_source(
     assert "retrieval recall" in capsys.readouterr().out
 
 
-def test_stage_round_trip_keeps_merge_order_and_output(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    _, bundle = trained
+def test_stage_round_trip_keeps_merge_order_and_output(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, bundle = tiny_bundle
     artifacts = load_artifacts(bundle)
     stage = artifacts.retrieval
     stage.save(tmp_path / "stage")
@@ -97,15 +79,15 @@ def test_stage_round_trip_keeps_merge_order_and_output(trained: tuple[Path, Path
     np.testing.assert_array_equal(stage.retrieve(users).item_idx, again.retrieve(users).item_idx)
 
 
-def test_corrupt_bundle_is_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_corrupt_bundle_is_refused(tiny_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil
 
-    _, bundle = trained
+    _, bundle = tiny_bundle
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     target = next(p for p in sorted((copy / "retrieval").rglob("*")) if p.is_file())
     target.write_bytes(target.read_bytes() + b"tampered")
     with pytest.raises(BundleError, match="checksum"):
         load_artifacts(copy)
-    code = main(["evaluate", "--data", str(trained[0]), "--bundle", str(copy)])
+    code = main(["evaluate", "--data", str(tiny_bundle[0]), "--bundle", str(copy)])
     assert code == 1
