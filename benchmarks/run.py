@@ -58,6 +58,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 3: the time from event to changed recommendations is measured",
     ),
     Benchmark(
+        "feedback",
+        "benchmarks.bench_feedback",
+        "Feedback log appends (SQLite WAL)",
+        "issue 5: durable feedback log; appends/s with synchronous FULL vs NORMAL",
+    ),
+    Benchmark(
         "two_tower",
         "benchmarks.bench_two_tower",
         "Two-tower training throughput",
