@@ -1,0 +1,366 @@
+"""The ``Pipeline``: user state -> retrieval -> ranking -> re-ranking, a latency budget per stage.
+
+One object serves the HTTP service, batch recommendation / offline evaluation and the A/B
+simulator: nothing is re-implemented elsewhere. It is plain Python (no web framework inside) and
+batch-first: a single HTTP request is a batch of one.
+
+Degradation, not failure: a stage that raises, or that has not finished within its budget, is
+replaced by its fallback and the response says so in ``degraded``:
+
+    retrieval -> trending / popular items (precomputed, microseconds)
+    ranking   -> the retrieval (merge) order
+    reranking -> the ranked top-k minus already-seen items
+
+Budgets are enforced by running the stage in a worker thread and waiting at most its budget; the
+heavy work (FAISS, numpy, LightGBM, torch) releases the GIL, so the wait is real. A late stage's
+result is discarded. Offline callers (evaluation, simulation) pass ``enforce_budgets=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from data.errors import ConfigError
+from retrieval.base import PAD_ITEM, Candidates, UserBatch
+from retrieval.merge import MergedCandidates, merge_candidates
+from retrieval.stage import RetrievalStage
+from serving.artifacts import Artifacts
+from serving.online_state import OnlineState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STAGES = ("retrieval", "ranking", "reranking")
+# Sources that can answer for anyone in microseconds: the retrieval fallback, in preference order.
+FALLBACK_SOURCES = ("popular", "coldstart")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Per-stage latency budgets in milliseconds (the usual production ranges are 10-20 / 20-50 /
+    5-10 ms; our defaults sit at the low end because the whole response should stay under ~35 ms).
+    """
+
+    retrieval_ms: float = 10.0
+    ranking_ms: float = 20.0
+    reranking_ms: float = 5.0
+    # Worker threads that run stages under a deadline; 2 matches the 2-core reference machine.
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("retrieval_ms", "ranking_ms", "reranking_ms"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"[pipeline] {name} must be positive, got {getattr(self, name)}")
+        if self.workers < 1:
+            raise ConfigError(f"[pipeline] workers must be >= 1, got {self.workers}")
+
+    def for_stage(self, stage: str) -> float:
+        return float(getattr(self, f"{stage}_ms"))
+
+
+class Ranker(Protocol):
+    """Scores merged candidates; (n, m) float32, higher is better, -inf at padding."""
+
+    def score(
+        self,
+        retrieval: RetrievalStage,
+        users: UserBatch,
+        merged: MergedCandidates,
+        now: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.float32]: ...
+
+
+class Reranker(Protocol):
+    """Turns ranked candidates into the final ``k`` items, recording what each rule did."""
+
+    def rerank(
+        self,
+        item_idx: npt.NDArray[np.int32],
+        scores: npt.NDArray[np.float32],
+        *,
+        k: int,
+        seen: sp.csr_matrix,
+        exclude: Sequence[npt.NDArray[np.int32]],
+        now: npt.NDArray[np.int64],
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]: ...
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    user_id: str
+    k: int = 10
+    exclude_item_ids: tuple[str, ...] = ()
+    now: int | None = None  # seconds UTC; None = the wall clock
+    explain: bool = False
+
+
+@dataclass
+class Recommendation:
+    """One user's answer; ``sources[i]`` lists the sources that produced ``item_ids[i]``."""
+
+    user_id: str
+    item_ids: list[str]
+    scores: list[float]
+    sources: list[list[str]]
+    model_version: str
+    degraded: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    explanation: dict[str, Any] | None = None
+
+
+class Pipeline:
+    """Composes the stages of one bundle; see the module docstring."""
+
+    def __init__(
+        self,
+        artifacts: Artifacts,
+        state: OnlineState,
+        *,
+        ranker: Ranker | None = None,
+        reranker: Reranker | None = None,
+        budgets: BudgetConfig | None = None,
+        enforce_budgets: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.artifacts = artifacts
+        self.state = state
+        self.ranker = ranker
+        self.reranker = reranker
+        self.budgets = budgets if budgets is not None else BudgetConfig()
+        self.enforce_budgets = enforce_budgets
+        self.clock = clock
+        self._executor = (
+            ThreadPoolExecutor(self.budgets.workers, thread_name_prefix="pipeline-stage")
+            if enforce_budgets
+            else None
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self.artifacts.model_version
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------- serving
+    def recommend(self, requests: Sequence[RecommendRequest]) -> list[Recommendation]:
+        """Answer a batch of requests (one funnel pass for the whole batch)."""
+        if not requests:
+            return []
+        started = time.perf_counter()
+        n = len(requests)
+        wall_now = int(self.clock())
+        now = np.array([r.now if r.now is not None else wall_now for r in requests], dtype=np.int64)
+        users = self.state.batch([r.user_id for r in requests], now)
+        n_items = len(self.artifacts.items)
+        seen = users.history_matrix(max(n_items, self.state.n_items))[:, :n_items]
+        exclude = [self._exclusions(r.exclude_item_ids) for r in requests]
+        blocked = _add_rows(seen, exclude, n_items)
+        degraded: list[str] = []
+        timings: dict[str, float] = {}
+
+        merged = self._stage(
+            "retrieval",
+            lambda: self.artifacts.retrieval.retrieve(users, exclude=blocked),
+            lambda: self._fallback_candidates(users, blocked),
+            degraded,
+            timings,
+        )
+        if self.ranker is not None:
+            ranker = self.ranker
+            scores = self._stage(
+                "ranking",
+                lambda: ranker.score(self.artifacts.retrieval, users, merged, now),
+                lambda: _merge_order_scores(merged.item_idx),
+                degraded,
+                timings,
+            )
+        else:
+            scores = _merge_order_scores(merged.item_idx)
+            timings["ranking"] = 0.0
+        order = np.argsort(-scores, axis=1, kind="stable")
+        ranked_items = np.take_along_axis(merged.item_idx, order, axis=1)
+        ranked_scores = np.take_along_axis(scores, order, axis=1)
+        k_max = max(r.k for r in requests)
+
+        explanations: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        if self.reranker is not None:
+            reranker = self.reranker
+
+            def rerank() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+                items, final_scores, notes = reranker.rerank(
+                    ranked_items, ranked_scores, k=k_max, seen=seen, exclude=exclude, now=now
+                )
+                explanations[:] = notes
+                return items, final_scores
+
+            final_items, final_scores = self._stage(
+                "reranking",
+                rerank,
+                lambda: top_k_minus_blocked(ranked_items, ranked_scores, blocked, k_max),
+                degraded,
+                timings,
+            )
+        else:
+            final_items, final_scores = top_k_minus_blocked(
+                ranked_items, ranked_scores, blocked, k_max
+            )
+            timings["reranking"] = 0.0
+        timings["total"] = (time.perf_counter() - started) * 1000
+        return self._responses(
+            requests, merged, order, final_items, final_scores, degraded, timings, explanations
+        )
+
+    # ------------------------------------------------------------------------------ internals
+    def _stage(
+        self,
+        name: str,
+        run: Callable[[], T],
+        fallback: Callable[[], T],
+        degraded: list[str],
+        timings: dict[str, float],
+    ) -> T:
+        """Run ``run`` within the stage budget; on timeout or error, record it, use ``fallback``."""
+        start = time.perf_counter()
+        try:
+            if self._executor is None:
+                result = run()
+            else:
+                future = self._executor.submit(run)
+                try:
+                    result = future.result(timeout=self.budgets.for_stage(name) / 1000)
+                except FutureTimeout:
+                    future.cancel()
+                    degraded.append(f"{name}:timeout")
+                    result = fallback()
+        except Exception:  # a failing stage degrades the answer, it never fails the request
+            logger.exception("stage %s failed; serving its fallback", name)
+            degraded.append(f"{name}:error")
+            result = fallback()
+        timings[name] = (time.perf_counter() - start) * 1000
+        return result
+
+    def _fallback_candidates(self, users: UserBatch, blocked: sp.csr_matrix) -> MergedCandidates:
+        stage = self.artifacts.retrieval
+        name = next((s for s in FALLBACK_SOURCES if s in stage.sources_), None)
+        k = stage.config.n_candidates
+        if name is None:
+            empty = Candidates.empty(len(users), k)
+            return merge_candidates({"none": empty}, {"none": k}, k)
+        candidates = stage.sources_[name].retrieve(users, k, exclude=blocked)
+        return merge_candidates({name: candidates}, {name: k}, k)
+
+    def _exclusions(self, item_ids: tuple[str, ...]) -> npt.NDArray[np.int32]:
+        if not item_ids:
+            return np.empty(0, dtype=np.int32)
+        index = self.artifacts.items.index(list(item_ids), allow_unknown=True)
+        return index[index >= 0]
+
+    def _responses(
+        self,
+        requests: Sequence[RecommendRequest],
+        merged: MergedCandidates,
+        order: npt.NDArray[np.intp],
+        items: npt.NDArray[np.int32],
+        scores: npt.NDArray[np.float32],
+        degraded: list[str],
+        timings: dict[str, float],
+        explanations: list[list[dict[str, Any]]],
+    ) -> list[Recommendation]:
+        out = []
+        item_map = self.artifacts.items
+        for row, request in enumerate(requests):
+            chosen = items[row, : request.k]
+            valid = chosen != PAD_ITEM
+            chosen, chosen_scores = chosen[valid], scores[row, : request.k][valid]
+            # Map each final item back to its merged column to report its sources.
+            column_of = {
+                int(item): col for col, item in enumerate(merged.item_idx[row]) if item >= 0
+            }
+            sources = [
+                merged.source_names(row, column_of[int(item)]) if int(item) in column_of else []
+                for item in chosen
+            ]
+            explanation = None
+            if request.explain:
+                explanation = {
+                    "candidates": int((merged.item_idx[row] >= 0).sum()),
+                    "sources": list(merged.sources),
+                    "ranked_top": item_map.to_ids(
+                        merged.item_idx[row][order[row]][: max(request.k * 3, 10)].clip(min=0)
+                    ).to_list(),
+                    "rules": explanations[row] if row < len(explanations) else [],
+                }
+            out.append(
+                Recommendation(
+                    user_id=request.user_id,
+                    item_ids=item_map.to_ids(chosen).to_list() if chosen.size else [],
+                    scores=[float(s) for s in chosen_scores],
+                    sources=sources,
+                    model_version=self.model_version,
+                    degraded=list(degraded),
+                    timings_ms=dict(timings),
+                    explanation=explanation,
+                )
+            )
+        return out
+
+
+def top_k_minus_blocked(
+    item_idx: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    blocked: sp.csr_matrix,
+    k: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """The re-ranking fallback: the first ``k`` ranked items that are not blocked, order kept."""
+    n, m = item_idx.shape
+    rows = np.repeat(np.arange(n), m)
+    flat = item_idx.reshape(-1)
+    valid = flat != PAD_ITEM
+    hit = np.zeros(flat.size, dtype=bool)
+    if blocked.nnz:
+        hit[valid] = np.asarray(blocked[rows[valid], flat[valid]]).ravel() > 0
+    keep = (valid & ~hit).reshape(n, m)
+    position = np.cumsum(keep, axis=1) - 1
+    take = keep & (position < k)
+    out_items = np.full((n, k), PAD_ITEM, dtype=np.int32)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    r, c = np.nonzero(take)
+    out_items[r, position[r, c]] = item_idx[r, c]
+    out_scores[r, position[r, c]] = scores[r, c]
+    return out_items, out_scores
+
+
+def _merge_order_scores(item_idx: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+    """Scores that reproduce the merge order (the ranking fallback): -position, -inf at padding."""
+    n, m = item_idx.shape
+    scores = np.broadcast_to(-np.arange(m, dtype=np.float32), (n, m)).copy()
+    scores[item_idx == PAD_ITEM] = -np.inf
+    return scores
+
+
+def _add_rows(
+    seen: sp.csr_matrix, extra: Sequence[npt.NDArray[np.int32]], n_items: int
+) -> sp.csr_matrix:
+    """``seen`` plus per-row extra items (request exclusions), as one binary CSR."""
+    if not any(e.size for e in extra):
+        return seen
+    rows = np.concatenate([np.full(e.size, i) for i, e in enumerate(extra)])
+    cols = np.concatenate(extra)
+    more = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(len(extra), n_items)
+    )
+    combined = (seen + more).tocsr()
+    combined.data[:] = 1.0
+    return combined

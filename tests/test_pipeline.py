@@ -1,0 +1,118 @@
+"""The Pipeline: one funnel pass per batch, budgets that degrade instead of failing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from data.dataset import load_dataset
+from data.interactions import Interactions
+from serving.artifacts import Artifacts, load_artifacts
+from serving.online_state import OnlineState
+from serving.pipeline import BudgetConfig, Pipeline, RecommendRequest, top_k_minus_blocked
+
+
+@pytest.fixture
+def artifacts(tiny_bundle: tuple[Path, Path]) -> Artifacts:
+    return load_artifacts(tiny_bundle[1])
+
+
+@pytest.fixture
+def state(tiny_bundle: tuple[Path, Path], artifacts: Artifacts) -> OnlineState:
+    train = load_dataset(tiny_bundle[0]).splits["train"]
+    log = Interactions.from_frame(train, users=artifacts.users, items=artifacts.items)
+    return OnlineState.from_log(log, artifacts.users, artifacts.retrieval.config.history_length)
+
+
+def users(artifacts: Artifacts, n: int) -> list[str]:
+    return artifacts.users.ids.to_list()[:n]
+
+
+def test_recommend_excludes_seen_and_requested_items(
+    artifacts: Artifacts, state: OnlineState
+) -> None:
+    pipeline = Pipeline(artifacts, state, enforce_budgets=False)
+    user = users(artifacts, 1)[0]
+    first = pipeline.recommend([RecommendRequest(user, k=10, now=10**9)])[0]
+    assert len(first.item_ids) == 10 and len(set(first.item_ids)) == 10
+    seen_idx = state.batch([user], 0).recent_items[0]
+    seen = set(artifacts.items.to_ids(seen_idx[seen_idx >= 0]).to_list())
+    assert not seen & set(first.item_ids)
+    assert all(first.sources), "every item says which source produced it"
+    assert first.scores == sorted(first.scores, reverse=True)
+    excluded = tuple(first.item_ids[:3])
+    second = pipeline.recommend(
+        [RecommendRequest(user, k=10, now=10**9, exclude_item_ids=excluded)]
+    )[0]
+    assert not set(excluded) & set(second.item_ids)
+    assert second.degraded == [] and set(second.timings_ms) >= {
+        "retrieval",
+        "ranking",
+        "reranking",
+        "total",
+    }
+
+
+def test_batch_answers_equal_single_answers(artifacts: Artifacts, state: OnlineState) -> None:
+    pipeline = Pipeline(artifacts, state, enforce_budgets=False)
+    ids = [*users(artifacts, 4), "someone-new"]
+    batch = pipeline.recommend([RecommendRequest(u, k=8, now=10**9) for u in ids])
+    for u, answer in zip(ids, batch, strict=True):
+        alone = pipeline.recommend([RecommendRequest(u, k=8, now=10**9)])[0]
+        assert alone.item_ids == answer.item_ids
+
+
+def test_unknown_user_gets_the_cold_start_path(artifacts: Artifacts, state: OnlineState) -> None:
+    answer = Pipeline(artifacts, state, enforce_budgets=False).recommend(
+        [RecommendRequest("never-seen", k=5, now=10**9)]
+    )[0]
+    assert len(answer.item_ids) == 5
+
+
+class SlowRanker:
+    def score(self, *args: Any) -> np.ndarray:
+        time.sleep(0.2)
+        raise AssertionError("too late to matter")
+
+
+class BrokenRanker:
+    def score(self, *args: Any) -> np.ndarray:
+        raise RuntimeError("model file is garbage")
+
+
+def test_slow_or_failing_stages_degrade(
+    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = users(artifacts, 1)[0]
+    request = [RecommendRequest(user, k=10, now=10**9)]
+    budgets = BudgetConfig(retrieval_ms=50, ranking_ms=20, reranking_ms=20)
+    slow = Pipeline(artifacts, state, ranker=SlowRanker(), budgets=budgets).recommend(request)[0]
+    assert slow.degraded == ["ranking:timeout"] and len(slow.item_ids) == 10
+    assert slow.timings_ms["ranking"] < 150
+    broken = Pipeline(artifacts, state, ranker=BrokenRanker(), budgets=budgets).recommend(request)[
+        0
+    ]
+    assert broken.degraded == ["ranking:error"] and len(broken.item_ids) == 10
+
+    def failing_retrieve(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("index shard unreachable")
+
+    monkeypatch.setattr(artifacts.retrieval, "retrieve", failing_retrieve)
+    fallback = Pipeline(artifacts, state, budgets=budgets).recommend(request)[0]
+    assert fallback.degraded == ["retrieval:error"]
+    assert len(fallback.item_ids) == 10
+    assert all(s == ["popular"] for s in fallback.sources)
+
+
+def test_top_k_minus_blocked_keeps_order() -> None:
+    import scipy.sparse as sp
+
+    items = np.array([[5, 3, 9, 1, -1]], dtype=np.int32)
+    scores = np.array([[5, 4, 3, 2, -np.inf]], dtype=np.float32)
+    blocked = sp.csr_matrix(([1.0], ([0], [3])), shape=(1, 10))
+    out, out_scores = top_k_minus_blocked(items, scores, blocked, 3)
+    assert out.tolist() == [[5, 9, 1]] and out_scores.tolist() == [[5, 3, 2]]
