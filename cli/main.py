@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli import data_commands, model_commands, quickstart
+from cli import data_commands, model_commands, quickstart, serve_command
 from data.errors import RecsysError
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_commands.register(commands)
     model_commands.register(commands)
+    serve_command.register(commands)
     quickstart.register(commands)
     return parser
 

@@ -1,8 +1,8 @@
 """``recsys quickstart``: the embedded default, end to end on a fresh machine.
 
 Builds the default synthetic dataset, trains the bundle and evaluates it on the test split. Each
-step is skipped when its output already exists (``--force`` redoes them). Serving joins this command
-when the HTTP service lands.
+step is skipped when its output already exists (``--force`` redoes them); then it serves the bundle
+on http://127.0.0.1:8000 (``--no-serve`` stops before).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cli.data_commands import print_summary
 from cli.model_commands import run_evaluation
+from cli.serve_command import run_server
 from data.dataset import MANIFEST_NAME, dataset_summary
 from data.prepare import prepare_dataset
 from data.splits import SplitConfig
@@ -60,4 +61,6 @@ def _quickstart(args: argparse.Namespace) -> int:
     else:
         print(f"reusing {bundle_dir} (pass --force to retrain)")
     run_evaluation(data_dir, bundle_dir, report_dir=args.out / "report")
+    if not args.no_serve:
+        run_server(bundle_dir, data=data_dir, feedback_db=args.out / "feedback.sqlite3")
     return 0

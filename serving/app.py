@@ -1,0 +1,346 @@
+"""The HTTP service (FastAPI): a thin shell over :class:`serving.service.RecommenderService`.
+
+Settings come in through :class:`ServiceSettings` (environment ``RECSYS_*`` or arguments), never
+read at import time; the bundle is loaded once in the lifespan and injected into the routes.
+Contract: ``INTERFACE.md``. Bad input gets a 4xx JSON error; no input makes the service answer 5xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from data.errors import BundleError, DataError
+from serving.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogConfig
+from serving.pipeline import BudgetConfig, RecommendRequest
+from serving.schemas import (
+    MAX_K,
+    ErrorOut,
+    FeedbackIn,
+    FeedbackOut,
+    HealthOut,
+    ItemOut,
+    RecommendIn,
+    RecommendOut,
+    ReloadIn,
+    ReloadOut,
+    SimilarOut,
+    TimingsOut,
+)
+from serving.service import RecommenderService, UnknownItemError
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceSettings(BaseSettings):
+    """Service configuration; every field can be set as ``RECSYS_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_")
+
+    bundle: Path
+    data: Path | None = None  # dataset directory whose train+valid splits seed user histories
+    feedback_db: Path = Path("feedback.sqlite3")
+    admin_token: str | None = None  # None disables /admin/* (403)
+    # 1 MB holds 1000 feedback events with room to spare; anything larger is refused with 413.
+    max_body_bytes: int = 1_000_000
+    retrieval_budget_ms: float = 10.0
+    ranking_budget_ms: float = 20.0
+    reranking_budget_ms: float = 5.0
+
+
+class Metrics:
+    """Prometheus metrics of one app instance (own registry: no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "recsys_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.stage_latency = Histogram(
+            "recsys_stage_latency_seconds",
+            "Pipeline stage latency",
+            ["stage"],
+            # 0.5 ms .. 1 s: the budgets sit at 5-20 ms, so resolution is concentrated there.
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "recsys_degraded_responses",
+            "Responses with a degraded stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.feedback_events = Counter(
+            "recsys_feedback_events", "Feedback events", ["result"], registry=self.registry
+        )
+        self.feedback_lag = Gauge(
+            "recsys_feedback_lag_seconds",
+            "Seconds since the newest accepted event",
+            registry=self.registry,
+        )
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(send, self.limit)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLargeError:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = ErrorOut(error="request body too large", detail={"max_bytes": limit}).model_dump_json()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """Build the app; the bundle is loaded when the lifespan starts (``/readyz`` says when)."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        feedback = FeedbackLog(FeedbackLogConfig(path=settings.feedback_db))
+        budgets = BudgetConfig(
+            retrieval_ms=settings.retrieval_budget_ms,
+            ranking_ms=settings.ranking_budget_ms,
+            reranking_ms=settings.reranking_budget_ms,
+        )
+        service = await run_in_threadpool(
+            RecommenderService, settings.bundle, feedback, history=settings.data, budgets=budgets
+        )
+        app.state.service = service
+        logger.info("serving bundle %s (%s)", settings.bundle, service.pipeline.model_version)
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="recsys-funnel",
+        description="Multi-stage recommender: retrieval -> ranking -> re-ranking, with budgets.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(route=path, status=str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"error": "invalid request", "detail": detail})
+
+    app.include_router(_api_router(settings, metrics))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (several workers): settings from ``RECSYS_*``."""
+    return create_app(ServiceSettings())  # type: ignore[call-arg]  # filled from the environment
+
+
+def _service(request: Request) -> RecommenderService:
+    service: RecommenderService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[RecommenderService, Depends(_service)]
+
+
+def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
+    router = APIRouter()
+    errors: dict[int | str, dict[str, Any]] = {422: {"model": ErrorOut}}
+
+    @router.post("/v1/recommend", response_model=RecommendOut, responses=errors)
+    def recommend(
+        body: RecommendIn, service: ServiceDep
+    ) -> RecommendOut:
+        answer = service.pipeline.recommend(
+            [
+                RecommendRequest(
+                    user_id=body.user_id,
+                    k=body.k,
+                    exclude_item_ids=tuple(body.exclude_item_ids),
+                    explain=body.explain,
+                )
+            ]
+        )[0]
+        for stage in ("retrieval", "ranking", "reranking"):
+            metrics.stage_latency.labels(stage=stage).observe(
+                answer.timings_ms.get(stage, 0.0) / 1000
+            )
+        for flag in answer.degraded:
+            metrics.degraded.labels(stage=flag.split(":")[0]).inc()
+        return RecommendOut(
+            user_id=answer.user_id,
+            items=[
+                ItemOut(item_id=i, score=s, rank=r + 1, sources=src)
+                for r, (i, s, src) in enumerate(
+                    zip(answer.item_ids, answer.scores, answer.sources, strict=True)
+                )
+            ],
+            model_version=answer.model_version,
+            degraded=answer.degraded,
+            timings_ms=TimingsOut(
+                **{k: answer.timings_ms.get(k, 0.0) for k in TimingsOut.model_fields}
+            ),
+            explanation=answer.explanation,
+        )
+
+    @router.post("/v1/feedback", status_code=202, response_model=FeedbackOut, responses=errors)
+    def feedback(body: FeedbackIn, service: ServiceDep) -> Any:
+        try:
+            events = [
+                service.feedback.make_event(e.event_id, e.user_id, e.item_id, e.type, e.timestamp)
+                for e in body.events
+            ]
+            result = service.record_feedback(events)
+        except DataError as exc:
+            metrics.feedback_events.labels(result="rejected").inc(len(body.events))
+            return JSONResponse(status_code=422, content={"error": str(exc)})
+        except FeedbackLogBusyError as exc:
+            return JSONResponse(status_code=503, content={"error": str(exc)})
+        metrics.feedback_events.labels(result="accepted").inc(result.accepted)
+        metrics.feedback_events.labels(result="duplicate").inc(result.duplicates)
+        return FeedbackOut(accepted=result.accepted, duplicates=result.duplicates)
+
+    @router.get(
+        "/v1/items/{item_id}/similar",
+        response_model=SimilarOut,
+        responses={404: {"model": ErrorOut}},
+    )
+    def similar(
+        item_id: str,
+        service: ServiceDep,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    ) -> Any:
+        try:
+            found = service.similar_items(item_id, k)
+        except UnknownItemError as exc:
+            return JSONResponse(status_code=404, content={"error": str(exc)})
+        return SimilarOut(
+            item_id=item_id,
+            items=[
+                ItemOut(item_id=s.item_id, score=s.score, rank=r + 1, sources=[s.source])
+                for r, s in enumerate(found)
+            ],
+        )
+
+    @router.get("/healthz", response_model=HealthOut)
+    def healthz() -> HealthOut:
+        return HealthOut(status="ok")
+
+    @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    def readyz(request: Request) -> Any:
+        service = getattr(request.app.state, "service", None)
+        if service is None:
+            return JSONResponse(status_code=503, content={"status": "loading"})
+        return HealthOut(status="ok", model_version=service.pipeline.model_version)
+
+    @router.get("/metrics", response_class=PlainTextResponse)
+    def prometheus(service: ServiceDep) -> Response:
+        metrics.feedback_lag.set(service.feedback_lag_seconds())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.post(
+        "/admin/reload",
+        response_model=ReloadOut,
+        responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    )
+    def reload(
+        body: ReloadIn,
+        service: ServiceDep,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        if settings.admin_token is None:
+            return JSONResponse(status_code=403, content={"error": "admin endpoints are disabled"})
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not authorization or not hmac.compare_digest(token, settings.admin_token):
+            return JSONResponse(
+                status_code=401,
+                content={"error": "missing or invalid bearer token"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        started = time.perf_counter()
+        try:
+            new, old = service.reload(body.bundle)
+        except (BundleError, DataError) as exc:
+            logger.error(
+                "refused bundle %s: %s (still serving %s)",
+                body.bundle,
+                exc,
+                service.pipeline.model_version,
+            )
+            return JSONResponse(status_code=409, content={"error": f"bundle refused: {exc}"})
+        logger.info("reload took %.1f s", time.perf_counter() - started)
+        return ReloadOut(model_version=new, previous_model_version=old)
+
+    return router

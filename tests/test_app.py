@@ -1,0 +1,140 @@
+"""The HTTP contract of INTERFACE.md, through FastAPI's TestClient (lifespan included)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import ServiceSettings, create_app
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def client(tiny_bundle: tuple[Path, Path], tmp_path: Path) -> Iterator[TestClient]:
+    data, bundle = tiny_bundle
+    settings = ServiceSettings(
+        bundle=bundle,
+        data=data,
+        feedback_db=tmp_path / "feedback.sqlite3",
+        admin_token=TOKEN,
+        max_body_bytes=20_000,
+        retrieval_budget_ms=500,
+        ranking_budget_ms=500,
+        reranking_budget_ms=500,
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def a_user(client: TestClient) -> str:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    return str(service.pipeline.artifacts.users.ids[0])
+
+
+def test_recommend_contract(client: TestClient) -> None:
+    user = a_user(client)
+    response = client.post("/v1/recommend", json={"user_id": user, "k": 7, "explain": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["user_id"] == user and len(body["items"]) == 7
+    assert [item["rank"] for item in body["items"]] == list(range(1, 8))
+    assert all(item["sources"] for item in body["items"])
+    assert set(body["timings_ms"]) == {"retrieval", "ranking", "reranking", "total"}
+    assert body["degraded"] == [] and body["model_version"]
+    assert body["explanation"]["candidates"] > 0
+    unknown = client.post("/v1/recommend", json={"user_id": "nobody-knows-me"})
+    assert unknown.status_code == 200 and len(unknown.json()["items"]) == 10
+
+
+def test_feedback_is_idempotent_and_reaches_the_next_request(client: TestClient) -> None:
+    user = a_user(client)
+    before = client.post("/v1/recommend", json={"user_id": user, "k": 5}).json()["items"]
+    clicked = before[0]["item_id"]
+    event = {"event_id": "e-1", "user_id": user, "item_id": clicked, "type": "click"}
+    first = client.post("/v1/feedback", json={"events": [event, event]})
+    assert first.status_code == 202 and first.json() == {"accepted": 1, "duplicates": 1}
+    again = client.post("/v1/feedback", json={"events": [event]})
+    assert again.json() == {"accepted": 0, "duplicates": 1}
+    after = client.post("/v1/recommend", json={"user_id": user, "k": 5}).json()["items"]
+    assert clicked not in [item["item_id"] for item in after], "a clicked item counts as seen"
+
+
+def test_similar_items(client: TestClient) -> None:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    item = str(service.pipeline.artifacts.items.ids[0])
+    response = client.get(f"/v1/items/{item}/similar", params={"k": 4})
+    assert response.status_code == 200
+    items = response.json()["items"]
+    assert len(items) == 4 and item not in [i["item_id"] for i in items]
+    missing = client.get("/v1/items/no-such-item/similar")
+    assert missing.status_code == 404 and "no-such-item" in missing.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"user_id": ""},
+        {"user_id": "u", "k": 0},
+        {"user_id": "u", "k": 100000},
+        {"user_id": "u", "unexpected": 1},
+        {"user_id": 5},
+        {"user_id": "u", "exclude_item_ids": "not-a-list"},
+    ],
+)
+def test_bad_recommend_input_is_422(client: TestClient, payload: dict) -> None:
+    response = client.post("/v1/recommend", json=payload)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid request"
+
+
+def test_bad_feedback_is_4xx(client: TestClient) -> None:
+    bad_type = {"events": [{"event_id": "x", "user_id": "u", "item_id": "i", "type": "teleport"}]}
+    response = client.post("/v1/feedback", json=bad_type)
+    assert response.status_code == 422 and "teleport" in response.json()["error"]
+    assert client.post("/v1/feedback", json={"events": []}).status_code == 422
+    assert (
+        client.post(
+            "/v1/feedback", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_oversized_body_is_413(client: TestClient) -> None:
+    response = client.post(
+        "/v1/recommend", content=b"x" * 30_000, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+def test_health_readiness_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "model_version": None}
+    assert client.get("/readyz").json()["status"] == "ok"
+    client.post("/v1/recommend", json={"user_id": "someone"})
+    text = client.get("/metrics").text
+    assert "recsys_http_requests_total" in text and "recsys_stage_latency_seconds_bucket" in text
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_admin_reload(client: TestClient, tiny_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    _, bundle = tiny_bundle
+    body = {"bundle": str(bundle)}
+    assert client.post("/admin/reload", json=body).status_code == 401
+    wrong = client.post("/admin/reload", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = client.post("/admin/reload", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200, ok.text
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(bundle, corrupt)
+    (corrupt / "ids" / "items.parquet").write_bytes(b"garbage")
+    refused = client.post(
+        "/admin/reload", json={"bundle": str(corrupt)}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert refused.status_code == 409 and "checksum" in refused.json()["error"]
+    assert client.post("/v1/recommend", json={"user_id": "u"}).status_code == 200
