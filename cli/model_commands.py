@@ -43,6 +43,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--report", type=Path, help="directory for report.json")
     evaluate.set_defaults(handler=_evaluate)
 
+    recommend = commands.add_parser("recommend", help="batch recommendations through the Pipeline")
+    recommend.add_argument("--bundle", required=True, type=Path)
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--all", action="store_true", help="every user known to the bundle")
+    who.add_argument("--users", type=Path, help="CSV/parquet with a user_id column")
+    recommend.add_argument("--k", type=int, default=10)
+    recommend.add_argument("--now", type=int, help="request time, seconds UTC (default: now)")
+    recommend.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
+    recommend.set_defaults(handler=_recommend)
+
 
 def _train(args: argparse.Namespace) -> int:
     manifest = train_bundle(
@@ -97,6 +107,41 @@ def run_evaluation(
         (report_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(f"wrote {report_dir / 'report.json'}")
     return report
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from data.importer import scan_table
+    from evaluation.batch_recommend import recommend_batch
+    from serving.artifacts import load_history
+    from serving.online_state import OnlineState
+    from serving.pipeline import Pipeline
+    from serving.service import observe_frame
+
+    if args.k <= 0:
+        raise DataError(f"--k must be positive, got {args.k}")
+    if args.out.suffix not in (".csv", ".parquet"):
+        raise DataError(f"--out must end in .csv or .parquet, got {str(args.out)!r}")
+    artifacts = load_artifacts(args.bundle)
+    if args.all:
+        users = artifacts.users.ids.to_list()
+    else:
+        frame = scan_table(args.users, string_columns=("user_id",)).collect()
+        if "user_id" not in frame.columns:
+            raise DataError(f"{args.users}: missing column 'user_id'; found {frame.columns}")
+        users = frame["user_id"].cast(pl.String).unique(maintain_order=True).to_list()
+    state = OnlineState(
+        artifacts.users, len(artifacts.items), artifacts.retrieval.config.history_length
+    )
+    observe_frame(state, artifacts, load_history(artifacts))
+    pipeline = Pipeline(artifacts, state, enforce_budgets=False)
+    rows = recommend_batch(pipeline, users, args.k, now=args.now, progress=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix == ".csv":
+        rows.write_csv(args.out)
+    else:
+        rows.write_parquet(args.out)
+    print(f"wrote {rows.height:,} rows for {len(users):,} users to {args.out}")
+    return 0
 
 
 def print_recall_table(recall: dict[str, dict[str, float]], console: Console | None = None) -> None:

@@ -18,13 +18,16 @@ from data.dataset import load_dataset
 from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
-from data.schema import ITEM_ID, USER_ID
+from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
 from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
 from serving.bundle import bundle_writer, verify_bundle
 
 USERS_MAP = "ids/users.parquet"
 ITEMS_MAP = "ids/items.parquet"
 CATALOG = "catalog/items.parquet"
+# Each user's latest events (train + valid) when the bundle was trained: the online state's
+# starting point, so a served bundle knows every user's recent history without the dataset.
+HISTORY = "state/history.parquet"
 RETRIEVAL_DIR = "retrieval"
 KNOWN_SECTIONS = ("retrieval",)
 
@@ -95,7 +98,26 @@ def train_bundle(
         if dataset.items is not None:
             dataset.items.write_parquet(staging / CATALOG)
         stage.save(staging / RETRIEVAL_DIR)
+        (staging / "state").mkdir()
+        history = pl.concat([train, valid]) if valid.height else train
+        latest_events(history, stage_config.history_length).write_parquet(staging / HISTORY)
     return verify_bundle(out)
+
+
+def latest_events(frame: pl.DataFrame, per_user: int) -> pl.DataFrame:
+    """Each user's ``per_user`` most recent events (canonical schema), oldest first."""
+    return (
+        frame.sort(TIMESTAMP, maintain_order=True)
+        .group_by(USER_ID, maintain_order=True)
+        .tail(per_user)
+        .sort(TIMESTAMP, maintain_order=True)
+    )
+
+
+def load_history(artifacts: Artifacts) -> pl.DataFrame:
+    """The bundle's history snapshot (empty for a bundle written without one)."""
+    path = artifacts.path / HISTORY
+    return pl.read_parquet(path) if path.is_file() else pl.DataFrame(schema=INTERACTION_SCHEMA)
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from data.errors import DataError
 from data.schema import ITEM_ID, USER_ID
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
-from serving.artifacts import Artifacts, load_artifacts
+from serving.artifacts import Artifacts, load_artifacts, load_history
 from serving.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
 from serving.online_state import OnlineState
 from serving.pipeline import BudgetConfig, Pipeline
@@ -43,8 +43,8 @@ class UnknownItemError(DataError):
 class RecommenderService:
     """Owns the current :class:`Pipeline` and swaps it atomically on reload.
 
-    history: optional dataset directory whose train + valid splits seed each user's recent history
-    (so the service starts where training ended); feedback since then is replayed from the log.
+    history: optional dataset directory whose train + valid splits seed each user's recent history;
+    by default the bundle's own history snapshot does. Feedback since then is replayed from the log.
     """
 
     def __init__(
@@ -74,8 +74,10 @@ class RecommenderService:
         if self.history is not None:
             dataset = load_dataset(self.history)
             frame = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
-            _observe_frame(state, artifacts, frame)
-        _observe_frame(state, artifacts, self.feedback.to_frame().filter(pl.col("weight") > 0))
+        else:
+            frame = load_history(artifacts)
+        observe_frame(state, artifacts, frame)
+        observe_frame(state, artifacts, self.feedback.to_frame().filter(pl.col("weight") > 0))
         return state
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
@@ -163,7 +165,7 @@ class RecommenderService:
         return max(0.0, time.time() - self.last_feedback_timestamp)
 
 
-def _observe_frame(state: OnlineState, artifacts: Artifacts, frame: pl.DataFrame) -> None:
+def observe_frame(state: OnlineState, artifacts: Artifacts, frame: pl.DataFrame) -> None:
     """Add a canonical interaction frame to ``state`` (items unknown to the bundle are skipped)."""
     if frame.height == 0:
         return
