@@ -10,7 +10,7 @@ QUICKSTART_DIR ?= .quickstart
 # `make install TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test bench lint clean
+.PHONY: install install-test browser run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,15 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/recsys quickstart --out $(QUICKSTART_DIR)
 
+# The explorer page's browser test drives Debian's Chromium (never a downloaded browser). Installed
+# when missing and we may (root with apt-get); otherwise that one test skips with the reason.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
 # pytest exits 5 when a filter selects no test: that is not a failure of the suite.
-test: install-test
+test: install-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: install

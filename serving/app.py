@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.errors import BundleError, DataError
+from serving.explorer import explorer_router
 from serving.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogConfig
 from serving.pipeline import BudgetConfig, RecommendRequest
 from serving.schemas import (
@@ -199,6 +200,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return JSONResponse(status_code=422, content={"error": "invalid request", "detail": detail})
 
     app.include_router(_api_router(settings, metrics))
+    app.include_router(explorer_router())
     return app
 
 
@@ -220,9 +222,7 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
     errors: dict[int | str, dict[str, Any]] = {422: {"model": ErrorOut}}
 
     @router.post("/v1/recommend", response_model=RecommendOut, responses=errors)
-    def recommend(
-        body: RecommendIn, service: ServiceDep
-    ) -> RecommendOut:
+    def recommend(body: RecommendIn, service: ServiceDep) -> RecommendOut:
         answer = service.pipeline.recommend(
             [
                 RecommendRequest(

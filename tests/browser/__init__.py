@@ -1,0 +1,1 @@
+"""Helpers for tests that drive the web page with a real browser."""
