@@ -112,10 +112,7 @@ def run_evaluation(
 def _recommend(args: argparse.Namespace) -> int:
     from data.importer import scan_table
     from evaluation.batch_recommend import recommend_batch
-    from serving.artifacts import load_history
-    from serving.online_state import OnlineState
-    from serving.pipeline import Pipeline
-    from serving.service import observe_frame
+    from serving.factory import make_pipeline, online_state_for
 
     if args.k <= 0:
         raise DataError(f"--k must be positive, got {args.k}")
@@ -129,11 +126,7 @@ def _recommend(args: argparse.Namespace) -> int:
         if "user_id" not in frame.columns:
             raise DataError(f"{args.users}: missing column 'user_id'; found {frame.columns}")
         users = frame["user_id"].cast(pl.String).unique(maintain_order=True).to_list()
-    state = OnlineState(
-        artifacts.users, len(artifacts.items), artifacts.retrieval.config.history_length
-    )
-    observe_frame(state, artifacts, load_history(artifacts))
-    pipeline = Pipeline(artifacts, state, enforce_budgets=False)
+    pipeline = make_pipeline(artifacts, online_state_for(artifacts), enforce_budgets=False)
     rows = recommend_batch(pipeline, users, args.k, now=args.now, progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".csv":

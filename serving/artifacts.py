@@ -19,6 +19,7 @@ from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
 from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
+from reranking.config import RerankerConfig
 from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
 from serving.bundle import bundle_writer, verify_bundle
 
@@ -29,7 +30,7 @@ CATALOG = "catalog/items.parquet"
 # starting point, so a served bundle knows every user's recent history without the dataset.
 HISTORY = "state/history.parquet"
 RETRIEVAL_DIR = "retrieval"
-KNOWN_SECTIONS = ("retrieval",)
+KNOWN_SECTIONS = ("retrieval", "reranking")
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +43,8 @@ class Artifacts:
     items: IdMap
     catalog: ItemCatalog
     retrieval: RetrievalStage
+    # The trained ranker (serving.pipeline.Ranker), or None: the pipeline then keeps merge order.
+    ranking: Any = None
 
     @property
     def model_version(self) -> str:
@@ -68,6 +71,8 @@ def train_bundle(
     if device is not None:
         retrieval_values["two_tower"] = {**retrieval_values.get("two_tower", {}), "device": device}
     stage_config, source_configs, index_config = retrieval_config_from_mapping(retrieval_values)
+    # Validated now, so a bad rule fails the training run, not the first request.
+    reranking = RerankerConfig.from_mapping(config.get("reranking")).to_mapping()
 
     dataset = load_dataset(data_dir)
     train, valid = dataset.splits["train"], dataset.splits["valid"]
@@ -87,7 +92,11 @@ def train_bundle(
     catalog = ItemCatalog.from_frame(dataset.items, items)
     stage = RetrievalStage(stage_config, source_configs, index_config).fit(log, catalog, valid_log)
 
-    full_config = {"retrieval": retrieval_values, "data": {"path": str(data_dir)}}
+    full_config = {
+        "retrieval": retrieval_values,
+        "reranking": reranking,
+        "data": {"path": str(data_dir)},
+    }
     with bundle_writer(
         out, config=full_config, dataset_fingerprint=dataset.meta["fingerprint"]
     ) as staging:

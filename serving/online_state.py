@@ -122,6 +122,19 @@ class OnlineState:
         return np.fromiter((ids[u] for u in users.to_list()), dtype=np.int64, count=users.len())
 
 
+def observe_frame(state: OnlineState, items: IdMap, frame: pl.DataFrame) -> None:
+    """Add a canonical interaction frame to ``state``; items unknown to ``items`` are skipped."""
+    if frame.height == 0:
+        return
+    index = items.index(frame["item_id"], allow_unknown=True)
+    known = index != PAD_ITEM
+    state.observe(
+        frame["user_id"].filter(pl.Series(known)),
+        index[known],
+        frame["timestamp"].to_numpy()[known],
+    )
+
+
 def _as_series(user_ids: pl.Series | list[str]) -> pl.Series:
     return user_ids if isinstance(user_ids, pl.Series) else pl.Series(user_ids, dtype=pl.String)
 

@@ -92,6 +92,8 @@ class Reranker(Protocol):
         seen: sp.csr_matrix,
         exclude: Sequence[npt.NDArray[np.int32]],
         now: npt.NDArray[np.int64],
+        user_ids: Sequence[str],
+        explain: bool = False,
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]: ...
 
 
@@ -200,7 +202,14 @@ class Pipeline:
 
             def rerank() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
                 items, final_scores, notes = reranker.rerank(
-                    ranked_items, ranked_scores, k=k_max, seen=seen, exclude=exclude, now=now
+                    ranked_items,
+                    ranked_scores,
+                    k=k_max,
+                    seen=seen,
+                    exclude=exclude,
+                    now=now,
+                    user_ids=[r.user_id for r in requests],
+                    explain=any(r.explain for r in requests),
                 )
                 explanations[:] = notes
                 return items, final_scores

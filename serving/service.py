@@ -18,12 +18,12 @@ import polars as pl
 
 from data.dataset import load_dataset
 from data.errors import DataError
-from data.schema import ITEM_ID, USER_ID
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 from serving.artifacts import Artifacts, load_artifacts, load_history
+from serving.factory import make_pipeline
 from serving.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
-from serving.online_state import OnlineState
+from serving.online_state import OnlineState, observe_frame
 from serving.pipeline import BudgetConfig, Pipeline
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class RecommenderService:
     def _build(self, bundle: Path) -> Pipeline:
         artifacts = load_artifacts(bundle)
         state = self._seed_state(artifacts)
-        return Pipeline(artifacts, state, budgets=self.budgets)
+        return make_pipeline(artifacts, state, budgets=self.budgets)
 
     def _seed_state(self, artifacts: Artifacts) -> OnlineState:
         history_length = artifacts.retrieval.config.history_length
@@ -76,8 +76,8 @@ class RecommenderService:
             frame = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
         else:
             frame = load_history(artifacts)
-        observe_frame(state, artifacts, frame)
-        observe_frame(state, artifacts, self.feedback.to_frame().filter(pl.col("weight") > 0))
+        observe_frame(state, artifacts.items, frame)
+        observe_frame(state, artifacts.items, self.feedback.to_frame().filter(pl.col("weight") > 0))
         return state
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
@@ -163,14 +163,3 @@ class RecommenderService:
         if self.last_feedback_timestamp is None:
             return 0.0
         return max(0.0, time.time() - self.last_feedback_timestamp)
-
-
-def observe_frame(state: OnlineState, artifacts: Artifacts, frame: pl.DataFrame) -> None:
-    """Add a canonical interaction frame to ``state`` (items unknown to the bundle are skipped)."""
-    if frame.height == 0:
-        return
-    items = artifacts.items.index(frame[ITEM_ID], allow_unknown=True)
-    known = items != PAD_ITEM
-    state.observe(
-        frame[USER_ID].filter(pl.Series(known)), items[known], frame["timestamp"].to_numpy()[known]
-    )

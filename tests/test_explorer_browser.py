@@ -100,7 +100,14 @@ def test_explore_matches_recommend_and_shows_every_stage(client: TestClient) -> 
         assert not {i["item_id"] for i in source["items"]} & set(history), "seen items excluded"
     assert 0 < body["merged"]["count"] <= body["merged"]["capacity"]
     assert body["ranking"]["ranker"] == MERGE_ORDER and body["ranking"]["items"]
-    assert body["reranking"] == {"reranker": None, "rules": []}
+    # the bundle's default rules: the four filters, each reported (nothing left to filter here)
+    assert body["reranking"]["reranker"] == "RuleReranker"
+    assert [r["rule"] for r in body["reranking"]["rules"]] == [
+        "filter_seen",
+        "filter_excluded",
+        "filter_unavailable",
+        "filter_blocked",
+    ]
     assert set(STAGES) <= set(body["timings_ms"]) and body["degraded"] == []
 
     recommend = client.post("/v1/recommend", json={"user_id": user, "k": 6}).json()

@@ -1,0 +1,41 @@
+"""Assemble a :class:`Pipeline` from a loaded bundle: the one place the stages are wired.
+
+The service, batch recommendation, offline evaluation and the simulator all build their pipeline
+here, so none of them can end up with a differently wired funnel.
+"""
+
+from __future__ import annotations
+
+from reranking.config import RerankerConfig
+from serving.artifacts import Artifacts, load_history
+from serving.online_state import OnlineState, observe_frame
+from serving.pipeline import BudgetConfig, Pipeline
+from serving.rules_adapter import RuleReranker
+
+
+def online_state_for(artifacts: Artifacts) -> OnlineState:
+    """A fresh online state seeded with the bundle's history snapshot."""
+    state = OnlineState(
+        artifacts.users, len(artifacts.items), artifacts.retrieval.config.history_length
+    )
+    observe_frame(state, artifacts.items, load_history(artifacts))
+    return state
+
+
+def make_pipeline(
+    artifacts: Artifacts,
+    state: OnlineState,
+    *,
+    budgets: BudgetConfig | None = None,
+    enforce_budgets: bool = True,
+) -> Pipeline:
+    """The bundle's funnel: retrieval, its ranker (if trained) and its re-ranking rules."""
+    rules = RerankerConfig.from_mapping(artifacts.manifest["config"].get("reranking"))
+    return Pipeline(
+        artifacts,
+        state,
+        ranker=artifacts.ranking,
+        reranker=RuleReranker(rules, artifacts.catalog),
+        budgets=budgets,
+        enforce_budgets=enforce_budgets,
+    )
