@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,8 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from data.dataset import load_dataset
 from data.errors import DataError
-from evaluation.retrieval_eval import build_evaluation_users, retrieval_recall
+from evaluation.offline import OfflineConfig, evaluate_offline, write_report
 from serving.artifacts import load_artifacts, load_config_file, train_bundle
 
 DEFAULT_CUTOFFS = (50, 100, 200, 500)
@@ -33,6 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, type=Path)
     evaluate.add_argument("--bundle", required=True, type=Path)
     evaluate.add_argument(
+        "--k", type=int, nargs="+", default=[10, 20, 50], help="ranking-metric cutoffs"
+    )
+    evaluate.add_argument(
         "--cutoffs",
         type=int,
         nargs="+",
@@ -40,7 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="retrieval recall cutoffs",
     )
     evaluate.add_argument("--max-users", type=int, help="evaluate a seeded sample of test users")
-    evaluate.add_argument("--report", type=Path, help="directory for report.json")
+    evaluate.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    evaluate.add_argument("--report", type=Path, help="directory for report.json, report.md, plots")
     evaluate.set_defaults(handler=_evaluate)
 
     recommend = commands.add_parser("recommend", help="batch recommendations through the Pipeline")
@@ -63,13 +65,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if any(c <= 0 for c in args.cutoffs):
-        raise DataError(f"--cutoffs must be positive, got {args.cutoffs}")
     run_evaluation(
         args.data,
         args.bundle,
-        cutoffs=tuple(args.cutoffs),
-        max_users=args.max_users,
+        config=OfflineConfig(
+            ks=tuple(args.k),
+            recall_cutoffs=tuple(sorted(args.cutoffs)),
+            max_users=args.max_users,
+            n_boot=args.n_boot,
+        ),
         report_dir=args.report,
     )
     return 0
@@ -79,33 +83,16 @@ def run_evaluation(
     data: Path,
     bundle: Path,
     *,
-    cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS,
-    max_users: int | None = None,
+    config: OfflineConfig | None = None,
     report_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``bundle`` on the test split of ``data``; print tables, optionally write JSON."""
-    artifacts = load_artifacts(bundle)
-    dataset = load_dataset(data)
-    history = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
-    evaluation = build_evaluation_users(
-        artifacts,
-        history,
-        dataset.splits["test"],
-        history_length=artifacts.retrieval.config.history_length,
-        max_users=max_users,
-    )
-    recall = retrieval_recall(artifacts, evaluation, tuple(sorted(cutoffs)))
-    report: dict[str, Any] = {
-        "bundle": str(bundle),
-        "model_version": artifacts.model_version,
-        "data": str(data),
-        "retrieval": recall,
-    }
-    print_recall_table(recall)
+    """Evaluate ``bundle`` on the test split of ``data``; print tables, optionally write files."""
+    report = evaluate_offline(data, bundle, config)
+    print_recall_table(report["retrieval"])
+    print_systems_table(report)
     if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(f"wrote {report_dir / 'report.json'}")
+        for path in write_report(report, report_dir, bundle):
+            print(f"wrote {path}")
     return report
 
 
@@ -135,6 +122,23 @@ def _recommend(args: argparse.Namespace) -> int:
         rows.write_parquet(args.out)
     print(f"wrote {rows.height:,} rows for {len(users):,} users to {args.out}")
     return 0
+
+
+def print_systems_table(report: dict[str, Any], console: Console | None = None) -> None:
+    cut = report["ks"][0]
+    table = Table(title=f"ranking on the test split ({report['n_users']:,} users, 95% CI)")
+    for column in ("system", f"ndcg@{cut}", f"recall@{cut}", f"mrr@{cut}", f"coverage@{cut}"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for name, values in report["systems"].items():
+        ci = values[f"ndcg@{cut}"]
+        table.add_row(
+            name,
+            f"{ci['mean']:.4f} [{ci['low']:.3f}, {ci['high']:.3f}]",
+            f"{values[f'recall@{cut}']['mean']:.4f}",
+            f"{values[f'mrr@{cut}']['mean']:.4f}",
+            f"{report['beyond_accuracy'][name][f'coverage@{cut}']:.4f}",
+        )
+    (console or Console()).print(table)
 
 
 def print_recall_table(recall: dict[str, dict[str, float]], console: Console | None = None) -> None:

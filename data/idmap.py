@@ -156,7 +156,7 @@ class IdMap:
         how items that appear after training are added to a live index.
         """
         series = _as_string_series(ids, "ids").drop_nulls()
-        new = series.filter(~series.is_in(self._ids)).unique().sort()
+        new = series.filter(~series.is_in(self._ids.implode())).unique().sort()
         return self if new.is_empty() else IdMap(pl.concat([self._ids, new.rename(ID_COLUMN)]))
 
     # ----------------------------------------------------------------------------- persistence

@@ -56,7 +56,28 @@ def test_evaluate_reports_recall_per_source(
         assert 0.0 <= recall[name]["recall@10"] <= recall[name]["recall@50"] <= 1.0
     # the synthetic world has real structure: a learned source beats chance by a wide margin
     assert recall["als"]["recall@50"] > 50 / 150
-    assert "retrieval recall" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "retrieval recall" in out and "ranking on the test split" in out
+    # the full report: stages and baselines side by side, intervals, paired tests, oracle, plots
+    systems = report["systems"]
+    assert {
+        "retrieval_order",
+        "pipeline",
+        "random",
+        "popular",
+        "recent_popular",
+        "als",
+        "ease",
+        "oracle",
+    } <= set(systems)
+    ci = systems["pipeline"]["ndcg@10"]
+    assert ci["low"] <= ci["mean"] <= ci["high"]
+    assert systems["als"]["ndcg@10"]["mean"] > systems["random"]["ndcg@10"]["mean"]
+    assert set(report["paired_vs_pipeline"]) >= {"random", "popular", "als", "ease"}
+    assert report["oracle_fraction"]["oracle"] == 1.0
+    assert report["rules"][0]["after"] == "ranked" and len(report["rules"]) == 5
+    for name in ("report.md", "metrics_at_k.png", "funnel.png", "segments.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_stage_round_trip_keeps_merge_order_and_output(
