@@ -334,9 +334,8 @@ def write_report(report: dict[str, Any], out_dir: Path, bundle_dir: Path) -> lis
     written.append(plot_metric_curves(means, ["ndcg", "recall"], out_dir / "metrics_at_k.png"))
     merged = report["retrieval"]["merged"]
     cut = report["ks"][0]
-    funnel = {f"retrieval {name}": value for name, value in merged.items()} | {
-        f"final ndcg@{cut}": means[PIPELINE][f"ndcg@{cut}"]
-    }
+    # Retrieval keeps this much of the future (merged candidates); the ranked list then scores.
+    funnel = dict(merged) | {f"final ndcg@{cut}": means[PIPELINE][f"ndcg@{cut}"]}
     written.append(plot_funnel(funnel, out_dir / "funnel.png"))
     written.append(
         plot_segment_bars(report["segments"]["activity"], f"ndcg@{cut}", out_dir / "segments.png")
