@@ -19,6 +19,7 @@ from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
 from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
+from ranking.stage import RankingStage, ranking_config_from_mapping, ranking_config_to_mapping
 from reranking.config import RerankerConfig
 from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
 from serving.bundle import bundle_writer, verify_bundle
@@ -30,7 +31,8 @@ CATALOG = "catalog/items.parquet"
 # starting point, so a served bundle knows every user's recent history without the dataset.
 HISTORY = "state/history.parquet"
 RETRIEVAL_DIR = "retrieval"
-KNOWN_SECTIONS = ("retrieval", "reranking")
+RANKING_DIR = "ranking"
+KNOWN_SECTIONS = ("retrieval", "ranking", "reranking")
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,8 +45,8 @@ class Artifacts:
     items: IdMap
     catalog: ItemCatalog
     retrieval: RetrievalStage
-    # The trained ranker (serving.pipeline.Ranker), or None: the pipeline then keeps merge order.
-    ranking: Any = None
+    # None for a bundle trained without a validation window: the pipeline keeps merge order.
+    ranking: RankingStage | None = None
 
     @property
     def model_version(self) -> str:
@@ -71,6 +73,7 @@ def train_bundle(
     if device is not None:
         retrieval_values["two_tower"] = {**retrieval_values.get("two_tower", {}), "device": device}
     stage_config, source_configs, index_config = retrieval_config_from_mapping(retrieval_values)
+    ranking_config = ranking_config_from_mapping(config.get("ranking"))
     # Validated now, so a bad rule fails the training run, not the first request.
     reranking = RerankerConfig.from_mapping(config.get("reranking")).to_mapping()
 
@@ -91,9 +94,19 @@ def train_bundle(
     )
     catalog = ItemCatalog.from_frame(dataset.items, items)
     stage = RetrievalStage(stage_config, source_configs, index_config).fit(log, catalog, valid_log)
+    # The ranker learns from the funnel as it will see it: candidates from retrieval fitted on
+    # train, labels from the valid window after it; its feature tables are then refreshed as of
+    # the end of train + valid for serving (same code, later as-of time).
+    ranking = None
+    if valid_log is not None and len(valid_log):
+        serving_log = Interactions.from_frame(
+            pl.concat([train, valid]), users=users, items=items, drop_unknown=True
+        )
+        ranking = RankingStage(ranking_config).fit(stage, log, valid_log, catalog, serving_log)
 
     full_config = {
         "retrieval": retrieval_values,
+        "ranking": ranking_config_to_mapping(ranking_config),
         "reranking": reranking,
         "data": {"path": str(data_dir)},
     }
@@ -107,6 +120,8 @@ def train_bundle(
         if dataset.items is not None:
             dataset.items.write_parquet(staging / CATALOG)
         stage.save(staging / RETRIEVAL_DIR)
+        if ranking is not None:
+            ranking.save(staging / RANKING_DIR)
         (staging / "state").mkdir()
         history = pl.concat([train, valid]) if valid.height else train
         latest_events(history, stage_config.history_length).write_parquet(staging / HISTORY)
@@ -143,6 +158,9 @@ def load_artifacts(path: str | Path) -> Artifacts:
         catalog_frame = pl.read_parquet(bundle / CATALOG) if (bundle / CATALOG).is_file() else None
         catalog = ItemCatalog.from_frame(catalog_frame, items)
         retrieval = RetrievalStage.load(bundle / RETRIEVAL_DIR)
+        ranking = (
+            RankingStage.load(bundle / RANKING_DIR) if (bundle / RANKING_DIR).is_dir() else None
+        )
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"bundle {str(bundle)!r} could not be loaded: {exc}") from exc
-    return Artifacts(bundle, manifest, users, items, catalog, retrieval)
+    return Artifacts(bundle, manifest, users, items, catalog, retrieval, ranking)

@@ -31,6 +31,12 @@ threads = 1
 [retrieval.als]
 factors = 8
 iterations = 3
+num_threads = 1
+
+[ranking.lightgbm]
+max_rounds = 30
+num_threads = 1
+min_data_in_leaf = 10
 """
 
 

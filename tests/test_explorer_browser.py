@@ -23,7 +23,7 @@ from starlette.routing import NoMatchFound
 
 from retrieval.base import PAD_ITEM
 from serving.app import ServiceSettings, create_app
-from serving.explorer import MERGE_ORDER, explorer_router
+from serving.explorer import explorer_router
 from tests.browser.server import running_server
 
 CHROMIUM = Path(os.environ.get("RECSYS_CHROMIUM", "/usr/bin/chromium"))
@@ -99,7 +99,8 @@ def test_explore_matches_recommend_and_shows_every_stage(client: TestClient) -> 
         assert [i["rank"] for i in source["items"]] == list(range(1, len(source["items"]) + 1))
         assert not {i["item_id"] for i in source["items"]} & set(history), "seen items excluded"
     assert 0 < body["merged"]["count"] <= body["merged"]["capacity"]
-    assert body["ranking"]["ranker"] == MERGE_ORDER and body["ranking"]["items"]
+    # the bundle has a trained ranker (LightGBM over the shared features)
+    assert body["ranking"]["ranker"] == "RankingStage" and body["ranking"]["items"]
     # the bundle's default rules: the four filters, each reported (nothing left to filter here)
     assert body["reranking"]["reranker"] == "RuleReranker"
     assert [r["rule"] for r in body["reranking"]["rules"]] == [
@@ -294,7 +295,7 @@ def test_explore_a_user_then_click_an_item(browser: Any, server_url: str) -> Non
     for i in range(sources.count()):
         expect(sources.nth(i).locator("tbody tr").first).to_be_visible()
     expect(page.get_by_test_id("merged-count")).to_have_text(re.compile(r"^[1-9]\d* of \d+$"))
-    expect(page.get_by_test_id("ranker-name")).to_contain_text("ranker: retrieval order")
+    expect(page.get_by_test_id("ranker-name")).to_contain_text("ranker: RankingStage")
     expect(page.get_by_test_id("ranking").locator("tbody tr").first).to_be_visible()
     for stage in STAGES:
         expect(page.get_by_test_id(f"timing-{stage}")).to_contain_text(re.compile(r"\d ms$"))

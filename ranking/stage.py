@@ -1,0 +1,269 @@
+"""The ranking stage: a feature store plus a trained ranker, scoring merged candidates.
+
+Training (:meth:`RankingStage.fit`) follows the funnel:
+
+1. fit a :class:`~ranking.features.FeatureStore` with ``as_of = cut`` (the first label event),
+2. build the training set (:func:`~ranking.training_set.build_training_set`): the retrieval
+   stage's candidates for each label-window user, labelled by the label window,
+3. split it by user (seeded) and train the ranker, early-stopping on the held-out users,
+4. refit the feature store, same code, as of the end of ``feature_log_for_serving`` (e.g.
+   train + valid), the freshest tables serving can have.
+
+Serving (:meth:`RankingStage.score`) assembles the features with the same function and returns
+one score per merged candidate. What ``recsys train`` stores under the bundle's ``ranking/``:
+``ranking.json`` (config and training summary), ``store/`` (parquet + npz tables) and
+``model/`` (LightGBM text model or a DNN ``state_dict``, curves, importance). No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, Self, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from data.catalog import ItemCatalog
+from data.configuration import from_mapping, to_mapping
+from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.interactions import Interactions
+from ranking.dnn import DNNConfig, DNNRanker
+from ranking.features import (
+    FeatureConfig,
+    FeatureMatrix,
+    FeatureStore,
+    assemble,
+    check_feature_names,
+    feature_names,
+)
+from ranking.lgbm import LightGBMConfig, LightGBMRanker
+from ranking.training_set import (
+    TrainingSet,
+    TrainingSetConfig,
+    build_training_set,
+    group_ndcg,
+    split_groups,
+)
+from retrieval.base import UserBatch
+from retrieval.merge import MergedCandidates
+from retrieval.stage import RetrievalStage
+
+RankerKind = Literal["lightgbm", "dnn"]
+STAGE_FILE = "ranking.json"
+STORE_DIR = "store"
+MODEL_DIR = "model"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """The ``[ranking]`` table.
+
+    model: ``"lightgbm"`` (LambdaRank trees, the default: strong on tabular features, fast to
+        serve) or ``"dnn"`` (an MLP with a listwise loss).
+    valid_fraction: share of the training users held out for early stopping (user-disjoint).
+    split_seed: seed of that split.
+    features, training, lightgbm, dnn: the sub-tables ``[ranking.features]`` etc.
+    """
+
+    model: RankerKind = "lightgbm"
+    valid_fraction: float = 0.2
+    split_seed: int = 0
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    training: TrainingSetConfig = field(default_factory=TrainingSetConfig)
+    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
+    dnn: DNNConfig = field(default_factory=DNNConfig)
+
+    def __post_init__(self) -> None:
+        if self.model not in get_args(RankerKind):
+            raise ConfigError(
+                f"[ranking] model must be one of {list(get_args(RankerKind))}, got {self.model!r}"
+            )
+        if not 0 <= self.valid_fraction < 1:
+            raise ConfigError(
+                f"[ranking] valid_fraction must lie in [0, 1), got {self.valid_fraction!r}"
+            )
+
+
+_SUB_TABLES: Mapping[str, type[Any]] = {
+    "features": FeatureConfig,
+    "training": TrainingSetConfig,
+    "lightgbm": LightGBMConfig,
+    "dnn": DNNConfig,
+}
+
+
+def ranking_config_from_mapping(values: Mapping[str, Any] | None) -> RankingConfig:
+    """Parse the ``[ranking]`` table (unknown keys raise ``ConfigError`` naming them)."""
+    values = dict(values or {})
+    subs = {
+        name: from_mapping(cls, values.pop(name, None), f"ranking.{name}")
+        for name, cls in _SUB_TABLES.items()
+    }
+    return from_mapping(RankingConfig, {**values, **subs}, "ranking")
+
+
+def ranking_config_to_mapping(config: RankingConfig) -> dict[str, Any]:
+    """The config as a JSON/TOML-friendly nested dict (inverse of the function above)."""
+    out: dict[str, Any] = {
+        "model": config.model,
+        "valid_fraction": config.valid_fraction,
+        "split_seed": config.split_seed,
+    }
+    for name in _SUB_TABLES:
+        out[name] = to_mapping(getattr(config, name))
+    return out
+
+
+class Ranker(Protocol):
+    """What :class:`RankingStage` needs of a ranker (``LightGBMRanker``, ``DNNRanker``)."""
+
+    feature_names_: tuple[str, ...]
+
+    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> Ranker: ...
+
+    def predict(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+class RankingStage:
+    """Feature store + ranker (see the module docstring).
+
+    Learned state (after :meth:`fit` or :meth:`load`):
+        store_:   the serving :class:`FeatureStore` (as of the end of the serving log).
+        ranker_:  the trained ranker.
+        summary_: {name: value} training-set counts, cut, validation NDCG (for reports).
+    """
+
+    store_: FeatureStore
+    ranker_: Ranker
+    summary_: dict[str, float]
+
+    def __init__(self, config: RankingConfig | None = None) -> None:
+        self.config = config if config is not None else RankingConfig()
+
+    def fit(
+        self,
+        retrieval_stage: RetrievalStage,
+        history_log: Interactions,
+        label_log: Interactions,
+        catalog: ItemCatalog,
+        feature_log_for_serving: Interactions,
+    ) -> Self:
+        """Train the ranker on the label window, then build the serving feature store.
+
+        history_log: what the retrieval stage was trained on (events before the label window);
+        label_log: the label window (same id maps); catalog: aligned with the item map;
+        feature_log_for_serving: the log whose end the serving features describe (same id maps),
+        typically history + label window.
+        """
+        config = self.config
+        if len(label_log) == 0:
+            raise DataError("RankingStage.fit: the label log is empty")
+        cut = int(label_log.timestamp[0])
+        training_store = FeatureStore(config.features).fit(history_log, catalog, as_of=cut)
+        training = build_training_set(
+            retrieval_stage, training_store, history_log, label_log, catalog, config.training
+        )
+        train, valid = split_groups(training, config.valid_fraction, config.split_seed)
+        ranker: Ranker = (
+            LightGBMRanker(config.lightgbm) if config.model == "lightgbm" else DNNRanker(config.dnn)
+        )
+        ranker.fit(train, valid)
+        summary = {f"training_{k}": v for k, v in training.describe().items()}
+        summary["cut"] = float(cut)
+        if valid is not None:
+            k = config.lightgbm.eval_at if config.model == "lightgbm" else config.dnn.eval_at
+            scores = ranker.predict(valid.values)
+            summary[f"valid_ndcg@{k}"] = float(
+                np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k))
+            )
+        if len(feature_log_for_serving) == 0:
+            raise DataError("RankingStage.fit: feature_log_for_serving is empty")
+        serving_as_of = int(feature_log_for_serving.timestamp[-1]) + 1  # include the last event
+        self.store_ = FeatureStore(config.features).fit(
+            feature_log_for_serving, catalog, as_of=serving_as_of
+        )
+        self.ranker_, self.summary_ = ranker, summary
+        return self
+
+    def features(
+        self,
+        retrieval_stage: RetrievalStage,
+        users: UserBatch,
+        merged: MergedCandidates,
+        now: npt.ArrayLike | None = None,
+    ) -> FeatureMatrix:
+        """The (n, m, F) features the ranker scores (for explanations and drift monitors)."""
+        self._check_fitted()
+        check_feature_names(
+            self.ranker_.feature_names_,
+            feature_names(self.store_, merged.sources),
+            "RankingStage",
+        )
+        return assemble(self.store_, retrieval_stage, users, merged, now)
+
+    def score(
+        self,
+        retrieval_stage: RetrievalStage,
+        users: UserBatch,
+        merged: MergedCandidates,
+        now: npt.ArrayLike | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """(n, m) float32 ranker scores of the merged candidates; -inf at padding.
+
+        ``now``: (n,) request times, default ``users.now``. Higher is better; sort each row by
+        it to rank.
+        """
+        matrix = self.features(retrieval_stage, users, merged, now)
+        scores = np.full(matrix.valid.shape, -np.inf, dtype=np.float32)
+        scores[matrix.valid] = self.ranker_.predict(matrix.rows())
+        return scores
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "ranker_"):
+            raise NotFittedError("RankingStage is not fitted: call fit() or load() first")
+
+    # ---------------------------------------------------------------------------- persistence
+    def save(self, directory: Path) -> None:
+        """Write ``store/``, ``model/``, then ``ranking.json``."""
+        self._check_fitted()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.store_.save(directory / STORE_DIR)
+        self.ranker_.save(directory / MODEL_DIR)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": ranking_config_to_mapping(self.config),
+            "summary": self.summary_,
+        }
+        (directory / STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> RankingStage:
+        """Read a directory written by :meth:`save`; ``BundleError`` if missing or corrupt."""
+        path = directory / STAGE_FILE
+        if not path.is_file():
+            raise BundleError(f"{directory}: {STAGE_FILE} is missing (not a ranking stage)")
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{directory}: unreadable {STAGE_FILE} ({exc})") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{directory}: ranking stage format {meta.get('format_version')!r}, "
+                f"expected {FORMAT_VERSION}"
+            )
+        stage = cls(ranking_config_from_mapping(meta["config"]))
+        stage.store_ = FeatureStore.load(directory / STORE_DIR)
+        model_dir = directory / MODEL_DIR
+        stage.ranker_ = (
+            LightGBMRanker.load(model_dir)
+            if stage.config.model == "lightgbm"
+            else DNNRanker.load(model_dir)
+        )
+        stage.summary_ = {k: float(v) for k, v in meta["summary"].items()}
+        return stage
