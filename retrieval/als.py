@@ -31,6 +31,7 @@ have no factors and are ignored.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self, get_args
@@ -39,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
@@ -103,6 +104,12 @@ class ALSConfig:
             )
 
 
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller per process: building one rescans the loaded libraries (~1 ms a call)."""
+    return ThreadpoolController()
+
+
 def _solver(config: ALSConfig) -> AlternatingLeastSquares:
     """An implicit ALS model configured from ``config``.
 
@@ -110,7 +117,7 @@ def _solver(config: ALSConfig) -> AlternatingLeastSquares:
     inside implicit's threads oversubscribe the cores; we build and fit under
     ``threadpool_limits(1, "blas")``, the remedy its warning names, so the check passes.
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         return AlternatingLeastSquares(
             factors=config.factors,
             regularization=config.regularization,
@@ -155,7 +162,7 @@ class ALSSource:
         if len(log) == 0:
             raise DataError("ALSSource.fit: the interaction log is empty")
         model = _solver(self.config)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             model.fit(log.matrix, show_progress=False)
         self.user_factors_ = np.ascontiguousarray(model.user_factors, dtype=np.float32)
         self.item_factors_ = np.ascontiguousarray(model.item_factors, dtype=np.float32)
@@ -199,7 +206,7 @@ class ALSSource:
             interactions = self._fold_in_matrix(
                 users.user_idx[rows], known[rows], users.recent_items[rows], extra
             )
-            with threadpool_limits(limits=1, user_api="blas"):  # see _solver
+            with _blas_controller().limit(limits=1, user_api="blas"):  # see _solver
                 solved = self._solver_model().recalculate_user(np.arange(rows.size), interactions)
             has_rows = np.diff(interactions.indptr) > 0
             vectors[rows] = np.where(has_rows[:, None], solved, 0.0)
