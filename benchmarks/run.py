@@ -64,6 +64,18 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 5: durable feedback log; appends/s with synchronous FULL vs NORMAL",
     ),
     Benchmark(
+        "ranking",
+        "benchmarks.bench_ranking",
+        "Ranking 500 candidates for one request",
+        "issue 4: p99 <= 5 ms on 2 cores; ranker NDCG@10 vs each source's own order",
+    ),
+    Benchmark(
+        "load",
+        "benchmarks.bench_load",
+        "HTTP service under load (1M-item catalogue, 500 candidates, k=20)",
+        "issue 5: 100 requests/s for 60 s with zero errors and p99 <= 30 ms; max sustainable rate",
+    ),
+    Benchmark(
         "two_tower",
         "benchmarks.bench_two_tower",
         "Two-tower training throughput",
