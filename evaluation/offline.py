@@ -106,6 +106,12 @@ def evaluate_offline(
     for name, pipeline in _stage_pipelines(artifacts, state).items():
         systems[name] = _recommend(pipeline, user_ids, k_max, config.batch_size)
     rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, config)
+    # Each candidate source's own order: the bar the ranker has to clear.
+    own_order = artifacts.retrieval.retrieve_each(
+        evaluation.users.take(np.flatnonzero(keep)), k_max, exclude=seen
+    )
+    for name, candidates in own_order.items():
+        systems[f"source:{name}"] = candidates.item_idx
 
     history_log = Interactions.from_frame(history, items=artifacts.items, drop_unknown=True)
     rows = history_log.users.index(pl.Series(user_ids), allow_unknown=True)
@@ -157,7 +163,7 @@ def evaluate_offline(
                 seed=config.seed,
             ).to_dict()
             for name in per_user
-            if name not in (PIPELINE, "oracle")
+            if name not in (PIPELINE, "oracle") and not name.startswith("source:")
         },
         "rules": rule_costs,
         "segments": _segments(history_log, rows, per_user, relevant, systems, config),
