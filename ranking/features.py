@@ -281,6 +281,8 @@ class FeatureStore:
         """
         self._check_fitted()
         n = recent_items.shape[0]
+        if self.n_categories == 0:  # a catalogue without categories (e.g. a bare ratings log)
+            return np.zeros((n, 0), dtype=np.float32)
         known = (recent_items >= 0) & (recent_items < self.n_items)
         rows = np.where(known, recent_items, 0)
         categories = self.item_categories_[rows]  # (n, H, K)

@@ -471,3 +471,25 @@ def test_a_store_that_reads_the_label_window_is_refused(funnel: TinyFunnel) -> N
     late = FeatureStore().fit(funnel.train_valid, funnel.catalog, as_of=cut + 1)
     with pytest.raises(DataError, match="would read labels"):
         build_training_set(funnel.retrieval, late, funnel.train, funnel.valid, funnel.catalog)
+
+
+def test_catalogue_without_categories_gives_empty_category_share() -> None:
+    """A bare ratings log (no items file) has no categories; features must still assemble."""
+    import polars as pl
+
+    from data.catalog import ItemCatalog
+    from data.interactions import Interactions
+    from ranking.features import FeatureConfig, FeatureStore
+
+    frame = pl.DataFrame(
+        {
+            "user_id": ["a", "a", "b"],
+            "item_id": ["x", "y", "x"],
+            "timestamp": [1, 2, 3],
+            "weight": [1.0, 1.0, 1.0],
+        }
+    )
+    log = Interactions.from_frame(frame)
+    store = FeatureStore(FeatureConfig()).fit(log, ItemCatalog.empty(log.items), as_of=10)
+    share = store.recent_category_share(np.array([[0, 1], [-1, -1]], dtype=np.int32))
+    assert share.shape == (2, 0)
