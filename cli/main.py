@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli import data_commands, model_commands, quickstart, serve_command
+from cli import data_commands, model_commands, quickstart, serve_command, simulate_command
 from data.errors import RecsysError
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(commands)
     model_commands.register(commands)
     serve_command.register(commands)
+    simulate_command.register(commands)
     quickstart.register(commands)
     return parser
 

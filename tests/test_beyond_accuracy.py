@@ -112,7 +112,15 @@ def test_gini_of_hand_examples() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(0, 100)))
+@given(
+    hnp.arrays(
+        np.float64,
+        st.integers(1, 12),
+        # Zero or a "real" magnitude: subnormal exposures (5e-324) underflow the reference
+        # formula's denominator to zero, which says nothing about gini itself.
+        elements=st.one_of(st.just(0.0), st.floats(1e-6, 100)),
+    )
+)
 def test_gini_equals_the_mean_absolute_difference_form(values: np.ndarray) -> None:
     if values.sum() == 0:
         return

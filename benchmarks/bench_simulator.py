@@ -1,0 +1,185 @@
+"""Benchmark: the A/B simulator on the issue's scenario (issue 7).
+
+A 2-arm, 30-day experiment with 50k users on the synthetic world with concept drift on day 10:
+the frozen bundle (control) against frozen weights + online state updates (treatment), both
+served by the real ``RecommenderService`` pipeline in batches. Reports:
+
+* wall time of the simulation loop and simulated sessions per second (the target: < 10 min on
+  2 cores), next to the set-up (world, pre-period log, training) and the analysis;
+* each arm's true daily CTR around the drift (drop, trough, recovery), the A/B test on the
+  post-drift days and on the whole run, and whether the CIs cover the true (twin) effect;
+* A/A false-positive rates over >= 500 re-randomisations, with and without daily peeking;
+* SRM: the run's own check with 2 % of the treatment's users lost, the simulated detection rates
+  of that loss and of a 2-point split shift over 500 replicates, and the formula's power.
+
+    python -m benchmarks.bench_simulator                   # the full scenario
+    python -m benchmarks.bench_simulator --users 5000 --days 12 --drift-day 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, peak_rss_mb, write_result
+from data.configuration import load_toml
+from evaluation.ab_report import analyse, write_report
+from evaluation.experiment import ExperimentConfig, SampleLossConfig
+from evaluation.simulator import SimulationResult, simulate
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab_concept_drift.toml"
+TARGET_SECONDS = 600.0
+INJECTED_LOSS = 0.02
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", type=Path, default=EXAMPLE, help="experiment TOML to start from"
+    )
+    parser.add_argument("--users", type=int, default=50_000)
+    parser.add_argument("--items", type=int, default=5_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--drift-day", type=int, default=10)
+    parser.add_argument("--sessions-per-user-day", type=float, default=0.5)
+    parser.add_argument("--replicates", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, default=RESULTS_DIR / "simulator_report")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep bundles, logs and the raw result (workdir/result) here"
+    )
+    parser.add_argument(
+        "--from-result", type=Path, help="re-analyse a saved raw result instead of simulating"
+    )
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    if args.from_result is not None:
+        result = SimulationResult.load(args.from_result)
+    elif args.workdir is not None:
+        result = simulate(_config(args), args.workdir, progress=True)
+        result.save(args.workdir / "result")
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-simulator-") as tmp:
+            result = simulate(_config(args), tmp, progress=True)
+    phases = ("history_seconds", "training_seconds", "simulation_seconds")
+    # A re-analysed result reports the run's own time, not the time to load it.
+    total_seconds = (
+        sum(result.timings[p] for p in phases)
+        if args.from_result is not None
+        else time.perf_counter() - started
+    )
+    start = time.perf_counter()
+    analysis = analyse(result)
+    analysis_seconds = time.perf_counter() - start
+    write_report(result, analysis, args.report)
+    lossy = _lossy_srm(result)
+
+    figures = _figures(result, analysis, lossy)
+    figures["total_seconds"] = total_seconds
+    figures["analysis_seconds"] = analysis_seconds
+    figures["peak_rss_mb"] = peak_rss_mb()
+    path = write_result("simulator", figures)
+    for key in ("simulation_seconds", "sessions_per_second", "arm_sessions_per_second"):
+        print(f"{key}: {figures[key]:,.1f}")
+    print(f"wrote {path} and the report in {args.report}")
+    return figures
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    values = load_toml(args.config)
+    values["n_days"] = args.days
+    values["seed"] = args.seed
+    values["world"] = {
+        **values["world"],
+        "n_users": args.users,
+        "n_items": args.items,
+        "drift_day": args.drift_day,
+        "seed": args.seed,
+    }
+    values["behaviour"] = {
+        **values["behaviour"],
+        "sessions_per_user_day": args.sessions_per_user_day,
+    }
+    values["analysis"] = {
+        **values["analysis"],
+        "aa_replicates": args.replicates,
+        "coverage_replicates": args.replicates,
+        "srm_replicates": args.replicates,
+    }
+    return ExperimentConfig.from_mapping(values, base_dir=args.config.parent)
+
+
+def _lossy_srm(result: SimulationResult) -> dict[str, Any]:
+    """The run's own SRM check when 2 % of the treatment's users are lost in logging."""
+    config = result.config
+    lossy = dataclasses.replace(
+        config,
+        sample_loss=SampleLossConfig(arm=config.arm_names[-1], fraction=INJECTED_LOSS),
+        analysis=dataclasses.replace(
+            config.analysis, aa_replicates=0, coverage_replicates=0, srm_replicates=0
+        ),
+    )
+    analysis = analyse(dataclasses.replace(result, config=lossy))
+    return {"fraction": INJECTED_LOSS, **analysis["srm"]}
+
+
+def _figures(
+    result: SimulationResult, analysis: dict[str, Any], lossy_srm: dict[str, Any]
+) -> dict[str, Any]:
+    timings = result.timings
+    treatment = result.config.arm_names[-1]
+    comparison = analysis["comparisons"][treatment]["metrics"]
+    drift = analysis["drift"]
+    return {
+        "users": len(result.user_ids),
+        "items": int(result.config.world_config().n_items),
+        "days": result.n_days,
+        "arms": list(result.arm_names),
+        "sessions": int(timings["sessions"]),
+        "simulation_seconds": timings["simulation_seconds"],
+        "target_seconds": TARGET_SECONDS,
+        "within_target": timings["simulation_seconds"] < TARGET_SECONDS,
+        "sessions_per_second": timings["sessions_per_second"],
+        "arm_sessions_per_second": timings["arm_sessions_per_second"],
+        "history_seconds": timings["history_seconds"],
+        "training_seconds": timings["training_seconds"],
+        "serving": analysis["serving"],
+        "daily_true_ctr": {
+            arm: [row["true_ctr"] for row in rows] for arm, rows in analysis["daily"].items()
+        },
+        "daily_observed_ctr": {
+            arm: [row.get("ctr") for row in rows] for arm, rows in analysis["daily"].items()
+        },
+        "drift": drift,
+        "whole_run": {metric: comparison[metric] for metric in ("ctr", "engagement")},
+        "sequential": {
+            key: analysis["comparisons"][treatment].get("sequential", {}).get(key)
+            for key in (
+                "first_rejection_day",
+                "confidence_sequence_covers_truth_days",
+                "confidence_sequence_empty_from_day",
+                "true_effect_range",
+            )
+        },
+        "aa": analysis.get("aa"),
+        "coverage": analysis.get("coverage"),
+        "srm_power": analysis.get("srm_power"),
+        "srm_with_injected_loss": lossy_srm,
+        "srm": analysis["srm"],
+        "monitors": {
+            arm: {name: entry["detection"] for name, entry in monitors.items()}
+            for arm, monitors in analysis["monitors"].items()
+        },
+        "planning": analysis["planning"],
+        "observed_power": analysis["observed_power"],
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

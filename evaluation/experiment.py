@@ -1,0 +1,732 @@
+"""An A/B experiment for the simulator: its TOML config, and the arms it runs.
+
+An **arm** is a variant of the served system: a bundle (trained from the experiment's training
+config, optionally with per-arm overrides) served by a real :class:`RecommenderService`, plus an
+update policy, its ``kind``:
+
+    frozen          the bundle as trained; feedback is logged but never reaches the online state
+    online          frozen weights + online state updates (``RecommenderService.record_feedback``)
+    retrain_every   online, plus a retrain every ``every_days`` days on the pre-period + its log
+    drift_retrain   online, plus a retrain when the arm's drift monitor alerts (``monitor``), at
+                    most once every ``cooldown_days``
+    popularity      a popularity-only bundle (the baseline every model must beat), online state
+
+Every arm keeps its own feedback log (SQLite WAL, as in the service). Its service seeds the users'
+state from the pre-period dataset (``history``) and replays the log, which starts with the
+pre-period's last clicks (those after the bundle's training data) and then gets the arm's own
+feedback; a retrain learns from the pre-period plus that feedback, as a production retrain would.
+
+The config file::
+
+    seed = 0
+    salt = "exp-1"             # assignment salt (evaluation.assignment)
+    n_days = 30                # experiment days
+    pre_period_days = 14       # history log before the experiment (training data, CUPED)
+
+    [world]                    # WorldConfig overrides; drift_day counts experiment days
+    n_users = 5000
+    drift = "concept"
+    drift_day = 10
+
+    [training]                 # the bundle config, as for `recsys train --config` (or a path)
+    [behaviour]                # the simulated users: sessions, fatigue, slate size, batching
+    [analysis]                 # alpha, power analysis, sequential test, replicates, guardrails
+    [monitors]                 # PSI/KS drift monitors
+    [sample_loss]              # inject a logging loss in one arm (SRM check)
+
+    [[arms]]
+    name = "frozen"
+    kind = "frozen"
+    weight = 0.5
+    [[arms]]
+    name = "online"
+    kind = "online"
+    weight = 0.5
+    params = { }               # kind-specific: every_days, monitor, cooldown_days, training
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from data.configuration import from_mapping, load_toml
+from data.errors import BundleError, ConfigError
+from data.prepare import prepare_dataset
+from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, empty_interactions
+from data.splits import SplitConfig
+from data.synthetic import WorldConfig
+from evaluation.ab_stats import DEFAULT_ALPHA, DEFAULT_POWER, SRM_ALPHA, Guardrail
+from evaluation.drift import DriftConfig
+from serving.artifacts import train_bundle
+from serving.bundle import verify_bundle
+from serving.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig
+from serving.pipeline import BudgetConfig, Recommendation, RecommendRequest
+from serving.service import RecommenderService
+
+ArmKind = Literal["frozen", "online", "retrain_every", "drift_retrain", "popularity"]
+MetricName = Literal["ctr", "engagement"]
+MonitorName = Literal["clicked_popularity", "score"]
+
+# The default world's click density (200k clicks / 5k users / 30 days): kept when the pre-period
+# length or the population changes, so a bigger experiment is not a sparser one.
+DEFAULT_CLICKS_PER_USER_DAY = 200_000 / 5_000 / 30
+
+# The simulator calls the pipeline with hundreds of users per batch; the service's per-request
+# budgets (tens of ms) would degrade every batch. An hour per stage means "never degrade for
+# time": a stage that raises still degrades, and the result counts it.
+SIMULATION_BUDGETS = BudgetConfig(
+    retrieval_ms=3_600_000.0, ranking_ms=3_600_000.0, reranking_ms=3_600_000.0, workers=1
+)
+
+# Written next to a bundle the simulator trained: the exact training config, so a rerun in the same
+# work directory reuses the bundle only for the same data *and* the same config.
+TRAINING_MARKER = "training.json"
+
+# What a popularity arm trains: the trending source alone (two-tower and ALS are never fitted).
+POPULARITY_TRAINING: Mapping[str, Any] = MappingProxyType(
+    {"retrieval": {"sources": ["popular"], "quotas": {"popular": 500}}}
+)
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm: ``name``, update policy ``kind``, relative assignment ``weight`` and parameters.
+
+    every_days: ``retrain_every``: days between retrains (the first at the end of day
+        ``every_days - 1``). Default 7: a weekly retrain, the common production cadence.
+    monitor: ``drift_retrain``: the monitor whose alert triggers a retrain
+        (``"clicked_popularity"``: a feature; ``"score"``: the model's prediction scores).
+    cooldown_days: ``drift_retrain``: minimum days between two retrains. Default 3: the monitor
+        needs ``reference_days`` of fresh data after a retrain before it can judge again.
+    training: overrides deep-merged into the experiment's training config for this arm only
+        (a model variant as an arm). Popularity arms get ``POPULARITY_TRAINING`` merged in too.
+    """
+
+    name: str
+    kind: ArmKind
+    weight: float = 1.0
+    every_days: int = 7
+    monitor: MonitorName = "clicked_popularity"
+    cooldown_days: int = 3
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
+            raise ConfigError(f"arm name must be a non-empty string without '/', got {self.name!r}")
+        if self.kind not in get_args(ArmKind):
+            raise ConfigError(
+                f"arm {self.name!r}: kind must be one of {list(get_args(ArmKind))}, "
+                f"got {self.kind!r}"
+            )
+        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight)):
+            raise ConfigError(f"arm {self.name!r}: weight must be a number, got {self.weight!r}")
+        if self.weight <= 0:
+            raise ConfigError(f"arm {self.name!r}: weight must be > 0, got {self.weight!r}")
+        _positive_int(self.every_days, f"arm {self.name!r}: every_days")
+        _positive_int(self.cooldown_days, f"arm {self.name!r}: cooldown_days")
+        if self.monitor not in get_args(MonitorName):
+            raise ConfigError(
+                f"arm {self.name!r}: monitor must be one of {list(get_args(MonitorName))}, "
+                f"got {self.monitor!r}"
+            )
+        if not isinstance(self.training, Mapping):
+            raise ConfigError(f"arm {self.name!r}: training must be a table")
+
+    @property
+    def updates_online(self) -> bool:
+        """Whether feedback reaches the online state (everything but the frozen bundle)."""
+        return self.kind != "frozen"
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str) -> ArmConfig:
+        """Build from one ``[[arms]]`` table: ``name``, ``kind``, ``weight``, ``params``."""
+        values = dict(table)
+        params = values.pop("params", {}) or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"[{where}] params must be a table, got {params!r}")
+        allowed = _KIND_PARAMS.get(str(values.get("kind")), frozenset()) | {"training"}
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"[{where}] params {unknown} do not apply to kind {values.get('kind')!r}; "
+                f"it takes {sorted(allowed)}"
+            )
+        return from_mapping(cls, {**values, **params}, where)
+
+
+# Parameters each kind takes besides ``training`` (any kind may override the model).
+_KIND_PARAMS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "retrain_every": frozenset({"every_days"}),
+        "drift_retrain": frozenset({"monitor", "cooldown_days"}),
+    }
+)
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """The simulated users (the world's choice model does the rest).
+
+    sessions_per_user_day: mean sessions per day of a user of average activity (the world's
+        lognormal activity and covariate drift scale it per user). Default 0.5: every other day,
+        which keeps a 50k-user month within the benchmark's time budget.
+    ticks_per_day: micro-batches per day. Sessions of one tick are served together, then their
+        feedback is recorded, so the online state lags by at most one tick (3 h at 8), like a
+        streaming update with a short interval. A user has at most one session per tick.
+    slate_size: items per slate (the ``k`` of the request); each slate gets at most one click.
+    fatigue_per_repeat: utility penalty per earlier impression of the same item still in the
+        user's memory (logit units: 0.3 cuts the odds of a click by ~26 % per repeat). Models the
+        well-known decay of CTR on re-shown items; 0 turns fatigue off.
+    fatigue_memory: impressions per user remembered for fatigue (10 = the previous slate).
+    consumed_penalty: utility penalty of an item the user already clicked (consumed), among
+        their last ``consumed_memory`` clicks. Default 2.0 (odds x 0.14): a film watched or an
+        article read rarely gets a second click; without it, re-showing yesterday's clicks would
+        be the best policy, which no real catalogue rewards. The pre-period's clicks count.
+    consumed_memory: clicks per user remembered as consumed (50, the default history length).
+    batch_size: users per ``Pipeline.recommend`` call. Default 256: large enough to amortise the
+        funnel's per-call overhead, small enough to keep the per-row response building cheap.
+    """
+
+    sessions_per_user_day: float = 0.5
+    ticks_per_day: int = 8
+    slate_size: int = 10
+    fatigue_per_repeat: float = 0.3
+    fatigue_memory: int = 10
+    consumed_penalty: float = 2.0
+    consumed_memory: int = 50
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sessions_per_user_day) and self.sessions_per_user_day > 0):
+            raise ConfigError(
+                "[behaviour] sessions_per_user_day must be a finite number > 0, "
+                f"got {self.sessions_per_user_day!r}"
+            )
+        for name in (
+            "ticks_per_day",
+            "slate_size",
+            "fatigue_memory",
+            "consumed_memory",
+            "batch_size",
+        ):
+            _positive_int(getattr(self, name), f"[behaviour] {name}")
+        if self.ticks_per_day > 24 or 24 % self.ticks_per_day:
+            raise ConfigError(
+                f"[behaviour] ticks_per_day must divide 24 (whole hours per tick), "
+                f"got {self.ticks_per_day}"
+            )
+        for name in ("fatigue_per_repeat", "consumed_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"[behaviour] {name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How the experiment is analysed (see :mod:`evaluation.ab_stats` for the methods).
+
+    alpha: two-sided level of every test and interval. srm_alpha: level of the SRM check.
+    primary_metric: the decision metric (``"ctr"``: clicks per session, per user;
+        ``"engagement"``: clicks per exposed user). Power analysis and sequential tests use it.
+    mde_relative: the relative lift the power analysis plans for (0.02 = 2 %).
+    power: target power of the power analysis.
+    mixture_sd: tau of the mSPRT (metric units); ``None`` = the planned absolute MDE, where the
+        test is most powerful.
+    aa_replicates: A/A replicates (re-randomised assignments of the control universe).
+    coverage_replicates: re-randomised A/B assignments, for the coverage of the true effect and
+        the estimator's bias.
+    srm_replicates: re-randomised assignments for the SRM detection rates.
+    srm_shift: the split shift whose detection rate is measured (0.02: 50/50 run as 48/52).
+    head_share: items making up the "head" for the long-tail guardrail: the most-clicked share
+        of the catalogue in the pre-period (0.1 = top 10 %).
+    guardrails: metrics the treatment must not degrade (``latency_ms``, ``diversity``,
+        ``long_tail_share``), as non-inferiority checks.
+    """
+
+    alpha: float = DEFAULT_ALPHA
+    srm_alpha: float = SRM_ALPHA
+    primary_metric: MetricName = "ctr"
+    mde_relative: float = 0.02
+    power: float = DEFAULT_POWER
+    mixture_sd: float | None = None
+    aa_replicates: int = 200
+    coverage_replicates: int = 200
+    srm_replicates: int = 200
+    srm_shift: float = 0.02
+    head_share: float = 0.1
+    guardrails: tuple[Guardrail, ...] = (
+        # Amortised batch latency is noisy on a shared machine: a 25 % margin.
+        Guardrail("latency_ms", "lower_is_better", 0.25),
+        Guardrail("diversity", "higher_is_better", 0.05),
+        Guardrail("long_tail_share", "higher_is_better", 0.10),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "srm_alpha", "power"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"[analysis] {name} must be in (0, 1), got {value!r}")
+        if self.primary_metric not in get_args(MetricName):
+            raise ConfigError(
+                f"[analysis] primary_metric must be one of {list(get_args(MetricName))}, "
+                f"got {self.primary_metric!r}"
+            )
+        for name in ("mde_relative", "srm_shift", "head_share"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"[analysis] {name} must be in (0, 1), got {value!r}")
+        if self.mixture_sd is not None and not self.mixture_sd > 0:
+            raise ConfigError(f"[analysis] mixture_sd must be > 0, got {self.mixture_sd!r}")
+        for name in ("aa_replicates", "coverage_replicates", "srm_replicates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"[analysis] {name} must be an integer >= 0, got {value!r}")
+        guardrails = tuple(
+            g if isinstance(g, Guardrail) else from_mapping(Guardrail, g, "analysis.guardrails")
+            for g in self.guardrails
+        )
+        object.__setattr__(self, "guardrails", guardrails)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Drift monitors run on every arm, one window per day (:class:`evaluation.drift.DriftMonitor`).
+
+    reference_days: the first experiment days (and the first days after a retrain) form the
+        reference distribution; later days are compared with it. Default 3.
+    score_sample_per_tick: sessions per tick whose prediction scores are computed for the
+        score monitor (a second user encoding: sampled to bound its cost).
+    drift: the PSI / KS settings. The simulator's default turns the KS alert off: with
+        thousands of clicks a day, KS flags the slow day-to-day evolution of an online arm, so
+        only the PSI > 0.2 alert counts (KS statistics are still reported).
+    """
+
+    reference_days: int = 3
+    score_sample_per_tick: int = 256
+    drift: DriftConfig = field(default_factory=lambda: DriftConfig(ks_p_value_threshold=None))
+
+    def __post_init__(self) -> None:
+        _positive_int(self.reference_days, "[monitors] reference_days")
+        _positive_int(self.score_sample_per_tick, "[monitors] score_sample_per_tick")
+        if isinstance(self.drift, Mapping):
+            values = {"ks_p_value_threshold": None, **self.drift}
+            object.__setattr__(self, "drift", from_mapping(DriftConfig, values, "monitors.drift"))
+
+
+@dataclass(frozen=True)
+class SampleLossConfig:
+    """Inject a logging loss: ``fraction`` of the users of arm ``arm`` vanish from the analysis
+    (as if their events were dropped by a broken pipeline), to exercise the SRM check."""
+
+    arm: str | None = None
+    fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ConfigError(f"[sample_loss] fraction must be in [0, 1), got {self.fraction!r}")
+        if self.fraction > 0 and self.arm is None:
+            raise ConfigError("[sample_loss] a fraction > 0 needs the arm that loses users")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one simulated experiment needs (see the module docstring for the TOML form).
+
+    seed: every random draw of the simulation derives from it (the world has its own
+        ``[world] seed``). salt: the assignment salt. n_days: experiment days. pre_period_days:
+        days of history generated before the experiment (training data, CUPED covariate).
+    world: ``WorldConfig`` overrides; ``drift_day`` counts experiment days, ``n_days`` is set
+        by the simulator (pre-period + experiment) and may not be given.
+    training: the bundle config (``recsys train --config`` TOML, parsed).
+    arms: at least two; the first is the control.
+    """
+
+    arms: tuple[ArmConfig, ...]
+    seed: int = 0
+    salt: str = "experiment"
+    n_days: int = 30
+    pre_period_days: int = 14
+    world: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)
+    sample_loss: SampleLossConfig = field(default_factory=SampleLossConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.arms) < 2:
+            raise ConfigError(f"an experiment needs at least 2 arms, got {len(self.arms)}")
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"arm names must be unique, got {names}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.salt, str) or not self.salt:
+            raise ConfigError(f"salt must be a non-empty string, got {self.salt!r}")
+        _positive_int(self.n_days, "n_days")
+        _positive_int(self.pre_period_days, "pre_period_days")
+        if "n_days" in self.world:
+            raise ConfigError(
+                "[world] n_days is set by the simulator (pre_period_days + n_days); remove it"
+            )
+        drift_day = self.world.get("drift_day", 0)
+        if self.world.get("drift", "none") != "none" and not 0 < drift_day < self.n_days:
+            raise ConfigError(
+                f"[world] drift_day counts experiment days and must lie in (0, {self.n_days}), "
+                f"got {drift_day!r}"
+            )
+        if self.monitors.reference_days >= self.n_days:
+            raise ConfigError(
+                f"[monitors] reference_days ({self.monitors.reference_days}) must be shorter "
+                f"than the experiment ({self.n_days} days)"
+            )
+        loss = self.sample_loss
+        if loss.arm is not None and loss.arm not in names:
+            raise ConfigError(f"[sample_loss] arm {loss.arm!r} is not one of the arms {names}")
+        self.world_config()  # validates the overrides now, not hours into a run
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return tuple(arm.name for arm in self.arms)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Arm name -> relative weight, in arm order (the assignment's interval order)."""
+        return {arm.name: float(arm.weight) for arm in self.arms}
+
+    @property
+    def drift_day(self) -> int | None:
+        """Experiment day the world's drift starts, ``None`` without drift."""
+        if self.world.get("drift", "none") == "none":
+            return None
+        return int(self.world.get("drift_day", 0))
+
+    def world_config(self) -> WorldConfig:
+        """The world over pre-period + experiment; its ``drift_day`` counts from the log start."""
+        overrides = dict(self.world)
+        n_users = int(overrides.get("n_users", WorldConfig().n_users))
+        overrides.setdefault(
+            "target_interactions",
+            max(1, round(DEFAULT_CLICKS_PER_USER_DAY * n_users * self.pre_period_days)),
+        )
+        overrides["n_days"] = self.pre_period_days + self.n_days
+        overrides["drift_day"] = self.pre_period_days + int(overrides.get("drift_day", 0))
+        try:
+            return WorldConfig.from_overrides(**overrides)
+        except TypeError as exc:
+            raise ConfigError(f"[world]: {exc}") from exc
+
+    def arm_training(self, arm: ArmConfig) -> dict[str, Any]:
+        """The bundle config of ``arm``: the experiment's, with the arm's overrides merged in."""
+        config = deep_merge(self.training, arm.training)
+        if arm.kind == "popularity":
+            config = deep_merge(config, POPULARITY_TRAINING)
+        return config
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], base_dir: Path | None = None
+    ) -> ExperimentConfig:
+        """Build from a parsed TOML document; a ``training`` path is relative to ``base_dir``."""
+        values = dict(values)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"experiment config: unknown key(s) {unknown}; known: {sorted(known)}"
+            )
+        tables = values.pop("arms", None)
+        if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+            raise ConfigError("experiment config: [[arms]] tables are required (at least two)")
+        arms = tuple(ArmConfig.from_table(t, f"arms.{i}") for i, t in enumerate(tables))
+        training = values.pop("training", {})
+        if isinstance(training, str):
+            path = Path(training)
+            training = load_toml(path if path.is_absolute() else (base_dir or Path()) / path)
+        sections: dict[str, type[Any]] = {
+            "behaviour": BehaviourConfig,
+            "analysis": AnalysisConfig,
+            "monitors": MonitorConfig,
+            "sample_loss": SampleLossConfig,
+        }
+        built: dict[str, Any] = {
+            name: from_mapping(kind, values.pop(name), name)
+            for name, kind in sections.items()
+            if name in values
+        }
+        try:
+            return cls(arms=arms, training=training, **built, **values)
+        except TypeError as exc:
+            raise ConfigError(f"experiment config: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (guardrails and the drift config flattened)."""
+
+        def plain(value: Any) -> Any:
+            if hasattr(value, "__dataclass_fields__"):
+                return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+            if isinstance(value, Mapping):
+                return {str(k): plain(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [plain(v) for v in value]
+            return value
+
+        out: dict[str, Any] = plain(self)
+        return out
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    """Read an experiment TOML file (``ConfigError`` naming the file and the bad key)."""
+    file = Path(path)
+    return ExperimentConfig.from_mapping(load_toml(file), base_dir=file.parent)
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied recursively (tables merge, other values replace)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------ runtime
+
+
+class SimulationClock:
+    """The simulated wall clock, injected into the feedback logs (``received_at``, skew check)."""
+
+    def __init__(self, now: int) -> None:
+        self.now = int(now)
+
+    def __call__(self) -> float:
+        return float(self.now)
+
+
+@dataclass(frozen=True)
+class BundleTrainer:
+    """Trains bundles for the arms: ``<workdir>/bundles/<tag>/{data,bundle}`` per training run.
+
+    ``catalog_at(now)`` returns the items frame of the items released by ``now`` (a retrain
+    learns the items that appeared since the last one; the serving catalogue never holds items
+    from the future).
+    """
+
+    workdir: Path
+    catalog_at: Callable[[int], pl.DataFrame]
+    users: pl.DataFrame | None = None
+
+    def train(self, tag: str, clicks: pl.DataFrame, training: Mapping[str, Any], now: int) -> Path:
+        """Split ``clicks`` by time (train/valid/test), train a bundle, return its directory.
+
+        A bundle already in the work directory that was trained on the same dataset (same
+        content fingerprint) with the same config is reused: rerunning an experiment in a kept
+        work directory skips the training it has already done.
+        """
+        root = self.workdir / "bundles" / tag
+        manifest = prepare_dataset(
+            root / "data",
+            clicks,
+            split=SplitConfig(),
+            source={"kind": "ab-simulator", "tag": tag, "until": int(now)},
+            items=self.catalog_at(now),
+            users=self.users,
+        )
+        bundle = root / "bundle"
+        marker = root / TRAINING_MARKER
+        key = training_key(training)
+        if not (_is_bundle_of(bundle, manifest["fingerprint"]) and _read(marker) == key):
+            marker.unlink(missing_ok=True)
+            train_bundle(root / "data", bundle, config=dict(training))
+            marker.write_text(key)
+        return bundle
+
+    @staticmethod
+    def dataset_of(bundle: Path) -> Path:
+        """The dataset directory a bundle of :meth:`train` was trained on."""
+        return bundle.parent / "data"
+
+
+def _is_bundle_of(bundle: Path, fingerprint: str) -> bool:
+    """Whether ``bundle`` is a valid bundle trained on the dataset with ``fingerprint``."""
+    if not (bundle / "manifest.json").is_file():
+        return False
+    try:
+        manifest = verify_bundle(bundle)
+    except BundleError:
+        return False
+    return bool(manifest.get("dataset_fingerprint") == fingerprint)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def training_key(training: Mapping[str, Any]) -> str:
+    """A stable key of a training config: arms with equal configs share one base bundle."""
+    return json.dumps(training, sort_keys=True, default=str)
+
+
+class ArmRunner:
+    """One arm at run time: a real ``RecommenderService`` and the arm's update policy.
+
+    ``recommend`` calls the service's pipeline in batches; ``record`` sends feedback down the
+    service path (online kinds: ``record_feedback``, i.e. durable append + online state update;
+    frozen: the append only); ``wants_retrain`` applies the kind's policy at the end of a day and
+    ``retrain`` trains a new bundle and hot-reloads it through ``RecommenderService.reload``,
+    exactly as ``POST /admin/reload`` does (the state is rebuilt from the feedback log).
+    """
+
+    def __init__(
+        self,
+        config: ArmConfig,
+        service: RecommenderService,
+        training: Mapping[str, Any],
+        trainer: BundleTrainer,
+        pre_period: pl.DataFrame | None = None,
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.training = dict(training)
+        self.trainer = trainer
+        # The pre-period's clicks: with the log's clicks after them, what a retrain learns from.
+        self.pre_period = pre_period if pre_period is not None else empty_interactions()
+        times = self.pre_period[TIMESTAMP].to_numpy()
+        self._pre_period_end = int(times.max()) if times.size else -1
+        self.retrains: list[dict[str, Any]] = []
+        self._last_retrain_day = -1
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def recommend(
+        self, user_ids: Sequence[str], now: npt.NDArray[np.int64], k: int, batch_size: int
+    ) -> tuple[list[Recommendation], list[float]]:
+        """Recommendations for ``user_ids`` at times ``now`` (n,), and each batch's wall ms."""
+        out: list[Recommendation] = []
+        batch_ms: list[float] = []
+        pipeline = self.service.pipeline  # one pipeline per call, as a request would see it
+        for lo in range(0, len(user_ids), batch_size):
+            requests = [
+                RecommendRequest(user_id=u, k=k, now=int(t))
+                for u, t in zip(
+                    user_ids[lo : lo + batch_size], now[lo : lo + batch_size], strict=True
+                )
+            ]
+            start = time.perf_counter()
+            out.extend(pipeline.recommend(requests))
+            batch_ms.append((time.perf_counter() - start) * 1000)
+        return out, batch_ms
+
+    def record(self, events: list[FeedbackEvent]) -> None:
+        """Feedback through the service path (frozen arms: logged, never observed)."""
+        limit = self.service.feedback.config.max_events_per_append
+        for lo in range(0, len(events), limit):
+            chunk = events[lo : lo + limit]
+            if self.config.updates_online:
+                self.service.record_feedback(chunk)
+            else:
+                self.service.feedback.append(chunk)
+
+    def wants_retrain(self, day: int, monitor_alert: bool) -> str | None:
+        """The reason to retrain at the end of ``day`` (0-based), or ``None``."""
+        kind = self.config.kind
+        if kind == "retrain_every" and (day + 1) % self.config.every_days == 0:
+            return "schedule"
+        cooled = day - self._last_retrain_day >= self.config.cooldown_days
+        if kind == "drift_retrain" and monitor_alert and cooled:
+            return f"{self.config.monitor} alert"
+        return None
+
+    def retrain(self, day: int, now: int, reason: str) -> float:
+        """Train on the pre-period + this arm's logged clicks, then hot-reload; returns seconds."""
+        start = time.perf_counter()
+        logged = self.service.feedback.to_frame().filter(
+            (pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > self._pre_period_end)
+        )
+        clicks = pl.concat([self.pre_period, logged])
+        bundle = self.trainer.train(f"{self.name}-day{day:03d}", clicks, self.training, now)
+        self.service.reload(bundle)
+        seconds = time.perf_counter() - start
+        self._last_retrain_day = day
+        self.retrains.append({"arm": self.name, "day": day, "reason": reason, "seconds": seconds})
+        return seconds
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def open_feedback_log(path: Path, clock: SimulationClock) -> FeedbackLog:
+    """A fresh feedback log for an arm: SQLite WAL with ``synchronous=NORMAL`` (a simulation does
+    not need power-loss durability, and NORMAL is several times faster per commit).
+
+    A log left by an earlier run in the same place is deleted first: its event ids would make
+    this run's events look like duplicates, and duplicates never reach the online state.
+    """
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    return FeedbackLog(FeedbackLogConfig(path=path, synchronous="NORMAL"), clock=clock)
+
+
+def seed_feedback_log(log: FeedbackLog, clicks: pl.DataFrame, prefix: str = "pre") -> int:
+    """Append ``clicks`` (canonical frame) as click events; returns the count.
+
+    The simulator seeds each arm's log with the pre-period clicks that came after the bundle's
+    training data (the dataset's test window): a service that had been running since its bundle
+    was trained would have logged exactly these.
+    """
+    weight = log.config.type_weights["click"]
+    users = clicks[USER_ID].to_list()
+    items = clicks[ITEM_ID].to_list()
+    times = clicks[TIMESTAMP].to_list()
+    limit = log.config.max_events_per_append
+    for lo in range(0, len(users), limit):
+        hi = min(lo + limit, len(users))
+        log.append(
+            FeedbackEvent(f"{prefix}-{i}", users[i], items[i], "click", times[i], weight)
+            for i in range(lo, hi)
+        )
+    return len(users)
+
+
+def start_arm(
+    arm: ArmConfig,
+    bundle: Path,
+    training: Mapping[str, Any],
+    log: FeedbackLog,
+    trainer: BundleTrainer,
+    history: Path,
+    pre_period: pl.DataFrame,
+) -> ArmRunner:
+    """A running arm: a ``RecommenderService`` over ``bundle`` and the arm's seeded ``log``.
+
+    ``history``: the pre-period dataset whose train + valid splits seed the users' state (the
+    service's ``history``); the log then holds every later event exactly once. Seeding from the
+    bundle's own snapshot instead would count the events of a retrained bundle twice, once from
+    its snapshot and once from the log it was trained on.
+    """
+    service = RecommenderService(bundle, log, history=history, budgets=SIMULATION_BUDGETS)
+    return ArmRunner(arm, service, training, trainer, pre_period)

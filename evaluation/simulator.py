@@ -1,0 +1,891 @@
+"""The A/B simulator: simulated users meet the real serving stack in a world whose truth is known.
+
+One run, day by day over ``n_days`` after a ``pre_period_days`` history:
+
+1. **History.** The synthetic world (``data.synthetic``) is sampled over pre-period + experiment
+   and its logging policy generates the pre-period's clicks. Each arm's bundle is trained on them
+   (``serving.artifacts.train_bundle``); every user's state starts from all of them.
+2. **Arrivals.** In each of ``ticks_per_day`` micro-batches, every user arrives with probability
+   ``1 - exp(-lambda)``, ``lambda`` from the world's session rates (activity, covariate drift)
+   and the hour-of-day profile. Arrivals are exogenous: the same users arrive whatever the arm.
+3. **Slates.** Every arm serves *every* arriving user (twin copies of the population, one per
+   arm) through its own :class:`RecommenderService` pipeline, in batches.
+4. **Choices.** The world's multinomial logit gives each slot's click probability at the
+   session's time (so concept drift bites on the drift day), with position bias and a no-click
+   option. **Fatigue**: every earlier impression of the same item among the user's last
+   ``fatigue_memory`` impressions (in that arm) lowers its utility by ``fatigue_per_repeat``,
+   and an item the user already clicked (among their last ``consumed_memory`` clicks, the
+   pre-period's included) by ``consumed_penalty``; in the logit a utility penalty multiplies the
+   slot's weight by ``exp(-penalty)`` before renormalising.
+   One uniform per session, shared by all arms (common random numbers), picks the click.
+5. **Feedback.** Clicks go down the service path: ``record_feedback`` (durable append + online
+   state update) for online kinds, the append alone for the frozen arm. Retrain arms retrain at
+   the end of a day and hot-reload through ``RecommenderService.reload``.
+6. **Monitors.** PSI/KS monitors per arm and day on a feature (pre-period popularity of the
+   clicked items) and on the prediction scores of the served items.
+
+New items: the world keeps releasing items during the experiment (a wave of new items). A bundle
+knows the catalogue of its training time, so an arm serves the new items only after a retrain
+(the service has no live catalogue extension; ``RetrievalStage.add_items`` is not wired to it).
+
+The A/B test is then read off the twins: a user assigned to arm ``a`` (salted hash) is observed in
+``a``'s copy. Because every user also lives in every other arm's copy, the *true* effect on the
+experiment's population is known: the difference of expected clicks (click probabilities, no
+sampling noise) between the copies. Each copy models an arm deployed to everyone: per-user state
+never crosses users, but a retrain learns from the whole copy's log, not from half of the traffic
+(no interference between arms through shared training data, so SUTVA holds by construction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+from tqdm.auto import tqdm
+
+from data.dataset import load_dataset
+from data.errors import DataError
+from data.synthetic import World, interactions_frame, items_frame, simulate_log, users_frame
+from data.synthetic.config import HOURS_PER_DAY, SECONDS_PER_DAY
+from evaluation.ab_stats import minimum_detectable_effect, required_sample_size
+from evaluation.drift import DriftMonitor, WindowDrift
+from evaluation.experiment import (
+    ArmRunner,
+    BehaviourConfig,
+    BundleTrainer,
+    ExperimentConfig,
+    MonitorConfig,
+    SimulationClock,
+    open_feedback_log,
+    seed_feedback_log,
+    start_arm,
+    training_key,
+)
+from retrieval.two_tower.source import TwoTowerSource
+from serving.feedback_log import FeedbackEvent
+from serving.pipeline import Pipeline, Recommendation
+
+__all__ = [
+    "History",
+    "SimulationResult",
+    "apply_fatigue",
+    "build_history",
+    "draw_choices",
+    "plan_power",
+    "repeat_counts",
+    "simulate",
+    "slate_diversity",
+    "slate_matrix",
+]
+
+# Independent random streams of the simulation (SeedSequence spawn keys), so adding draws to one
+# never changes another: who arrives, when in the tick, which option is chosen, monitor samples.
+STREAM_ARRIVALS, STREAM_TIMES, STREAM_CHOICES, STREAM_MONITOR = 0, 1, 2, 3
+MONITORS = ("clicked_popularity", "score")
+
+
+# ------------------------------------------------------------------------------ the choice model
+
+
+def apply_fatigue(
+    probabilities: npt.NDArray[np.floating], penalties: npt.NDArray[np.floating]
+) -> npt.NDArray[np.float64]:
+    """Click distribution after fatigue: (n, S + 1) float64, rows sum to 1, no-click last.
+
+    ``probabilities``: (n, S + 1) multinomial-logit choice probabilities (no-click last);
+    ``penalties``: (n, S) utility penalties (>= 0) of the slots. Lowering a slot's utility by
+    ``c`` multiplies its logit weight by ``exp(-c)``; the no-click weight is untouched, so
+    fatigue moves probability to the other slots and to "no click".
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    n_slots = p.shape[1] - 1
+    if np.shape(penalties) != (p.shape[0], n_slots):
+        raise DataError(
+            f"penalties has shape {np.shape(penalties)}, expected {(p.shape[0], n_slots)}"
+        )
+    weights = p.copy()
+    weights[:, :n_slots] *= np.exp(-np.asarray(penalties, dtype=np.float64))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def draw_choices(
+    probabilities: npt.NDArray[np.floating], uniforms: npt.NDArray[np.floating]
+) -> npt.NDArray[np.int64]:
+    """Chosen slot per row by inverse CDF: (n,) int64, -1 for the last column (no click).
+
+    ``uniforms``: (n,) in [0, 1). The same uniform in two arms picks the same quantile of each
+    arm's distribution (common random numbers: identical arms give identical outcomes).
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    cumulative = np.cumsum(p, axis=1)
+    threshold = np.asarray(uniforms, dtype=np.float64)[:, None] * cumulative[:, -1:]
+    # First column whose cumulative weight exceeds the draw; "<=" skips zero-probability slots.
+    choice = (cumulative <= threshold).sum(axis=1)
+    n_slots = p.shape[1] - 1
+    return np.where(choice >= n_slots, -1, choice).astype(np.int64)
+
+
+def repeat_counts(
+    memory: npt.NDArray[np.int32], slates: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """(n, S) earlier impressions of each slate item in ``memory`` (n, M), -1 = empty slot.
+
+    Padding slots of the slate (-1) count 0.
+    """
+    hits = (slates[:, :, None] == memory[:, None, :]).sum(axis=2)
+    return np.where(slates >= 0, hits, 0)
+
+
+def slate_diversity(
+    slates: npt.NDArray[np.int64], item_category: npt.NDArray[np.integer]
+) -> npt.NDArray[np.float64]:
+    """Distinct categories per shown item of each slate: (n,) in (0, 1], 0 for an empty slate."""
+    categories = np.where(slates >= 0, item_category[np.maximum(slates, 0)], -1)
+    ordered = np.sort(categories, axis=1)
+    # Pads (-1) sort first; count the first valid value and every change after it.
+    changes = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    distinct = changes.sum(axis=1) + (ordered[:, 0] >= 0)
+    shown = (slates >= 0).sum(axis=1)
+    return np.divide(distinct, shown, out=np.zeros(len(slates)), where=shown > 0)
+
+
+# -------------------------------------------------------------------------------------- history
+
+
+@dataclass(frozen=True, eq=False)
+class History:
+    """The world and its pre-period, everything the arms start from.
+
+    world: the ground truth over pre-period + experiment (``world.config.n_days`` covers both;
+        items released during the experiment are the new-item wave).
+    clicks: the pre-period's clicks (canonical interaction frame, time-sorted).
+    items: every item (``item_id``, ``categories``, ``created_at``); users: every user.
+    start: Unix seconds of experiment day 0 (the end of the pre-period).
+    pre_user_clicks: (n_users,) pre-period clicks per user (the CUPED covariate).
+    pre_item_clicks: (n_items,) pre-period clicks per item (popularity feature, long-tail head).
+    click_rate: pre-period clicks per slate under the logging policy (the planning baseline).
+    log_user, log_item: (n_clicks,) int32 user and item index of each pre-period click, in
+        time order.
+    """
+
+    world: World
+    clicks: pl.DataFrame
+    items: pl.DataFrame
+    users: pl.DataFrame
+    start: int
+    pre_user_clicks: npt.NDArray[np.float64]
+    pre_item_clicks: npt.NDArray[np.float64]
+    click_rate: float
+    log_user: npt.NDArray[np.int32]
+    log_item: npt.NDArray[np.int32]
+
+    def catalog_at(self, now: int) -> pl.DataFrame:
+        """Items released by ``now``: what a serving catalogue may hold at that time."""
+        return self.items.filter(pl.col("created_at") <= now)
+
+
+def build_history(config: ExperimentConfig, *, workers: int | None = None) -> History:
+    """Sample the world and generate the pre-period log (deterministic in the world seed)."""
+    world = World.sample(config.world_config())
+    # The same arrays with a log that ends where the experiment begins: the generator simulates
+    # only the pre-period, while release times and drift keep their full-horizon schedule.
+    pre_config = dataclasses.replace(world.config, n_days=config.pre_period_days)
+    log = simulate_log(dataclasses.replace(world, config=pre_config), workers=workers)
+    return History(
+        world=world,
+        clicks=interactions_frame(log),
+        items=items_frame(world),
+        users=users_frame(world),
+        start=pre_config.end,
+        pre_user_clicks=np.bincount(log.user, minlength=world.n_users).astype(np.float64),
+        pre_item_clicks=np.bincount(log.item, minlength=world.n_items).astype(np.float64),
+        click_rate=log.user.size / max(log.n_slates, 1),
+        log_user=log.user,
+        log_item=log.item,
+    )
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, eq=False)
+class SimulationResult:
+    """Per-user outcomes of every arm's copy of the population, and what happened on the way.
+
+    Shapes: A arms (config order), U users (world order, ids ``user_ids``), D days.
+
+    sessions: (U, D) int32 sessions (slates) per user and day, the same in every copy.
+    clicks: (A, U, D) float32 sampled clicks. expected_clicks: (A, U, D) float32 summed click
+        probabilities (the truth, without sampling noise).
+    latency_ms: (A, U) summed amortised pipeline time of the user's sessions (batch wall time /
+        batch size). diversity: (A, U) summed distinct-categories-per-item of the user's slates.
+    long_tail: (A, U) summed share of slate items outside the pre-period head.
+    pre_user_clicks: (U,) pre-period clicks (CUPED covariate).
+    daily: one row per arm and day (sessions, clicks, expected clicks, degraded responses,
+        distinct items shown, batch latency). monitors: one row per arm, monitor and checked day.
+    retrains: one row per retrain (arm, day, reason, seconds).
+    planning: the power analysis made before the run. timings: wall seconds per phase.
+    """
+
+    config: ExperimentConfig
+    user_ids: list[str]
+    sessions: npt.NDArray[np.int32]
+    clicks: npt.NDArray[np.float32]
+    expected_clicks: npt.NDArray[np.float32]
+    latency_ms: npt.NDArray[np.float64]
+    diversity: npt.NDArray[np.float64]
+    long_tail: npt.NDArray[np.float64]
+    pre_user_clicks: npt.NDArray[np.float64]
+    daily: pl.DataFrame
+    monitors: pl.DataFrame
+    retrains: pl.DataFrame
+    planning: dict[str, Any]
+    timings: dict[str, float]
+    catalog_coverage: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return self.config.arm_names
+
+    @property
+    def n_days(self) -> int:
+        return int(self.sessions.shape[1])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the result (arrays as ``.npz``, frames as parquet, the rest as JSON; no pickle),
+        so that the analysis can be rerun without simulating again."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            out / _RESULT_ARRAYS,
+            **{name: getattr(self, name) for name in _ARRAY_FIELDS},
+        )
+        for name in _FRAME_FIELDS:
+            getattr(self, name).write_parquet(out / f"{name}.parquet")
+        meta = {
+            "config": self.config.to_dict(),
+            "user_ids": self.user_ids,
+            "planning": self.planning,
+            "timings": self.timings,
+            "catalog_coverage": self.catalog_coverage,
+        }
+        (out / _RESULT_META).write_text(json.dumps(meta, sort_keys=True, default=float) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SimulationResult:
+        """Read a result written by :meth:`save` (``DataError`` if it is not one)."""
+        path = Path(directory)
+        if not (path / _RESULT_META).is_file():
+            raise DataError(f"{path} holds no simulation result ({_RESULT_META} is missing)")
+        meta = json.loads((path / _RESULT_META).read_text())
+        with np.load(path / _RESULT_ARRAYS, allow_pickle=False) as arrays:
+            values: dict[str, Any] = {name: arrays[name] for name in _ARRAY_FIELDS}
+        values |= {name: pl.read_parquet(path / f"{name}.parquet") for name in _FRAME_FIELDS}
+        return cls(
+            config=ExperimentConfig.from_mapping(meta["config"]),
+            user_ids=list(meta["user_ids"]),
+            planning=meta["planning"],
+            timings=meta["timings"],
+            catalog_coverage=meta["catalog_coverage"],
+            **values,
+        )
+
+
+_RESULT_META = "simulation.json"
+_RESULT_ARRAYS = "arrays.npz"
+_ARRAY_FIELDS = (
+    "sessions",
+    "clicks",
+    "expected_clicks",
+    "latency_ms",
+    "diversity",
+    "long_tail",
+    "pre_user_clicks",
+)
+_FRAME_FIELDS = ("daily", "monitors", "retrains")
+
+
+# ---------------------------------------------------------------------------------- simulation
+
+
+class _MonitorTrack:
+    """One monitored quantity of one arm: reference days, then one PSI/KS check per day."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._today: list[npt.NDArray[np.float64]] = []
+        self._reference: list[npt.NDArray[np.float64]] = []
+        self._reference_days = 0
+        self._monitor: DriftMonitor | None = None
+
+    def add(self, values: npt.NDArray[np.floating]) -> None:
+        if values.size:
+            self._today.append(np.asarray(values, dtype=np.float64))
+
+    def close_day(self, day: int) -> WindowDrift | None:
+        """Check the day's sample against the reference, or add it to the reference.
+
+        The window's ``time`` is the day's end, ``day + 1`` (the moment its data are complete).
+        """
+        sample = np.concatenate(self._today) if self._today else np.empty(0)
+        self._today = []
+        if self._monitor is None:
+            self._reference.append(sample)
+            self._reference_days += 1
+            reference = np.concatenate(self._reference)
+            if self._reference_days >= self.config.reference_days and reference.size:
+                self._monitor = DriftMonitor(self.config.drift).fit(reference)
+            return None
+        if sample.size == 0:
+            return None
+        return self._monitor.check(sample, time=float(day + 1))
+
+    def reset(self) -> None:
+        """A new model: the next ``reference_days`` become the new reference."""
+        self._reference, self._reference_days, self._monitor = [], 0, None
+
+
+@dataclass
+class _Rings:
+    """A fixed-size ring of recent item indices per user: (U, M) items (-1 = empty) + pointers."""
+
+    items: npt.NDArray[np.int32]
+    pointer: npt.NDArray[np.int64]
+
+    @classmethod
+    def empty(cls, n_users: int, size: int) -> _Rings:
+        return cls(np.full((n_users, size), -1, dtype=np.int32), np.zeros(n_users, dtype=np.int64))
+
+    def write(self, users: npt.NDArray[np.int64], items: npt.NDArray[np.int64]) -> None:
+        """Append ``items`` (n, m) to the rings of distinct ``users`` (n,)."""
+        size = self.items.shape[1]
+        columns = (self.pointer[users, None] + np.arange(items.shape[1])) % size
+        self.items[users[:, None], columns] = items
+        self.pointer[users] = (self.pointer[users] + items.shape[1]) % size
+
+    def fill(self, users: npt.NDArray[np.integer], items: npt.NDArray[np.integer]) -> None:
+        """Start from a time-ordered event log: each user's latest events (vectorised)."""
+        order = np.argsort(users, kind="stable")  # by user, time order kept within a user
+        users, items = users[order].astype(np.int64), items[order]
+        starts = np.searchsorted(users, users, side="left")
+        counts = np.bincount(users, minlength=self.items.shape[0])
+        from_end = counts[users] - 1 - (np.arange(users.size) - starts)
+        size = self.items.shape[1]
+        keep = from_end < size
+        column = (np.minimum(counts[users], size) - 1 - from_end)[keep]
+        self.items[users[keep], column] = items[keep]
+        self.pointer[:] = np.minimum(counts, size) % size
+
+
+@dataclass
+class _Universe:
+    """One arm's copy of the population: the running arm and its users' fatigue memory."""
+
+    runner: ArmRunner
+    memory: _Rings  # each user's latest impressions
+    consumed: _Rings  # each user's latest clicks
+    shown: npt.NDArray[np.bool_]  # (n_items,) items shown since the start
+    tracks: dict[str, _MonitorTrack]
+    # Today's serving counters, cleared by the daily row.
+    degraded_today: int = 0
+    batch_ms: list[float] = field(default_factory=list)
+    shown_today: set[int] = field(default_factory=set)
+
+
+def simulate(
+    config: ExperimentConfig, workdir: str | Path, *, progress: bool = False
+) -> SimulationResult:
+    """Run the experiment of ``config``; bundles, datasets and feedback logs go to ``workdir``.
+
+    Deterministic in ``config.seed`` and the world seed, up to the floating-point
+    non-determinism of the models' training.
+    """
+    root = Path(workdir)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    history = build_history(config)
+    timings["history_seconds"] = time.perf_counter() - started
+    tick_share = _tick_shares(history.world, config.behaviour.ticks_per_day)
+    planning = plan_power(config, history, tick_share)
+
+    clock = SimulationClock(history.start)
+    trainer = BundleTrainer(root, history.catalog_at, history.users)
+    started = time.perf_counter()
+    universes = _start_universes(config, history, trainer, clock, root)
+    timings["training_seconds"] = time.perf_counter() - started
+
+    run = _Run(config, history, universes, clock, tick_share)
+    started = time.perf_counter()
+    try:
+        for day in tqdm(range(config.n_days), desc="simulate-ab", unit="day", disable=not progress):
+            for tick in range(config.behaviour.ticks_per_day):
+                run.tick(day, tick)
+            run.close_day(day)
+    finally:
+        for universe in universes:
+            universe.runner.close()
+    timings["simulation_seconds"] = time.perf_counter() - started
+    return run.result(planning, timings)
+
+
+class _Run:
+    """The state of one simulation between ticks: the arms' copies and everything recorded."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        history: History,
+        universes: list[_Universe],
+        clock: SimulationClock,
+        tick_share: npt.NDArray[np.float64],
+    ) -> None:
+        self.config = config
+        self.history = history
+        self.world = history.world
+        self.universes = universes
+        self.clock = clock
+        self.tick_share = tick_share
+        self.tick_seconds = SECONDS_PER_DAY // config.behaviour.ticks_per_day
+        n_arms, n_users, n_days = len(universes), self.world.n_users, config.n_days
+        self.user_ids = [f"u{i}" for i in range(n_users)]
+        self.sessions = np.zeros((n_users, n_days), dtype=np.int32)
+        self.clicks = np.zeros((n_arms, n_users, n_days), dtype=np.float32)
+        self.expected = np.zeros((n_arms, n_users, n_days), dtype=np.float32)
+        self.latency = np.zeros((n_arms, n_users))
+        self.diversity = np.zeros((n_arms, n_users))
+        self.long_tail = np.zeros((n_arms, n_users))
+        self.head = _head_items(history.pre_item_clicks, config.analysis.head_share)
+        self.popularity_feature = np.log1p(history.pre_item_clicks)
+        self.daily_rows: list[dict[str, Any]] = []
+        self.monitor_rows: list[dict[str, Any]] = []
+
+    def tick(self, day: int, tick: int) -> None:
+        """Arrivals of one tick, served and answered in every arm's copy."""
+        config, behaviour = self.config, self.config.behaviour
+        tick_start = self.history.start + day * SECONDS_PER_DAY + tick * self.tick_seconds
+        rates = self.world.session_rates(tick_start + self.tick_seconds // 2)
+        lam = behaviour.sessions_per_user_day * self.tick_share[tick] * rates
+        arrivals = _rng(config.seed, STREAM_ARRIVALS, day, tick).random(rates.size)
+        users = np.flatnonzero(arrivals < -np.expm1(-lam))  # at most one session per tick
+        if users.size == 0:
+            return
+        offsets = _rng(config.seed, STREAM_TIMES, day, tick).integers(
+            0, self.tick_seconds, users.size
+        )
+        times = tick_start + offsets
+        uniforms = _rng(config.seed, STREAM_CHOICES, day, tick).random(users.size)
+        sample = _rng(config.seed, STREAM_MONITOR, day, tick).permutation(users.size)[
+            : config.monitors.score_sample_per_tick
+        ]
+        self.sessions[users, day] += 1
+        # Feedback of this tick is delivered at its end: the logs' clock says so.
+        self.clock.now = tick_start + self.tick_seconds
+        ids = [self.user_ids[u] for u in users]
+        for a, universe in enumerate(self.universes):
+            outcome = _serve(universe, self.world, ids, users, times, uniforms, behaviour)
+            self._record(a, users, day, outcome)
+            universe.tracks["score"].add(
+                _prediction_scores(universe.runner.service.pipeline, ids, times, outcome, sample)
+            )
+            universe.runner.record(_click_events(universe, ids, times, outcome, day, tick))
+
+    def _record(self, arm: int, users: npt.NDArray[np.int64], day: int, outcome: _Outcome) -> None:
+        clicked = outcome.clicked >= 0
+        self.clicks[arm, users, day] += clicked
+        self.expected[arm, users, day] += outcome.expected
+        self.latency[arm, users] += outcome.latency_ms
+        self.diversity[arm, users] += slate_diversity(outcome.slates, self.world.item_category)
+        self.long_tail[arm, users] += _tail_share(outcome.slates, self.head)
+        chosen = outcome.slates[clicked, outcome.clicked[clicked]]
+        self.universes[arm].tracks["clicked_popularity"].add(self.popularity_feature[chosen])
+
+    def close_day(self, day: int) -> None:
+        """Daily rows, monitor checks, and the retrains the arms' policies ask for."""
+        end_of_day = self.history.start + (day + 1) * SECONDS_PER_DAY
+        self.clock.now = end_of_day
+        for a, universe in enumerate(self.universes):
+            self.daily_rows.append(
+                _daily_row(universe, day, self.sessions, self.clicks[a], self.expected[a])
+            )
+            alerts = {}
+            for name, track in universe.tracks.items():
+                check = track.close_day(day)
+                alerts[name] = check is not None and check.alert
+                if check is not None:
+                    self.monitor_rows.append(
+                        {"arm": universe.runner.name, "monitor": name, "day": day}
+                        | _window_row(check)
+                    )
+            runner = universe.runner
+            reason = runner.wants_retrain(day, alerts[runner.config.monitor])
+            if reason is not None and day + 1 < self.config.n_days:  # no retrain after the end
+                runner.retrain(day, end_of_day, reason)
+                for track in universe.tracks.values():
+                    track.reset()
+
+    def result(self, planning: dict[str, Any], timings: dict[str, float]) -> SimulationResult:
+        retrains = [row for u in self.universes for row in u.runner.retrains]
+        n_sessions = int(self.sessions.sum())
+        loop = timings["simulation_seconds"]
+        timings |= {
+            "retrain_seconds": float(sum(row["seconds"] for row in retrains)),
+            "sessions": float(n_sessions),
+            "sessions_per_second": n_sessions / loop if loop > 0 else math.nan,
+            "arm_sessions_per_second": len(self.universes) * n_sessions / loop
+            if loop > 0
+            else math.nan,
+        }
+        end = self.history.start + self.config.n_days * SECONDS_PER_DAY
+        released = int((self.world.item_release < end).sum())
+        return SimulationResult(
+            config=self.config,
+            user_ids=self.user_ids,
+            sessions=self.sessions,
+            clicks=self.clicks,
+            expected_clicks=self.expected,
+            latency_ms=self.latency,
+            diversity=self.diversity,
+            long_tail=self.long_tail,
+            pre_user_clicks=self.history.pre_user_clicks,
+            daily=pl.DataFrame(self.daily_rows),
+            monitors=_monitor_frame(self.monitor_rows),
+            retrains=pl.DataFrame(
+                retrains,
+                schema={
+                    "arm": pl.String,
+                    "day": pl.Int64,
+                    "reason": pl.String,
+                    "seconds": pl.Float64,
+                },
+            ),
+            planning=planning,
+            timings=timings,
+            catalog_coverage={
+                u.runner.name: float(u.shown.sum() / released) for u in self.universes
+            },
+        )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One arm's answer to one tick: (n, S) world item slates, clicked slot (-1 none), expected
+    clicks (n,), amortised latency (n,) ms, and how many responses were degraded."""
+
+    slates: npt.NDArray[np.int64]
+    clicked: npt.NDArray[np.int64]
+    expected: npt.NDArray[np.float64]
+    latency_ms: npt.NDArray[np.float64]
+    recommendations: list[Recommendation]
+
+
+def _serve(
+    universe: _Universe,
+    world: World,
+    ids: list[str],
+    users: npt.NDArray[np.int64],
+    times: npt.NDArray[np.int64],
+    uniforms: npt.NDArray[np.float64],
+    behaviour: BehaviourConfig,
+) -> _Outcome:
+    """Serve one tick's sessions in one arm's copy and draw the users' choices."""
+    k = behaviour.slate_size
+    recs, batch_ms = universe.runner.recommend(ids, times, k, behaviour.batch_size)
+    slates = slate_matrix(recs, k)
+    probabilities = world.click_probabilities(users, slates, times)
+    penalties = behaviour.fatigue_per_repeat * repeat_counts(universe.memory.items[users], slates)
+    consumed = repeat_counts(universe.consumed.items[users], slates) > 0
+    penalties = penalties + behaviour.consumed_penalty * consumed
+    probabilities = apply_fatigue(probabilities, penalties)
+    clicked = draw_choices(probabilities, uniforms)
+    universe.memory.write(users, slates)
+    hit = np.flatnonzero(clicked >= 0)
+    universe.consumed.write(users[hit], slates[hit, clicked[hit]][:, None])
+    sizes = np.diff(np.append(np.arange(0, len(ids), behaviour.batch_size), len(ids)))
+    latency = np.repeat(np.asarray(batch_ms) / sizes, sizes)
+    universe.batch_ms.extend(batch_ms)
+    universe.degraded_today += sum(1 for r in recs if r.degraded)
+    valid = slates[slates >= 0]
+    universe.shown[valid] = True
+    universe.shown_today.update(np.unique(valid).tolist())
+    return _Outcome(slates, clicked, 1.0 - probabilities[:, -1], latency, recs)
+
+
+def slate_matrix(recommendations: list[Recommendation], k: int) -> npt.NDArray[np.int64]:
+    """(n, k) world item indices of the recommended ids (``"i<idx>"``); -1 pads short slates."""
+    lengths = np.array([len(r.item_ids) for r in recommendations], dtype=np.int64)
+    slates = np.full((len(recommendations), k), -1, dtype=np.int64)
+    if lengths.sum() == 0:
+        return slates
+    flat = pl.Series([i for r in recommendations for i in r.item_ids], dtype=pl.String)
+    index = flat.str.strip_prefix("i").cast(pl.Int64, strict=False)
+    if index.null_count() or not flat.str.starts_with("i").all():
+        bad = flat.filter(index.is_null() | ~flat.str.starts_with("i"))[0]
+        raise DataError(f"recommended item id {bad!r} is not a synthetic-world id ('i<index>')")
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    columns = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    slates[rows, columns] = index.to_numpy()
+    return slates
+
+
+def _click_events(
+    universe: _Universe,
+    ids: list[str],
+    times: npt.NDArray[np.int64],
+    outcome: _Outcome,
+    day: int,
+    tick: int,
+) -> list[FeedbackEvent]:
+    """One click event per clicked session, ids unique within the arm's log."""
+    rows = np.flatnonzero(outcome.clicked >= 0)
+    weight = universe.runner.service.feedback.config.type_weights["click"]
+    return [
+        FeedbackEvent(
+            f"{day}-{tick}-{row}",
+            ids[row],
+            outcome.recommendations[row].item_ids[outcome.clicked[row]],
+            "click",
+            int(times[row]),
+            weight,
+        )
+        for row in rows.tolist()
+    ]
+
+
+def _prediction_scores(
+    pipeline: Pipeline,
+    ids: list[str],
+    times: npt.NDArray[np.int64],
+    outcome: _Outcome,
+    sample: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """The model's score of the top item shown to the sampled sessions (the prediction monitor).
+
+    With a ranker in the pipeline, its score; without one (retrieval order), the two-tower
+    model's score of that item for the user's current state. Empty when neither exists.
+    """
+    rows = [int(r) for r in sample if outcome.recommendations[r].item_ids]
+    if not rows:
+        return np.empty(0)
+    if pipeline.ranker is not None:
+        return np.array([outcome.recommendations[r].scores[0] for r in rows], dtype=np.float64)
+    tower = pipeline.artifacts.retrieval.sources_.get("two_tower")
+    if not isinstance(tower, TwoTowerSource):
+        return np.empty(0)
+    top = [outcome.recommendations[r].item_ids[0] for r in rows]
+    items = pipeline.artifacts.items.index(pl.Series(top, dtype=pl.String), allow_unknown=True)
+    users = pipeline.state.batch([ids[r] for r in rows], times[rows])
+    scores = tower.score(users, items[:, None].astype(np.int64))[:, 0].astype(np.float64)
+    return scores[np.isfinite(scores)]
+
+
+def _daily_row(
+    universe: _Universe,
+    day: int,
+    sessions: npt.NDArray[np.int32],
+    clicks: npt.NDArray[np.float32],
+    expected: npt.NDArray[np.float32],
+) -> dict[str, Any]:
+    batch = np.asarray(universe.batch_ms) if universe.batch_ms else np.full(1, np.nan)
+    n_sessions = int(sessions[:, day].sum())
+    row = {
+        "arm": universe.runner.name,
+        "day": day,
+        "sessions": n_sessions,
+        "clicks": float(clicks[:, day].sum()),
+        "expected_clicks": float(expected[:, day].sum()),
+        "degraded": universe.degraded_today,
+        "distinct_items": len(universe.shown_today),
+        "batch_ms_p50": float(np.percentile(batch, 50)),
+        "batch_ms_p99": float(np.percentile(batch, 99)),
+        "ms_per_session": float(batch.sum() / n_sessions) if n_sessions else float("nan"),
+    }
+    universe.degraded_today = 0
+    universe.batch_ms.clear()
+    universe.shown_today.clear()
+    return row
+
+
+def _window_row(check: WindowDrift) -> dict[str, Any]:
+    return {
+        "time": check.time,
+        "n": check.n,
+        "psi": check.psi,
+        "ks_statistic": check.ks_statistic,
+        "ks_p_value": check.ks_p_value,
+        "alert": check.alert,
+    }
+
+
+def _monitor_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    schema = {
+        "arm": pl.String,
+        "monitor": pl.String,
+        "day": pl.Int64,
+        "time": pl.Float64,
+        "n": pl.Int64,
+        "psi": pl.Float64,
+        "ks_statistic": pl.Float64,
+        "ks_p_value": pl.Float64,
+        "alert": pl.Boolean,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+# -------------------------------------------------------------------------------------- set-up
+
+
+def _start_universes(
+    config: ExperimentConfig,
+    history: History,
+    trainer: BundleTrainer,
+    clock: SimulationClock,
+    root: Path,
+) -> list[_Universe]:
+    """Train one base bundle per distinct training config, then start every arm's service.
+
+    Every arm's service starts from the same state: the pre-period dataset's train + valid
+    splits (the service's ``history``) plus its feedback log, seeded with the rest of the
+    pre-period (the test window, logged after the bundles' training data ended).
+    """
+    bundles: dict[str, Path] = {}
+    universes = []
+    n_users, n_items = history.world.n_users, history.world.n_items
+    for index, arm in enumerate(config.arms):
+        training = config.arm_training(arm)
+        key = training_key(training)
+        if key not in bundles:
+            bundles[key] = trainer.train(f"base-{index}", history.clicks, training, history.start)
+        dataset = BundleTrainer.dataset_of(next(iter(bundles.values())))
+        log = open_feedback_log(root / "arms" / arm.name / "feedback.db", clock)
+        seed_feedback_log(log, load_dataset(dataset).splits["test"])
+        runner = start_arm(arm, bundles[key], training, log, trainer, dataset, history.clicks)
+        consumed = _Rings.empty(n_users, config.behaviour.consumed_memory)
+        consumed.fill(history.log_user, history.log_item)
+        universes.append(
+            _Universe(
+                runner=runner,
+                memory=_Rings.empty(n_users, config.behaviour.fatigue_memory),
+                consumed=consumed,
+                shown=np.zeros(n_items, dtype=bool),
+                tracks={name: _MonitorTrack(config.monitors) for name in MONITORS},
+            )
+        )
+    return universes
+
+
+def _tick_shares(world: World, ticks_per_day: int) -> npt.NDArray[np.float64]:
+    """(ticks_per_day,) share of a day's sessions in each tick, from the world's hour profile."""
+    profile = np.asarray(world.config.hour_profile, dtype=np.float64)
+    hours = HOURS_PER_DAY // ticks_per_day
+    shares = profile.reshape(ticks_per_day, hours).sum(axis=1)
+    return shares / shares.sum()
+
+
+def _head_items(
+    pre_item_clicks: npt.NDArray[np.float64], head_share: float
+) -> npt.NDArray[np.bool_]:
+    """(n_items,) True for the most-clicked ``head_share`` of the catalogue in the pre-period."""
+    n_head = max(1, round(head_share * pre_item_clicks.size))
+    head = np.zeros(pre_item_clicks.size, dtype=bool)
+    head[np.argsort(-pre_item_clicks, kind="stable")[:n_head]] = True
+    return head
+
+
+def _tail_share(
+    slates: npt.NDArray[np.int64], head: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float64]:
+    """(n,) share of each slate's items outside the head (0 for an empty slate)."""
+    valid = slates >= 0
+    tail = valid & ~head[np.maximum(slates, 0)]
+    shown = valid.sum(axis=1)
+    return np.divide(tail.sum(axis=1), shown, out=np.zeros(len(slates)), where=shown > 0)
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+# ---------------------------------------------------------------------------- power analysis
+
+
+def plan_power(
+    config: ExperimentConfig, history: History, tick_share: npt.NDArray[np.float64]
+) -> dict[str, Any]:
+    """The power analysis made *before* the run, from the pre-period and the arrival model.
+
+    Exposure: user ``u`` has ``Lambda_u = sum over ticks of lambda_u(t)`` expected sessions (at
+    most one per tick, so ``sum 1 - exp(-lambda)``) and is exposed with ``1 - exp(-Lambda_u)``.
+    Variance of the per-user metric under the control, assumed for planning:
+
+    - ``ctr``: ``E[p (1 - p) / s | s >= 1] + v_b``, the binomial noise of ``s`` sessions at the
+      pre-period click rate ``p`` plus the between-user variance ``v_b`` of the users' click
+      rates, estimated from the pre-period (variance of per-user click rates minus its binomial
+      part, method of moments).
+    - ``engagement``: the variance of ``Binomial(s, p_u)`` clicks with ``s`` sessions.
+
+    The pre-period rate is the logging policy's, not the arms', so this is a plan, not a promise:
+    the report puts the observed variance next to it.
+    """
+    world, behaviour, analysis = history.world, config.behaviour, config.analysis
+    tick_seconds = SECONDS_PER_DAY // behaviour.ticks_per_day
+    expected_sessions = np.zeros(world.n_users)
+    for day in range(config.n_days):
+        for tick in range(behaviour.ticks_per_day):
+            t = history.start + day * SECONDS_PER_DAY + tick * tick_seconds + tick_seconds // 2
+            lam = behaviour.sessions_per_user_day * tick_share[tick] * world.session_rates(t)
+            expected_sessions += -np.expm1(-lam)
+    p = history.click_rate
+    # Pre-period slates per user are not logged; activity shares them out (the log's sessions
+    # are Poisson in activity), which is exact in expectation.
+    activity = world.user_activity.astype(np.float64)
+    pre_slates = history.clicks.height / max(p, 1e-12) * activity / activity.sum()
+    keep = pre_slates >= 1
+    rates = history.pre_user_clicks[keep] / pre_slates[keep]
+    between = max(0.0, float(rates.var() - np.mean(p * (1 - p) / pre_slates[keep])))
+
+    draws = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(99,)))
+    sessions = draws.poisson(expected_sessions)
+    exposed = sessions[sessions > 0].astype(np.float64)
+    n_exposed = float((-np.expm1(-expected_sessions)).sum())
+    if exposed.size < 2:
+        return {"expected_exposed_users": n_exposed, "note": "too few exposed users to plan"}
+    if analysis.primary_metric == "ctr":
+        baseline = p
+        variance = float(np.mean(p * (1 - p) / exposed)) + between
+    else:
+        baseline = p * float(exposed.mean())
+        variance = float(
+            np.mean(exposed * p * (1 - p)) + p**2 * exposed.var() + between * np.mean(exposed**2)
+        )
+    weights = np.array(list(config.weights.values()))
+    shares = weights / weights.sum()
+    n_per_arm = int(n_exposed * min(shares[0], shares[1:].min()))
+    mde_abs = float(analysis.mde_relative * baseline)
+    return {
+        "metric": analysis.primary_metric,
+        "baseline": baseline,
+        "variance": variance,
+        "between_user_variance": between,
+        "expected_exposed_users": n_exposed,
+        "expected_sessions": float(expected_sessions.sum()),
+        "expected_users_per_arm": n_per_arm,
+        "mde_relative_target": analysis.mde_relative,
+        "mde_absolute_target": mde_abs,
+        "required_users_per_arm": required_sample_size(
+            mde_abs, variance, alpha=analysis.alpha, power=analysis.power
+        ),
+        "mde_absolute_at_expected_n": minimum_detectable_effect(
+            max(n_per_arm, 2), variance, alpha=analysis.alpha, power=analysis.power
+        ),
+        "alpha": analysis.alpha,
+        "power": analysis.power,
+    }
