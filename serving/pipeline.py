@@ -287,43 +287,76 @@ class Pipeline:
         timings: dict[str, float],
         explanations: list[list[dict[str, Any]]],
     ) -> list[Recommendation]:
+        """Per-request answers; the id mapping and provenance are computed once for the batch."""
+        k = np.array([r.k for r in requests])[:, None]
+        keep = (items != PAD_ITEM) & (np.arange(items.shape[1])[None, :] < k)
+        rows, columns = np.nonzero(keep)
+        chosen = items[rows, columns]
+        ids = self.artifacts.items.to_ids(chosen).to_list() if chosen.size else []
+        sources = _source_lists(merged, rows, chosen)
+        chosen_scores = scores[rows, columns].tolist()
+        bounds = np.searchsorted(rows, np.arange(len(requests) + 1)).tolist()
         out = []
-        item_map = self.artifacts.items
         for row, request in enumerate(requests):
-            chosen = items[row, : request.k]
-            valid = chosen != PAD_ITEM
-            chosen, chosen_scores = chosen[valid], scores[row, : request.k][valid]
-            # Map each final item back to its merged column to report its sources.
-            column_of = {
-                int(item): col for col, item in enumerate(merged.item_idx[row]) if item >= 0
-            }
-            sources = [
-                merged.source_names(row, column_of[int(item)]) if int(item) in column_of else []
-                for item in chosen
-            ]
-            explanation = None
-            if request.explain:
-                explanation = {
-                    "candidates": int((merged.item_idx[row] >= 0).sum()),
-                    "sources": list(merged.sources),
-                    "ranked_top": item_map.to_ids(
-                        merged.item_idx[row][order[row]][: max(request.k * 3, 10)].clip(min=0)
-                    ).to_list(),
-                    "rules": explanations[row] if row < len(explanations) else [],
-                }
+            lo, hi = bounds[row], bounds[row + 1]
             out.append(
                 Recommendation(
                     user_id=request.user_id,
-                    item_ids=item_map.to_ids(chosen).to_list() if chosen.size else [],
-                    scores=[float(s) for s in chosen_scores],
-                    sources=sources,
+                    item_ids=ids[lo:hi],
+                    scores=chosen_scores[lo:hi],
+                    sources=sources[lo:hi],
                     model_version=self.model_version,
                     degraded=list(degraded),
                     timings_ms=dict(timings),
-                    explanation=explanation,
+                    explanation=self._explanation(merged, order, explanations, row, request)
+                    if request.explain
+                    else None,
                 )
             )
         return out
+
+    def _explanation(
+        self,
+        merged: MergedCandidates,
+        order: npt.NDArray[np.intp],
+        explanations: list[list[dict[str, Any]]],
+        row: int,
+        request: RecommendRequest,
+    ) -> dict[str, Any]:
+        ranked = merged.item_idx[row][order[row]][: max(request.k * 3, 10)]
+        return {
+            "candidates": int((merged.item_idx[row] >= 0).sum()),
+            "sources": list(merged.sources),
+            "ranked_top": self.artifacts.items.to_ids(ranked[ranked >= 0]).to_list(),
+            "rules": explanations[row] if row < len(explanations) else [],
+        }
+
+
+def _source_lists(
+    merged: MergedCandidates, rows: npt.NDArray[np.intp], chosen: npt.NDArray[np.int32]
+) -> list[list[str]]:
+    """For each (row, item) pair, the names of the sources that retrieved that item for that row.
+
+    Vectorized over the batch: a sorted (row, item) key finds each item's merged column, and the
+    sources' presence bits become one small integer per candidate. An item the re-ranker brought
+    from outside the candidates (a pin, say) has no sources.
+    """
+    if chosen.size == 0:
+        return []
+    n, m = merged.item_idx.shape
+    stride = np.int64(max(int(merged.item_idx.max(initial=0)), int(chosen.max())) + 2)
+    keys = np.arange(n, dtype=np.int64)[:, None] * stride + (merged.item_idx.astype(np.int64) + 1)
+    flat_order = np.argsort(keys, axis=None, kind="stable")
+    sorted_keys = keys.reshape(-1)[flat_order]
+    wanted = rows.astype(np.int64) * stride + (chosen.astype(np.int64) + 1)
+    position = np.searchsorted(sorted_keys, wanted).clip(max=sorted_keys.size - 1)
+    found = sorted_keys[position] == wanted
+    bits = (merged.present.reshape(n * m, -1) << np.arange(len(merged.sources))).sum(axis=1)
+    masks = np.where(found, bits[flat_order[position]], 0).tolist()
+    names = {
+        mask: [s for j, s in enumerate(merged.sources) if mask >> j & 1] for mask in set(masks)
+    }
+    return [list(names[mask]) for mask in masks]
 
 
 def top_k_minus_blocked(

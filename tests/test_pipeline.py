@@ -13,7 +13,14 @@ from data.dataset import load_dataset
 from data.interactions import Interactions
 from serving.artifacts import Artifacts, load_artifacts
 from serving.online_state import OnlineState
-from serving.pipeline import BudgetConfig, Pipeline, RecommendRequest, top_k_minus_blocked
+from retrieval.merge import MergedCandidates
+from serving.pipeline import (
+    BudgetConfig,
+    Pipeline,
+    RecommendRequest,
+    _source_lists,
+    top_k_minus_blocked,
+)
 
 
 @pytest.fixture
@@ -116,3 +123,22 @@ def test_top_k_minus_blocked_keeps_order() -> None:
     blocked = sp.csr_matrix(([1.0], ([0], [3])), shape=(1, 10))
     out, out_scores = top_k_minus_blocked(items, scores, blocked, 3)
     assert out.tolist() == [[5, 9, 1]] and out_scores.tolist() == [[5, 3, 2]]
+
+
+def test_source_lists_find_each_items_column_in_its_own_row() -> None:
+    # Two users; item 7 is in both rows but retrieved by different sources; -1 pads row 1.
+    ranks = np.full((2, 3, 2), -1, dtype=np.int32)
+    ranks[0, 0] = [0, -1]  # row 0: item 7 from "a"
+    ranks[0, 1] = [1, 0]  # row 0: item 3 from both
+    ranks[1, 0] = [-1, 2]  # row 1: item 7 from "b"
+    ranks[1, 1] = [0, -1]  # row 1: item 9 from "a"
+    merged = MergedCandidates(
+        item_idx=np.array([[7, 3, 5], [7, 9, -1]], dtype=np.int32),
+        source_scores=np.zeros((2, 3, 2), dtype=np.float32),
+        source_ranks=ranks,
+        sources=("a", "b"),
+    )
+    rows = np.array([0, 0, 0, 1, 1, 1])
+    chosen = np.array([3, 7, 5, 7, 9, 42], dtype=np.int32)  # 42: brought in by a rule (a pin)
+    assert _source_lists(merged, rows, chosen) == [["a", "b"], ["a"], [], ["b"], ["a"], []]
+    assert _source_lists(merged, rows[:0], chosen[:0]) == []
