@@ -47,7 +47,7 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
 from retrieval._topk import align_exclude, check_k, dense_topk, read_state, write_state
-from retrieval.base import Candidates, UserBatch
+from retrieval.base import Candidates, LastBatchMemo, UserBatch
 
 FoldIn = Literal["unknown", "always", "never"]
 
@@ -147,6 +147,9 @@ class ALSSource:
         self.config = config if config is not None else ALSConfig()
         self.name = name
         self._model: AlternatingLeastSquares | None = None
+        self._vectors_memo: LastBatchMemo[tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]] = (
+            LastBatchMemo()
+        )
 
     @property
     def n_users(self) -> int:
@@ -169,6 +172,7 @@ class ALSSource:
         self.user_items_ = log.matrix
         self.trained_until_ = int(log.timestamp.max())
         self._model = model
+        self._vectors_memo.clear()
         return self
 
     # ------------------------------------------------------------------------------ user vectors
@@ -178,13 +182,18 @@ class ALSSource:
         A user with no vector (unknown, with no usable history, or ``fold_in="never"``) gets a
         zero row, which scores 0 against every item.
         """
-        return self._user_vectors(users)[0]
+        return self._user_vectors(users)[0].copy()
 
     def _user_vectors(
         self, users: UserBatch
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """(n, factors) vectors and (n,) bool "has a vector"."""
+        """(n, factors) vectors and (n,) bool "has a vector" (read-only: shared per batch)."""
         self._check_fitted()
+        return self._vectors_memo.get(users, self._compute_user_vectors)
+
+    def _compute_user_vectors(
+        self, users: UserBatch
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         n = len(users)
         known = (users.user_idx >= 0) & (users.user_idx < self.n_users)
         vectors = np.zeros((n, self.config.factors), dtype=np.float32)

@@ -12,9 +12,11 @@ updates reach every source without a retrain.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,7 @@ PAD_ITEM = -1
 
 IntArray = npt.NDArray[np.int32]
 FloatArray = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -197,3 +200,29 @@ class CandidateSource(Protocol):
     ) -> Candidates: ...
 
     def save(self, directory: Path) -> None: ...
+
+
+class LastBatchMemo(Generic[T]):
+    """Remembers one value computed for the most recent :class:`UserBatch`, by identity.
+
+    One funnel pass asks a source for the same batch's user vectors twice (retrieval, then the
+    ranker's score features); an ALS fold-in is a least-squares solve per user, and a two-tower
+    encoding a forward pass, so the second ask is served from here. The batch is held by weak
+    reference: the memo never keeps a batch alive, and a new batch that happens to reuse the
+    address of a collected one is never mistaken for it. Safe across threads: the entry is one
+    tuple, replaced atomically; the cached value must be treated as read-only.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref[UserBatch], T] | None = None
+
+    def get(self, users: UserBatch, compute: Callable[[UserBatch], T]) -> T:
+        entry = self._entry
+        if entry is not None and entry[0]() is users:
+            return entry[1]
+        value = compute(users)
+        self._entry = (weakref.ref(users), value)
+        return value
+
+    def clear(self) -> None:
+        self._entry = None

@@ -141,6 +141,21 @@ def test_score_agrees_with_retrieve_and_marks_missing_as_nan(
         source.score(users, np.zeros((2, 3), np.int32))
 
 
+def test_one_batch_is_folded_in_once_for_retrieval_and_scoring(
+    trained: tuple[ALSSource, Interactions], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, log = trained
+    solves: list[int] = []
+    real = source._compute_user_vectors
+    monkeypatch.setattr(source, "_compute_user_vectors", lambda u: solves.append(len(u)) or real(u))
+    users = UserBatch.from_interactions(log, np.array([0, 1]), history_length=HISTORY)
+    out = source.retrieve(users, 4)
+    source.score(users, out.item_idx)
+    assert solves == [2]
+    source.retrieve(session(0, [1, 4], 10**9), 4)  # a new batch is computed afresh
+    assert solves == [2, 1]
+
+
 def test_fitting_raises_no_blas_threadpool_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     """implicit checks the BLAS thread pool once per process; make it check again here."""
     import implicit.utils

@@ -94,6 +94,42 @@ def test_merge_invariants(case: tuple[dict[str, Candidates], dict[str, int], int
             assert taken <= set(kept)
 
 
+def reference_merge(
+    results: dict[str, Candidates], quotas: dict[str, int], m: int
+) -> list[list[int]]:
+    """The documented merge order, one user at a time in plain Python."""
+    n_users = next(iter(results.values())).item_idx.shape[0]
+    deepest = max(c.k for c in results.values())
+    merged = []
+    for u in range(n_users):
+        rows = {name: results[name].item_idx[u].tolist() for name in quotas}
+        quota_slots = [item for name in quotas for item in rows[name][: quotas[name]]]
+        fill_slots = [
+            rows[name][rank]
+            for rank in range(deepest)
+            for name in quotas
+            if quotas[name] <= rank < len(rows[name])
+        ]
+        kept: list[int] = []
+        for item in quota_slots + fill_slots:
+            if item != PAD_ITEM and item not in kept:
+                kept.append(item)
+        merged.append(kept[:m])
+    return merged
+
+
+@settings(max_examples=200, deadline=None)
+@given(source_results())
+def test_merge_order_equals_the_reference(
+    case: tuple[dict[str, Candidates], dict[str, int], int],
+) -> None:
+    results, quotas, m = case
+    merged = merge_candidates(results, quotas, m)
+    for u, expected in enumerate(reference_merge(results, quotas, m)):
+        row = merged.item_idx[u]
+        assert row[row != PAD_ITEM].tolist() == expected
+
+
 def test_batch_invariance() -> None:
     rng = np.random.default_rng(0)
     results = {

@@ -31,7 +31,7 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
 from retrieval._topk import align_exclude, check_k, excluded_mask, read_state, write_state
-from retrieval.base import PAD_ITEM, Candidates, UserBatch
+from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
 from retrieval.index import IndexConfig, VectorIndex
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
@@ -80,6 +80,7 @@ class TwoTowerSource:
         self.config = config if config is not None else TwoTowerConfig()
         self.index_config = index if index is not None else DEFAULT_INDEX
         self.name = name
+        self._vectors_memo: LastBatchMemo[npt.NDArray[np.float32]] = LastBatchMemo()
 
     @property
     def n_items(self) -> int:
@@ -113,6 +114,7 @@ class TwoTowerSource:
         )
         trained = train_two_tower(log, features, self.config, valid=valid)
         self.model_, self.features_, self.curves_ = trained.model, features, trained.curves
+        self._vectors_memo.clear()
         self.trained_until_ = int(log.timestamp.max())
         items = np.arange(catalog.n_items)
         self.item_vectors_ = self._encode_items(items, self.trained_until_)
@@ -127,7 +129,14 @@ class TwoTowerSource:
         Encoded from the user id (unknown users: the "unknown user" row) and the first
         ``history_length`` items of ``users.recent_items``.
         """
+        return self._batch_vectors(users).copy()
+
+    def _batch_vectors(self, users: UserBatch) -> npt.NDArray[np.float32]:
+        """:meth:`user_vectors`, encoded once per batch (read-only: shared with later calls)."""
         self._check_fitted()
+        return self._vectors_memo.get(users, self._encode_users)
+
+    def _encode_users(self, users: UserBatch) -> npt.NDArray[np.float32]:
         with torch_threads(self.config.threads):
             return encode_users(
                 self.model_,
@@ -156,7 +165,7 @@ class TwoTowerSource:
         items = np.asarray(item_idx)
         if items.ndim != 2 or items.shape[0] != len(users):
             raise DataError(f"item_idx has shape {items.shape}, expected ({len(users)}, m)")
-        vectors = self.user_vectors(users)
+        vectors = self._batch_vectors(users)
         item_vectors = self.item_vectors(items.ravel()).reshape(*items.shape, -1)
         return np.einsum("nd,nmd->nm", vectors, item_vectors).astype(np.float32)
 
@@ -177,7 +186,7 @@ class TwoTowerSource:
         out = Candidates.empty(n, k)
         if k == 0 or fetch == 0 or n == 0:
             return out
-        vectors = self.user_vectors(users)
+        vectors = self._batch_vectors(users)
         found, _ = self.index_.search(vectors, fetch)
         keep = (found >= 0) & ~excluded_mask(mask, found)
         items = np.where(keep, found, 0)
