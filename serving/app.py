@@ -28,6 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.errors import BundleError, DataError
@@ -125,21 +126,35 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLargeError
+                    raise BodyTooLargeError(self.limit)
             return message
 
         try:
             await self.app(scope, limited_receive, send)
-        except _BodyTooLargeError:
+        except BodyTooLargeError:
+            # Only reached when the body was read outside FastAPI's request parsing.
             await _too_large(send, self.limit)
 
 
-class _BodyTooLargeError(Exception):
-    pass
+class BodyTooLargeError(StarletteHTTPException):
+    """A streamed body (no Content-Length) went past the limit.
+
+    An HTTPException because FastAPI's body parsing turns any other exception raised while it
+    reads the body into a 400 "error parsing the body"; this one it re-raises, and the app's
+    handler answers 413 like the Content-Length path.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail="request body too large")
+        self.limit = limit
+
+
+def _too_large_error(limit: int) -> ErrorOut:
+    return ErrorOut(error="request body too large", detail={"max_bytes": limit})
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = ErrorOut(error="request body too large", detail={"max_bytes": limit}).model_dump_json()
+    body = _too_large_error(limit).model_dump_json()
     await send(
         {
             "type": "http.response.start",
@@ -198,6 +213,21 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             for e in exc.errors()
         ]
         return JSONResponse(status_code=422, content={"error": "invalid request", "detail": detail})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Framework-raised errors (unknown route 404, 405, undecodable body 400) get the same
+        # {"error": ...} shape as ours; Starlette's default would answer {"detail": ...}.
+        error = (
+            _too_large_error(exc.limit)
+            if isinstance(exc, BodyTooLargeError)
+            else ErrorOut(error=str(exc.detail))
+        )
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error.model_dump(exclude_none=True),
+            headers=exc.headers,
+        )
 
     app.include_router(_api_router(settings, metrics))
     app.include_router(explorer_router())

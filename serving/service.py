@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from data.dataset import load_dataset
-from data.errors import DataError
+from data.errors import BundleError, DataError
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 from serving.artifacts import Artifacts, load_artifacts, load_history
@@ -83,17 +83,25 @@ class RecommenderService:
     def reload(self, bundle: str | Path) -> tuple[str, str]:
         """Load, verify and warm a new bundle, then swap it in; the old one serves until then.
 
-        Raises ``BundleError`` (the old pipeline keeps serving) if the bundle is missing or corrupt.
-        Returns (new model_version, previous model_version).
+        Raises ``BundleError`` (the old pipeline keeps serving) if the bundle is missing, corrupt
+        or unreadable. Returns (new model_version, previous model_version).
         """
         with self._reload_lock:
             since = self.feedback.last_seq()
-            fresh = self._build(Path(bundle))
+            try:
+                fresh = self._build(Path(bundle))
+            except OSError as exc:
+                # A path the OS refuses (name too long, permission denied, I/O error) is a bad
+                # bundle like any other, not a server error: the caller gets a 4xx, not a 500.
+                raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
             # Feedback that arrived while the new state was being built.
             events, _ = self.feedback.read_since(since)
             self._observe_events(fresh, events)
             previous, self.pipeline = self.pipeline, fresh
-        previous.close()
+        # No previous.close(): requests that picked up the old pipeline before the swap are still
+        # running on it, and closing shuts its stage executor under them (their stages fail and
+        # the answer degrades). The last of them drops the last reference; its stage threads
+        # exit when the executor is garbage-collected.
         logger.info(
             "reloaded bundle %s (%s -> %s)", bundle, previous.model_version, fresh.model_version
         )
