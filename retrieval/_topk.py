@@ -28,6 +28,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.errors import BundleError, DataError
+from retrieval._sorting import descending_key, sort_order
 from retrieval.base import Candidates
 
 STATE_FORMAT_VERSION = 1
@@ -177,9 +178,9 @@ def sparse_topk(matrix: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None) ->
     if exclude is not None:
         keep &= ~pair_excluded(exclude, rows, items)
     rows, items, scores = rows[keep], items[keep], scores[keep]
-    order = np.lexsort((items, -scores, rows))
+    order = sort_order([rows, descending_key(scores), items.astype(np.int64)])
     rows, items, scores = rows[order], items[order], scores[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+    rank = np.arange(rows.size) - np.searchsorted(rows, np.arange(n_rows))[rows]
     top = rank < k
     out.item_idx[rows[top], rank[top]] = items[top]
     out.scores[rows[top], rank[top]] = scores[top]

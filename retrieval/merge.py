@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from data.errors import ConfigError, DataError
+from retrieval._sorting import sort_order
 from retrieval.base import PAD_ITEM, Candidates
 
 ABSENT_RANK = -1
@@ -102,7 +103,7 @@ def merge_candidates(
     score = np.concatenate(scores)
 
     # First occurrence of each (user, item) in priority order decides its merged position.
-    order = _sort_order([user, item, tier, prio])
+    order = sort_order([user, item, tier, prio])
     u_sorted, i_sorted = user[order], item[order]
     first = np.ones(order.size, dtype=bool)
     first[1:] = (u_sorted[1:] != u_sorted[:-1]) | (i_sorted[1:] != i_sorted[:-1])
@@ -113,7 +114,7 @@ def merge_candidates(
     g_prio = prio[order][first]
 
     # Position of each unique (user, item) within its user: by (tier, priority).
-    pos_order = _sort_order([g_user, g_tier, g_prio])
+    pos_order = sort_order([g_user, g_tier, g_prio])
     sorted_user = g_user[pos_order]
     user_start = np.searchsorted(sorted_user, np.arange(n))
     position = np.empty(pos_order.size, dtype=np.int64)
@@ -133,20 +134,3 @@ def merge_candidates(
     out_scores[occ_user, occ_pos, occ_src] = score[order][keep_occ]
     out_ranks[occ_user, occ_pos, occ_src] = rank[order][keep_occ]
     return MergedCandidates(out_items, out_scores, out_ranks, names)
-
-
-def _sort_order(keys: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.intp]:
-    """The permutation sorting by ``keys`` (most significant first), as ``np.lexsort`` would.
-
-    The keys are non-negative; when their value ranges fit in 63 bits together, they are packed
-    into one int64 and sorted once, an order of magnitude faster than a multi-key lexsort. Ties
-    keep their input order (the sort is stable), exactly as with ``np.lexsort``.
-    """
-    widths = [int(key.max(initial=0)).bit_length() for key in keys]
-    if sum(widths) > 63:
-        return np.lexsort(tuple(reversed(keys)))
-    packed = np.zeros(keys[0].size, dtype=np.int64)
-    for key, width in zip(keys, widths, strict=True):
-        packed <<= width
-        packed |= key
-    return np.argsort(packed, kind="stable")

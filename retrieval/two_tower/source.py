@@ -30,6 +30,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
+from retrieval._sorting import descending_key
 from retrieval._topk import align_exclude, check_k, excluded_mask, read_state, write_state
 from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
 from retrieval.index import IndexConfig, VectorIndex
@@ -193,7 +194,10 @@ class TwoTowerSource:
         # Exact re-scoring: an approximate (quantized) index's own scores are estimates.
         scores = np.einsum("nd,nfd->nf", vectors, self.item_vectors_[items])
         scores = np.where(keep, scores, -np.inf).astype(np.float32)
-        order = np.lexsort((np.where(keep, found, np.iinfo(np.int64).max), -scores))[:, :k]
+        # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
+        tie = np.where(keep, found, self.n_items).astype(np.int64)
+        packed = (descending_key(scores) << int(self.n_items).bit_length()) | tie
+        order = np.argsort(packed, axis=1, kind="stable")[:, :k]
         top_items = np.take_along_axis(found, order, axis=1)
         top_scores = np.take_along_axis(scores, order, axis=1)
         width = order.shape[1]
