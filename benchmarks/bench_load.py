@@ -129,12 +129,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--step-seconds", type=float, default=20.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[150, 200, 300, 400, 600])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the dataset and bundle here; a rerun reuses them"
+    )
     args = parser.parse_args(argv)
     figures: dict[str, object] = {"items": args.items, "k": 20, "candidates": 500}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        bundle, train_seconds = build(root, args.items, args.users, args.interactions, args.seed)
-        figures["bundle_train_seconds"] = train_seconds
+        root = args.workdir if args.workdir is not None else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / "bundle" / "manifest.json").is_file() and (root / "users.txt").is_file():
+            bundle = root / "bundle"
+            print(f"reusing {bundle}", flush=True)
+        else:
+            bundle, train_seconds = build(
+                root, args.items, args.users, args.interactions, args.seed
+            )
+            figures["bundle_train_seconds"] = train_seconds
         port = free_port()
         server = serve(bundle, root, port)
         try:
