@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 
 from data.errors import ConfigError, DataError
-from retrieval._sorting import sort_order
 from retrieval.base import PAD_ITEM, Candidates
 
 ABSENT_RANK = -1
@@ -55,7 +54,10 @@ def merge_candidates(
     retrieved beyond their quotas. Provenance (score, rank) is recorded from every source that
     retrieved the item, whether or not that source's quota admitted it.
 
-    Vectorized over users: the per-user work is done with sorts over (user, item) keys.
+    Vectorized over users as (n, total slots) arrays: the sources' columns are laid out in merge
+    priority order once, so a row's merged list is its first occurrences in column order; one
+    row-wise sort of packed (item, column) keys finds those first occurrences and, for every
+    occurrence, the merged position that carries its provenance.
     """
     names = tuple(quotas)
     unknown = [name for name in names if name not in results]
@@ -67,70 +69,67 @@ def merge_candidates(
     if len(n_users) != 1:
         raise DataError(f"sources returned different numbers of users: {sorted(n_users)}")
     (n,) = n_users
-
-    # Flatten every (source, user, rank) triple, ordered by merge priority:
-    # tier 0 = within the source's quota, tier 1 = beyond it; inside a tier, by source order for
-    # quota slots and by rank (round-robin across sources) for fill slots.
-    users, items, tiers, priority, source_of, ranks, scores = [], [], [], [], [], [], []
-    quota_offset = 0  # quota slots: every slot of source s comes before any of source s + 1
-    for s, name in enumerate(names):
-        cand = results[name]
-        k = cand.k
-        user_grid = np.repeat(np.arange(n), k)
-        rank_grid = np.tile(np.arange(k), n)
-        flat_items = cand.item_idx.reshape(-1)
-        valid = flat_items != PAD_ITEM
-        # Within a quota, the order between sources is fixed; beyond it, interleave by rank.
-        in_quota = rank_grid < quotas[name]
-        users.append(user_grid[valid])
-        items.append(flat_items[valid].astype(np.int64))
-        tiers.append((~in_quota[valid]).astype(np.int64))
-        priority.append(
-            np.where(in_quota, quota_offset + rank_grid, rank_grid * len(names) + s)[valid].astype(
-                np.int64
-            )
-        )
-        quota_offset += k
-        source_of.append(np.full(valid.sum(), s, dtype=np.int64))
-        ranks.append(rank_grid[valid].astype(np.int32))
-        scores.append(cand.scores.reshape(-1)[valid])
-    user = np.concatenate(users)
-    item = np.concatenate(items)
-    tier = np.concatenate(tiers)
-    prio = np.concatenate(priority)
-    src = np.concatenate(source_of)
-    rank = np.concatenate(ranks)
-    score = np.concatenate(scores)
-
-    # First occurrence of each (user, item) in priority order decides its merged position.
-    order = sort_order([user, item, tier, prio])
-    u_sorted, i_sorted = user[order], item[order]
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = (u_sorted[1:] != u_sorted[:-1]) | (i_sorted[1:] != i_sorted[:-1])
-    group_id = np.cumsum(first) - 1  # one group per unique (user, item)
-    g_user = u_sorted[first]
-    g_item = i_sorted[first]
-    g_tier = tier[order][first]
-    g_prio = prio[order][first]
-
-    # Position of each unique (user, item) within its user: by (tier, priority).
-    pos_order = sort_order([g_user, g_tier, g_prio])
-    sorted_user = g_user[pos_order]
-    user_start = np.searchsorted(sorted_user, np.arange(n))
-    position = np.empty(pos_order.size, dtype=np.int64)
-    position[pos_order] = np.arange(pos_order.size) - user_start[sorted_user]
-    keep_group = position < n_candidates
-
     m = n_candidates
     out_items = np.full((n, m), PAD_ITEM, dtype=np.int32)
-    out_items[g_user[keep_group], position[keep_group]] = g_item[keep_group]
     out_scores = np.full((n, m, len(names)), np.nan, dtype=np.float32)
     out_ranks = np.full((n, m, len(names)), ABSENT_RANK, dtype=np.int32)
-    occurrence_group = group_id  # aligned with `order`
-    keep_occ = keep_group[occurrence_group]
-    occ_user = u_sorted[keep_occ]
-    occ_pos = position[occurrence_group[keep_occ]]
-    occ_src = src[order][keep_occ]
-    out_scores[occ_user, occ_pos, occ_src] = score[order][keep_occ]
-    out_ranks[occ_user, occ_pos, occ_src] = rank[order][keep_occ]
+    columns = _priority_columns([results[s].k for s in names], [quotas[s] for s in names])
+    if n == 0 or columns.order.size == 0:
+        return MergedCandidates(out_items, out_scores, out_ranks, names)
+    source_of, rank_of, order = columns.source, columns.rank, columns.order
+    items = np.concatenate([results[name].item_idx for name in names], axis=1)[:, order]
+    scores = np.concatenate([results[name].scores for name in names], axis=1)[:, order]
+
+    # Row-wise sort of (item, column): equal items sit together, their first column leading.
+    total = items.shape[1]
+    column_bits = max(1, (total - 1).bit_length())
+    padding = int(items.max(initial=0)) + 1  # sorts after every real item
+    packed = np.where(items != PAD_ITEM, items, padding).astype(np.int64) << column_bits
+    packed |= np.arange(total, dtype=np.int64)
+    packed.sort(axis=1)
+    sorted_items = packed >> column_bits
+    sorted_columns = packed & ((1 << column_bits) - 1)
+    group_start = np.ones((n, total), dtype=bool)
+    group_start[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    real = sorted_items != padding
+
+    # A first occurrence's merged position: how many first occurrences precede it in its row.
+    rows = np.arange(n)[:, None]
+    first = np.zeros((n, total), dtype=bool)
+    first[rows, sorted_columns] = group_start & real
+    position = np.cumsum(first, axis=1) - 1
+    kept = first & (position < m)
+    r, c = np.nonzero(kept)
+    out_items[r, position[r, c]] = items[r, c]
+
+    # Every occurrence (of any source) records its provenance at its item's merged position.
+    start_index = np.where(group_start, np.arange(total), 0)
+    np.maximum.accumulate(start_index, axis=1, out=start_index)
+    leader = np.take_along_axis(sorted_columns, start_index, axis=1)  # the group's first column
+    recorded = real & kept[rows, leader]
+    r, j = np.nonzero(recorded)
+    column, at = sorted_columns[r, j], position[r, leader[r, j]]
+    out_scores[r, at, source_of[column]] = scores[r, column]
+    out_ranks[r, at, source_of[column]] = rank_of[column]
     return MergedCandidates(out_items, out_scores, out_ranks, names)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The sources' candidate slots in merge priority order: ``order`` indexes the sources'
+    concatenated columns; ``source`` and ``rank`` say whose slot each ordered column is."""
+
+    order: npt.NDArray[np.intp]
+    source: npt.NDArray[np.intp]
+    rank: npt.NDArray[np.int32]
+
+
+def _priority_columns(depths: list[int], quotas: list[int]) -> _Columns:
+    """Quota slots first, source by source in rank order; then the slots beyond each quota,
+    round-robin across sources by rank."""
+    source = np.concatenate([np.full(k, s, dtype=np.intp) for s, k in enumerate(depths)])
+    rank = np.concatenate([np.arange(k, dtype=np.int32) for k in depths])
+    beyond = rank >= np.asarray(quotas, dtype=np.int64)[source]
+    # np.lexsort: the last key is the primary one.
+    order = np.lexsort((np.where(beyond, source, rank), np.where(beyond, rank, source), beyond))
+    return _Columns(order, source[order], rank[order])
