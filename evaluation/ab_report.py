@@ -13,7 +13,8 @@ compares the estimates with the truth, which the twin copies of the population g
   and the estimator's bias, RMSE and coverage over re-randomised assignments of the same
   simulated population (``coverage_replicates`` salts, through the real assignment code).
 * **A/A**: re-randomised splits of the control copy: false-positive rate of the fixed-horizon test,
-  of mSPRT with a look every day, of naive daily peeking, and the SRM false-alarm rate.
+  of the alpha-spending test and of mSPRT with a look every day, of naive daily peeking, and the
+  SRM false-alarm rate.
 * **SRM power**: detection rate of an injected sample loss and of a shifted split, next to the
   formula (:func:`evaluation.ab_stats.srm_power`).
 * **Drift**: each arm's true daily CTR around the drift day (drop, trough, recovery), the A/B test
@@ -60,6 +61,7 @@ from evaluation.ab_stats import (
 from evaluation.assignment import assign_indices, hash_to_unit_interval
 from evaluation.drift import DriftReport, detection_delay
 from evaluation.experiment import AnalysisConfig
+from evaluation.group_sequential import group_sequential_test
 from evaluation.simulator import SimulationResult
 
 __all__ = [
@@ -207,8 +209,10 @@ def aa_study(
 
     ``values``, ``present``: (U, D) per-user cumulative metric and presence at each daily peek
     (the last column is the end of the experiment). Returns the rates of: the fixed-horizon Welch
-    test at the end, mSPRT with a look every day (always-valid), naive daily peeking with the
-    fixed-horizon z-test, and the SRM check (at ``srm_alpha``) on the exposed users per group.
+    test at the end, mSPRT with a look every day (always-valid), the O'Brien-Fleming-type
+    alpha-spending test with a look every day (:mod:`evaluation.group_sequential`), naive daily
+    peeking with the fixed-horizon z-test, and the SRM check (at ``srm_alpha``) on the exposed
+    users per group.
     """
     n_c, m_c, v_c = group_moments(groups, 0, values, present)
     n_t, m_t, v_t = group_moments(groups, 1, values, present)
@@ -222,6 +226,7 @@ def aa_study(
         sequential = always_valid_inference(
             m_t - m_c, v_t / n_t + v_c / n_c, SequentialConfig(mixture_sd=mixture_sd, alpha=alpha)
         )
+        spending = group_sequential_test(m_t - m_c, v_t / n_t + v_c / n_c, alpha=alpha)
     counts = np.stack([n_c[:, -1], n_t[:, -1]], axis=1)
     srm = srm_p_values(counts, np.asarray(weights[:2], dtype=np.float64))
     replicates = groups.shape[0]
@@ -230,6 +235,8 @@ def aa_study(
         "peeks": int(values.shape[1]),
         "fpr_fixed_horizon": float(np.mean(np.asarray(final) <= alpha)),
         "fpr_sequential_msprt": float(np.mean(sequential.rejected[:, -1])),
+        "fpr_sequential_alpha_spending": float(np.mean(spending.rejected[:, -1])),
+        "alpha_spending_looks": int(np.isfinite(spending.critical).sum()),
         "fpr_naive_daily_peeking": float(
             np.mean((sequential.fixed_horizon_p_value <= alpha).any(axis=1))
         ),
@@ -565,6 +572,10 @@ def _sequential(
     with np.errstate(invalid="ignore"):
         truth = np.where(seen, e_t - e_c, 0.0).sum(axis=0) / seen.sum(axis=0)
     first = int(inference.first_rejection)
+    spending = group_sequential_test(
+        (m_t - m_c)[0], (s_t / n_t + s_c / n_c)[0], alpha=analysis.alpha
+    )
+    spending_first = int(spending.first_rejection)
     z = _z(analysis.alpha)
     covered = (inference.ci_lower <= truth) & (truth <= inference.ci_upper)
     # The confidence sequence is a running intersection for one fixed effect; when the effect
@@ -582,6 +593,9 @@ def _sequential(
         "confidence_sequence_upper": inference.ci_upper.tolist(),
         "true_cumulative_effect": truth.tolist(),
         "first_rejection_day": first if first >= 0 else None,
+        "alpha_spending_first_rejection_day": spending_first if spending_first >= 0 else None,
+        "repeated_ci_lower": spending.ci_lower.tolist(),
+        "repeated_ci_upper": spending.ci_upper.tolist(),
         "confidence_sequence_covers_truth_every_day": bool(covered.all()),
         "confidence_sequence_covers_truth_days": int(covered.sum()),
         "confidence_sequence_empty_from_day": int(empty[0]) if empty.size else None,
@@ -1131,6 +1145,10 @@ def _md_results(analysis: Mapping[str, Any]) -> list[str]:
                     f" It is empty from day {empty}: the true effect moved from {low:+.4f} to "
                     f"{high:+.4f} during the run, and mSPRT assumes one fixed effect."
                 )
+            spent = sequential["alpha_spending_first_rejection_day"]
+            text += " Alpha spending (O'Brien-Fleming type, daily looks): " + (
+                f"rejects on day {spent}." if spent is not None else "never rejects."
+            )
             lines.append(text)
         guardrails = ", ".join(
             f"{g['metric']} {'pass' if g['passed'] else 'FAIL'} ({g['reason']})"
@@ -1149,8 +1167,10 @@ def _md_aa(analysis: Mapping[str, Any]) -> list[str]:
         "",
         f"{aa['replicates']} re-randomised A/A splits of the control copy, alpha "
         f"{aa['alpha']} (standard error of a rate {aa['fpr_standard_error']:.3f}): fixed "
-        f"horizon {aa['fpr_fixed_horizon']:.3f}; mSPRT with a look every day "
-        f"{aa['fpr_sequential_msprt']:.3f}; naive daily peeking "
+        f"horizon {aa['fpr_fixed_horizon']:.3f}; alpha spending (O'Brien-Fleming type) with a "
+        f"look every day {aa['fpr_sequential_alpha_spending']:.3f}; mSPRT with a look every day "
+        f"{aa['fpr_sequential_msprt']:.3f} (valid at any stopping time, hence conservative); "
+        f"naive daily peeking "
         f"{aa['fpr_naive_daily_peeking']:.3f}; SRM false alarms "
         f"{aa['srm_false_alarm_rate']:.3f} (alpha {aa['srm_alpha']}).",
         "",

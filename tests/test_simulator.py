@@ -296,6 +296,7 @@ def test_aa_false_positive_rates_are_nominal_and_peeking_inflates_them() -> None
     )
     assert 0.02 <= rates["fpr_fixed_horizon"] <= 0.085
     assert rates["fpr_sequential_msprt"] <= 0.07  # always valid: at most alpha over all peeks
+    assert 0.02 <= rates["fpr_sequential_alpha_spending"] <= 0.085  # alpha spent, none wasted
     assert rates["fpr_naive_daily_peeking"] > rates["fpr_fixed_horizon"]
     assert rates["srm_false_alarm_rate"] <= 0.01
 
