@@ -770,6 +770,14 @@ def _drift_summary(
     relative size, the ``trough`` after the drift, ``ctr_end`` (the last ``LEVEL_DAYS`` days),
     ``trend_after = end - after`` (> 0: recovering), ``recovered_share = (end - trough) /
     (before - trough)`` and ``days_to_half_recovery`` (from the drift day, ``None`` if never).
+
+    That curve mixes the drift with everything else that moves CTR (fatigue, the catalogue
+    ageing), so each arm also gets its *drift cost*: the share of the clicks its slates would have
+    earned in the world without drift (same users, slates, times and fatigue) that they earn in
+    the drifted one; 1 before the drift. ``share_lowest`` is its minimum after the drift,
+    ``share_end`` its mean over the last days, ``cost_recovered`` the part of the lost share won
+    back by the end, ``(end - lowest) / (1 - lowest)``: an arm that adapts to the new preferences
+    wins it back, a frozen one cannot.
     """
     drift_day = result.config.drift_day
     if drift_day is None:
@@ -803,7 +811,7 @@ def _drift_summary(
             "days_to_half_recovery": (
                 int(trough_offset + recovered[0]) if recovered.size else None
             ),
-        }
+        } | _drift_cost(result, name, drift_day)
     exposed_post, metrics = per_user_metrics(result, slice(drift_day, None))
     seen = exposed_post & observed
     comparisons = {}
@@ -823,6 +831,28 @@ def _drift_summary(
         "drift_day": drift_day,
         "arms": arms,
         "post_drift_ctr": comparisons,
+    }
+
+
+def _drift_cost(result: SimulationResult, arm: str, drift_day: int) -> dict[str, Any]:
+    """The arm's daily share of its no-drift clicks after the drift; see :func:`_drift_summary`."""
+    daily = result.daily.filter(pl.col("arm") == arm).sort("day")
+    if "undrifted_expected_clicks" not in daily.columns:  # a result saved before it was recorded
+        return {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = daily["expected_clicks"].to_numpy() / daily["undrifted_expected_clicks"].to_numpy()
+    post = share[drift_day:]
+    if not np.isfinite(post).any():
+        return {}
+    lowest_offset = int(np.nanargmin(post))
+    lowest = float(post[lowest_offset])
+    end = float(np.nanmean(share[-LEVEL_DAYS:]))
+    return {
+        "no_drift_share": [None if not np.isfinite(v) else float(v) for v in share],
+        "share_lowest": lowest,
+        "share_lowest_day": drift_day + lowest_offset,
+        "share_end": end,
+        "cost_recovered": (end - lowest) / (1 - lowest) if lowest < 1 else math.nan,
     }
 
 
@@ -1232,6 +1262,21 @@ def _md_drift(analysis: Mapping[str, Any]) -> list[str]:
             f"{d['ctr_end']:.4f} | {d['trend_after']:+.4f} | "
             f"{_fmt(d['recovered_share'], '.0%')} | {_fmt(d['days_to_half_recovery'], 'd')} |"
         )
+    costs = {name: d for name, d in drift["arms"].items() if "share_lowest" in d}
+    if costs:
+        lines += [
+            "",
+            "Drift cost: the share of the clicks each arm's slates would have earned had "
+            "preferences not moved (same users, slates, times, fatigue; 1.00 before the drift).",
+            "",
+            "| arm | lowest share (day) | share at end | cost won back |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {d['share_lowest']:.3f} ({d['share_lowest_day']}) | "
+            f"{d['share_end']:.3f} | {_fmt(d['cost_recovered'], '.0%')} |"
+            for name, d in costs.items()
+        ]
     for name, c in drift["post_drift_ctr"].items():
         covered = "covered" if c["ci_covers_true_effect"] else "NOT covered"
         lines += [

@@ -229,7 +229,8 @@ class SimulationResult:
         batch size). diversity: (A, U) summed distinct-categories-per-item of the user's slates.
     long_tail: (A, U) summed share of slate items outside the pre-period head.
     pre_user_clicks: (U,) pre-period clicks (CUPED covariate).
-    daily: one row per arm and day (sessions, clicks, expected clicks, degraded responses,
+    daily: one row per arm and day (sessions, clicks, expected clicks and what they would have
+        been in the world without drift on the same slates, degraded responses,
         distinct items shown, batch latency). monitors: one row per arm, monitor and checked day.
     retrains: one row per retrain (arm, day, reason, seconds).
     planning: the power analysis made before the run. timings: wall seconds per phase.
@@ -451,6 +452,7 @@ class _Run:
         self.config = config
         self.history = history
         self.world = history.world
+        self.undrifted_world = history.world.without_drift()
         self.universes = universes
         self.clock = clock
         self.tick_share = tick_share
@@ -460,6 +462,7 @@ class _Run:
         self.sessions = np.zeros((n_users, n_days), dtype=np.int32)
         self.clicks = np.zeros((n_arms, n_users, n_days), dtype=np.float32)
         self.expected = np.zeros((n_arms, n_users, n_days), dtype=np.float32)
+        self.undrifted_expected = np.zeros((n_arms, n_days))
         self.latency = np.zeros((n_arms, n_users))
         self.diversity = np.zeros((n_arms, n_users))
         self.long_tail = np.zeros((n_arms, n_users))
@@ -491,7 +494,9 @@ class _Run:
         self.clock.now = tick_start + self.tick_seconds
         ids = [self.user_ids[u] for u in users]
         for a, universe in enumerate(self.universes):
-            outcome = _serve(universe, self.world, ids, users, times, uniforms, behaviour)
+            outcome = _serve(
+                universe, self.world, self.undrifted_world, ids, users, times, uniforms, behaviour
+            )
             self._record(a, users, day, outcome)
             universe.tracks["score"].add(
                 _prediction_scores(universe.runner.service.pipeline, ids, times, outcome, sample)
@@ -502,6 +507,7 @@ class _Run:
         clicked = outcome.clicked >= 0
         self.clicks[arm, users, day] += clicked
         self.expected[arm, users, day] += outcome.expected
+        self.undrifted_expected[arm, day] += outcome.undrifted_expected.sum()
         self.latency[arm, users] += outcome.latency_ms
         self.diversity[arm, users] += slate_diversity(outcome.slates, self.world.item_category)
         self.long_tail[arm, users] += _tail_share(outcome.slates, self.head)
@@ -515,6 +521,7 @@ class _Run:
         for a, universe in enumerate(self.universes):
             self.daily_rows.append(
                 _daily_row(universe, day, self.sessions, self.clicks[a], self.expected[a])
+                | {"undrifted_expected_clicks": float(self.undrifted_expected[a, day])}
             )
             alerts = {}
             for name, track in universe.tracks.items():
@@ -578,11 +585,13 @@ class _Run:
 @dataclass(frozen=True)
 class _Outcome:
     """One arm's answer to one tick: (n, S) world item slates, clicked slot (-1 none), expected
-    clicks (n,), amortised latency (n,) ms, and how many responses were degraded."""
+    clicks (n,) and what they would have been without the drift (n,), amortised latency (n,)
+    ms, and the responses."""
 
     slates: npt.NDArray[np.int64]
     clicked: npt.NDArray[np.int64]
     expected: npt.NDArray[np.float64]
+    undrifted_expected: npt.NDArray[np.float64]
     latency_ms: npt.NDArray[np.float64]
     recommendations: list[Recommendation]
 
@@ -590,6 +599,7 @@ class _Outcome:
 def _serve(
     universe: _Universe,
     world: World,
+    undrifted_world: World,
     ids: list[str],
     users: npt.NDArray[np.int64],
     times: npt.NDArray[np.int64],
@@ -606,6 +616,8 @@ def _serve(
     penalties = penalties + behaviour.consumed_penalty * consumed
     probabilities = apply_fatigue(probabilities, penalties)
     clicked = draw_choices(probabilities, uniforms)
+    # The same slates, fatigue and times in the world without drift: the drift's own cost.
+    undrifted = apply_fatigue(undrifted_world.click_probabilities(users, slates, times), penalties)
     universe.memory.write(users, slates)
     hit = np.flatnonzero(clicked >= 0)
     universe.consumed.write(users[hit], slates[hit, clicked[hit]][:, None])
@@ -616,7 +628,9 @@ def _serve(
     valid = slates[slates >= 0]
     universe.shown[valid] = True
     universe.shown_today.update(np.unique(valid).tolist())
-    return _Outcome(slates, clicked, 1.0 - probabilities[:, -1], latency, recs)
+    return _Outcome(
+        slates, clicked, 1.0 - probabilities[:, -1], 1.0 - undrifted[:, -1], latency, recs
+    )
 
 
 def slate_matrix(recommendations: list[Recommendation], k: int) -> npt.NDArray[np.int64]:

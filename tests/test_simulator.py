@@ -439,12 +439,17 @@ def test_analysis_report_and_files(tiny_run: tuple[SimulationResult, Path], tmp_
     assert aa["fpr_sequential_msprt"] <= 0.12
     assert analysis["drift"]["drift_day"] == 2
     assert set(analysis["drift"]["arms"]) == {"frozen", "online", "retrain", "popular"}
+    for arm in analysis["drift"]["arms"].values():
+        # Before the drift the world and its no-drift twin are one world: the share is exactly 1.
+        assert arm["no_drift_share"][:2] == [pytest.approx(1.0, abs=1e-6)] * 2
+        assert 0 < arm["share_lowest"] < 1  # concept drift costs every arm something
     # Every bundle has a ranker now, so every arm's prediction scores are monitored.
     assert set(analysis["monitors"]["popular"]) == {"clicked_popularity", "score"}
     paths = write_report(result, analysis, tmp_path / "report")
     assert json.loads(paths["result"].read_text())["control"] == "frozen"
     text = paths["report"].read_text()
     assert "## Results" in text and "A/A false-positive rates" in text
+    assert "Drift cost" in text and "alpha spending" in text
     for key in ("daily_ctr", "cumulative_effect", "drift"):
         assert paths[key].stat().st_size > 1_000
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -182,6 +182,14 @@ class World:
     @property
     def dim(self) -> int:
         return self.config.dim
+
+    def without_drift(self) -> World:
+        """The same world with its drift switched off (arrays shared, not copied).
+
+        The counterfactual a simulation measures the drift's cost against: the same users shown
+        the same slates at the same times, had their preferences never moved.
+        """
+        return replace(self, config=replace(self.config, drift="none"))
 
     def drift_progress(self, t: np.ndarray | int) -> np.ndarray:
         """How far the drift has gone at Unix seconds ``t``: float64 in [0, 1], shape of ``t``.
