@@ -5,8 +5,22 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from serving.bundle import verify_bundle
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# One line per record, the same for uvicorn's own loggers and the project's (serving.*, ...):
+# when, how bad, who said it. uvicorn's default has neither the time nor the logger name.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ACCESS_LOG_FORMAT = (
+    '%(asctime)s %(levelname)s %(name)s: %(client_addr)s - "%(request_line)s" %(status_code)s'
+)
+# Seconds a worker may take to answer uvicorn's health check. A worker starts answering only once
+# it has imported the app's dependencies (torch, FAISS, LightGBM): several seconds on a busy
+# machine, past uvicorn's default of 5, after which it is killed as hung and restarted, forever
+# (seen with --workers 2 on two loaded cores). A worker that is truly hung is still replaced.
+WORKER_HEALTHCHECK_TIMEOUT_S = 30
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -18,6 +32,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--feedback-db", type=Path, default=Path("feedback.sqlite3"))
     serve.add_argument("--admin-token", help="bearer token for /admin/* (or RECSYS_ADMIN_TOKEN)")
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="least severe log records shown, for uvicorn and the service (default: info)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -30,8 +50,53 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         feedback_db=args.feedback_db,
         admin_token=args.admin_token,
+        log_level=args.log_level,
     )
     return 0
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """The ``logging.config.dictConfig`` of a server process (uvicorn applies it in each worker).
+
+    uvicorn's loggers keep their destinations (access lines on stdout, the rest on stderr); the
+    root logger gets the stderr handler, so ``serving.*`` and every other logger of the project
+    print through it at ``level`` instead of being dropped (INFO) or printed bare (WARNING+).
+    """
+    level_name = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "default": {
+                "()": "uvicorn.logging.DefaultFormatter",
+                "fmt": LOG_FORMAT,
+                "use_colors": False,
+            },
+            "access": {
+                "()": "uvicorn.logging.AccessFormatter",
+                "fmt": ACCESS_LOG_FORMAT,
+                "use_colors": False,
+            },
+        },
+        "handlers": {
+            "default": {
+                "formatter": "default",
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+            },
+            "access": {
+                "formatter": "access",
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "root": {"handlers": ["default"], "level": level_name},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": level_name, "propagate": False},
+            "uvicorn.error": {"level": level_name},
+            "uvicorn.access": {"handlers": ["access"], "level": level_name, "propagate": False},
+        },
+    }
 
 
 def run_server(
@@ -43,6 +108,7 @@ def run_server(
     workers: int = 1,
     feedback_db: Path = Path("feedback.sqlite3"),
     admin_token: str | None = None,
+    log_level: str = "info",
 ) -> None:
     """Verify the bundle, then run uvicorn until interrupted."""
     import uvicorn
@@ -62,5 +128,7 @@ def run_server(
         host=host,
         port=port,
         workers=workers,
-        log_level="info",
+        log_level=log_level,
+        log_config=logging_config(log_level),
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
     )

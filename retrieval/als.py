@@ -304,7 +304,7 @@ class ALSSource:
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> None:
-        """Write ``config.json`` and ``state.npz`` (factors + the training CSR's arrays)."""
+        """Write ``config.json`` and the arrays: factors + the training CSR's (``write_state``)."""
         self._check_fitted()
         meta = {
             "name": self.name,
@@ -323,7 +323,11 @@ class ALSSource:
 
     @classmethod
     def load(cls, directory: Path) -> Self:
-        """Read a directory written by :meth:`save`; ``BundleError`` if missing or corrupt."""
+        """Read a directory written by :meth:`save`; ``BundleError`` if missing or corrupt.
+
+        The factors and the CSR arrays are copy-on-write maps of their files (``read_state``):
+        processes that load the same bundle share them.
+        """
         meta, arrays = read_state(directory, cls.__name__)
         source = cls(from_mapping(ALSConfig, meta["config"], cls.__name__), name=meta["name"])
         source.user_factors_ = arrays["user_factors"]

@@ -207,7 +207,12 @@ class RetrievalStage:
             source.save(directory / name)
 
     @classmethod
-    def load(cls, directory: Path) -> RetrievalStage:
+    def load(cls, directory: Path, *, mmap: bool = False) -> RetrievalStage:
+        """Read a stage written by :meth:`save` (``BundleError`` if it is not one).
+
+        mmap: map the two-tower sources' weights and index from their files (read-only: shared
+        by the serving processes of one machine through the page cache; ``add_items`` raises).
+        """
         path = directory / STAGE_FILE
         if not path.is_file():
             raise BundleError(f"{directory}: {STAGE_FILE} is missing (not a retrieval stage)")
@@ -224,8 +229,12 @@ class RetrievalStage:
             from_mapping(IndexConfig, meta["index"], "retrieval.index"),
         )
         # Merge priority is the configured order (the JSON file's key order is not meaningful).
-        stage.sources_ = {
-            name: SOURCE_KINDS[meta["sources"][name]["kind"]][0].load(directory / name)
-            for name in stage.config.sources
-        }
+        stage.sources_ = {}
+        for name in stage.config.sources:
+            source_cls = SOURCE_KINDS[meta["sources"][name]["kind"]][0]
+            stage.sources_[name] = (
+                source_cls.load(directory / name, mmap=True)
+                if mmap and source_cls is TwoTowerSource
+                else source_cls.load(directory / name)
+            )
         return stage

@@ -148,8 +148,13 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
     return {} if path is None else load_toml(path)
 
 
-def load_artifacts(path: str | Path) -> Artifacts:
-    """Verify the bundle at ``path`` against its manifest, then load it (``BundleError`` if bad)."""
+def load_artifacts(path: str | Path, *, mmap: bool = False) -> Artifacts:
+    """Verify the bundle at ``path`` against its manifest, then load it (``BundleError`` if bad).
+
+    mmap: map the two-tower weights and index from the bundle's files too (the sources' arrays
+    always are; see ``retrieval._topk.read_state``), so that the serving workers of one machine
+    share them through the page cache. The mapped index is read-only: ``add_items`` raises.
+    """
     bundle = Path(path)
     manifest = verify_bundle(bundle)
     try:
@@ -157,7 +162,7 @@ def load_artifacts(path: str | Path) -> Artifacts:
         items = IdMap.from_frame(pl.read_parquet(bundle / ITEMS_MAP))
         catalog_frame = pl.read_parquet(bundle / CATALOG) if (bundle / CATALOG).is_file() else None
         catalog = ItemCatalog.from_frame(catalog_frame, items)
-        retrieval = RetrievalStage.load(bundle / RETRIEVAL_DIR)
+        retrieval = RetrievalStage.load(bundle / RETRIEVAL_DIR, mmap=mmap)
         ranking = (
             RankingStage.load(bundle / RANKING_DIR) if (bundle / RANKING_DIR).is_dir() else None
         )

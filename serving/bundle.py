@@ -90,8 +90,22 @@ def write_manifest(
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
-    """Check a bundle against its manifest and return it; ``BundleError`` if anything differs."""
+    """Check a bundle against its manifest and return it; ``BundleError`` if anything differs.
+
+    A path the OS refuses (a name too long, a file that cannot be read, an I/O error) is a bad
+    bundle too: ``BundleError`` names the path, so callers (the CLI, ``/admin/reload``) report it
+    like any other refused bundle instead of failing on a raw ``OSError``.
+    """
     bundle = Path(path)
+    try:
+        return _verify(bundle)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        culprit = "" if exc.filename in (None, str(bundle)) else f" ({exc.filename})"
+        raise BundleError(f"bundle {str(bundle)!r} cannot be read: {reason}{culprit}") from exc
+
+
+def _verify(bundle: Path) -> dict[str, Any]:
     manifest_path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"bundle {str(bundle)!r} does not exist or is not a directory")
@@ -101,7 +115,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         )
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(

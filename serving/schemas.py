@@ -10,11 +10,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.feedback_log import DEFAULT_TYPE_WEIGHTS
+
 # Ids are opaque strings; 256 characters is far beyond any real id and keeps memory bounded.
 MAX_ID_LENGTH = 256
 MAX_K = 200
 MAX_EXCLUDE = 1_000
 MAX_EVENTS = 1_000
+
+# The event types the service accepts: those of the feedback log it opens, which has the default
+# weights (the service has no setting for others). Listed as an enum in the OpenAPI schema; the
+# value is checked by FeedbackLog.make_event, whose 422 names the bad type and the allowed ones,
+# so the list lives in one place and cannot drift from what the log accepts.
+EVENT_TYPES = tuple(DEFAULT_TYPE_WEIGHTS)
 
 
 class RecommendIn(BaseModel):
@@ -56,7 +64,17 @@ class EventIn(BaseModel):
     event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    type: str = Field(min_length=1, max_length=32)
+    type: str = Field(
+        min_length=1,
+        max_length=32,
+        description=(
+            f"What the user did, one of {', '.join(EVENT_TYPES)} (any other is a 422). "
+            "impression: shown without engagement (logged for training and monitoring, adds "
+            "nothing to the user's history); the others are positives of increasing strength."
+        ),
+        examples=["click"],
+        json_schema_extra={"enum": list(EVENT_TYPES)},
+    )
     timestamp: int | None = Field(default=None, ge=0, le=2**62)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import polars as pl
 
 from data.dataset import load_dataset
 from data.errors import BundleError, DataError
+from data.schema import TIMESTAMP, WEIGHT
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 from serving.artifacts import Artifacts, load_artifacts, load_history
@@ -27,6 +29,9 @@ from serving.online_state import OnlineState, observe_frame
 from serving.pipeline import BudgetConfig, Pipeline
 
 logger = logging.getLogger(__name__)
+
+# The history cut of an empty seed history: below every event time, so every event is new.
+_NO_HISTORY = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,28 @@ class UnknownItemError(DataError):
     """The item id is not in the served catalogue (HTTP 404)."""
 
 
+@dataclass(frozen=True)
+class _Served:
+    """The live pipeline and how much of the feedback log its online state holds.
+
+    Swapped as one value, so the pipeline and its bookkeeping never disagree.
+    """
+
+    pipeline: Pipeline
+    # The newest event time (seconds UTC) of the history the state was seeded from: logged
+    # events at or before it belong to that history, not to new feedback (see _seed_state).
+    history_cut: int
+    # The state holds every new logged event with seq <= replayed_seq (0: none replayed yet).
+    replayed_seq: int = 0
+
+
 class RecommenderService:
     """Owns the current :class:`Pipeline` and swaps it atomically on reload.
 
     history: optional dataset directory whose train + valid splits seed each user's recent history;
-    by default the bundle's own history snapshot does. Feedback since then is replayed from the log.
+    by default the bundle's own history snapshot does. Feedback logged after that history is
+    replayed from the log, so the online state is the same whether it was built by live feedback,
+    a reload or a restart.
     """
 
     def __init__(
@@ -58,17 +80,42 @@ class RecommenderService:
         self.feedback = feedback
         self.history = Path(history) if history is not None else None
         self.budgets = budgets if budgets is not None else BudgetConfig()
+        # One reload at a time (a slow bundle load happens under it, no request waits on it).
         self._reload_lock = threading.Lock()
-        self.pipeline = self._build(Path(bundle))
+        # Guards _served for its swap and for each live state update: held for in-memory work
+        # and one short log read, never for a bundle load or a log write.
+        self._swap_lock = threading.Lock()
+        self._served = self._build(Path(bundle))
         self.last_feedback_timestamp: int | None = None
 
-    # ---------------------------------------------------------------------------- lifecycle
-    def _build(self, bundle: Path) -> Pipeline:
-        artifacts = load_artifacts(bundle)
-        state = self._seed_state(artifacts)
-        return make_pipeline(artifacts, state, budgets=self.budgets)
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline serving now (a request keeps the one it picked up until it finishes)."""
+        return self._served.pipeline
 
-    def _seed_state(self, artifacts: Artifacts) -> OnlineState:
+    # ---------------------------------------------------------------------------- lifecycle
+    def _build(self, bundle: Path) -> _Served:
+        # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
+        # index through the page cache. The served index is read-only (no live add_items here).
+        artifacts = load_artifacts(bundle, mmap=True)
+        state, cut = self._seed_state(artifacts)
+        served = _Served(make_pipeline(artifacts, state, budgets=self.budgets), cut)
+        return self._replay_log(served)
+
+    def _seed_state(self, artifacts: Artifacts) -> tuple[OnlineState, int]:
+        """A state holding the seed history, and that history's newest event time.
+
+        Why replay the log by event time and not by a log sequence number: a bundle is trained
+        from a dataset, which carries no sequence numbers of this log, so which logged events the
+        bundle has seen can only be told by time. Its history snapshot holds each user's latest
+        train + valid events, so the snapshot's newest timestamp is the training cut. A logged
+        event at or before the cut either is in the snapshot already (a retrain on a dataset
+        exported from this log) or predates the data the bundle was trained on: replaying it
+        would count it twice, or slot an old event into a history the bundle wrote. Only events
+        after the cut are news. What this costs: an event that arrives with a client time at or
+        before the cut and was not in the training data stays out of the online state; it is in
+        the log, so the next retrain learns it.
+        """
         history_length = artifacts.retrieval.config.history_length
         state = OnlineState(artifacts.users, len(artifacts.items), history_length)
         if self.history is not None:
@@ -77,8 +124,24 @@ class RecommenderService:
         else:
             frame = load_history(artifacts)
         observe_frame(state, artifacts.items, frame)
-        observe_frame(state, artifacts.items, self.feedback.to_frame().filter(pl.col("weight") > 0))
-        return state
+        # An empty seed history holds nothing a logged event could repeat: every event is new.
+        cut = int(frame[TIMESTAMP].max()) if frame.height else _NO_HISTORY  # type: ignore[arg-type]
+        return state, cut
+
+    def _replay_log(self, served: _Served) -> _Served:
+        """``served`` with every new logged event after ``served.replayed_seq`` observed.
+
+        Reads until the log is exhausted: ``replayed_seq`` is then at least the seq of every
+        transaction committed before the last read, and below that of any committed after it.
+        """
+        replayed = served.replayed_seq
+        items = served.pipeline.artifacts.items
+        for frame in self.feedback.iter_all(since=replayed):
+            replayed = int(frame["seq"][-1])
+            # Impressions (weight 0) are logged for training and monitoring, not histories.
+            fresh = frame.filter((pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > served.history_cut))
+            observe_frame(served.pipeline.state, items, fresh)
+        return replace(served, replayed_seq=replayed)
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
         """Load, verify and warm a new bundle, then swap it in; the old one serves until then.
@@ -87,25 +150,25 @@ class RecommenderService:
         or unreadable. Returns (new model_version, previous model_version).
         """
         with self._reload_lock:
-            since = self.feedback.last_seq()
             try:
-                fresh = self._build(Path(bundle))
+                fresh = self._build(Path(bundle))  # slow: no request-facing lock held
             except OSError as exc:
                 # A path the OS refuses (name too long, permission denied, I/O error) is a bad
                 # bundle like any other, not a server error: the caller gets a 4xx, not a 500.
                 raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
-            # Feedback that arrived while the new state was being built.
-            events, _ = self.feedback.read_since(since)
-            self._observe_events(fresh, events)
-            previous, self.pipeline = self.pipeline, fresh
+            with self._swap_lock:
+                # Feedback committed while the bundle loaded. Under the lock, so an event is
+                # either read here or observed live into the new pipeline, never neither nor
+                # both (record_feedback compares its seq with replayed_seq under this lock).
+                fresh = self._replay_log(fresh)
+                previous, self._served = self._served, fresh
         # No previous.close(): requests that picked up the old pipeline before the swap are still
         # running on it, and closing shuts its stage executor under them (their stages fail and
         # the answer degrades). The last of them drops the last reference; its stage threads
         # exit when the executor is garbage-collected.
-        logger.info(
-            "reloaded bundle %s (%s -> %s)", bundle, previous.model_version, fresh.model_version
-        )
-        return fresh.model_version, previous.model_version
+        old, new = previous.pipeline.model_version, fresh.pipeline.model_version
+        logger.info("reloaded bundle %s (%s -> %s)", bundle, old, new)
+        return new, old
 
     def close(self) -> None:
         self.pipeline.close()
@@ -115,24 +178,33 @@ class RecommenderService:
     def record_feedback(self, events: list[FeedbackEvent]) -> AppendResult:
         """Append durably first, then update the online state used by the next request."""
         result = self.feedback.append(events)
-        self._observe_events(self.pipeline, list(result.accepted_events))
         if result.accepted_events:
+            with self._swap_lock:
+                served = self._served
+                # One append is one transaction, so its events' seqs are all <= last_seq: if a
+                # reload that swapped in after the commit read them from the log, they are in
+                # its state already; otherwise none of them is.
+                if result.last_seq > served.replayed_seq:
+                    self._observe_events(served, result.accepted_events)
             self.last_feedback_timestamp = max(e.timestamp for e in result.accepted_events)
         return result
 
     @staticmethod
-    def _observe_events(pipeline: Pipeline, events: list[FeedbackEvent]) -> None:
-        # Impressions (weight 0) are logged for training and monitoring, not added to histories.
-        positive = [e for e in events if e.weight > 0]
-        if not positive:
+    def _observe_events(served: _Served, events: Sequence[FeedbackEvent]) -> None:
+        """Add live events to the state, by the rule the log replay follows (_replay_log)."""
+        times = np.array([e.timestamp for e in events], dtype=np.int64)
+        weights = np.array([e.weight for e in events], dtype=np.float64)
+        keep = (weights > 0) & (times > served.history_cut)
+        if not keep.any():
             return
-        items = pipeline.artifacts.items.index([e.item_id for e in positive], allow_unknown=True)
+        kept = [e for e, k in zip(events, keep, strict=True) if k]
+        items = served.pipeline.artifacts.items.index([e.item_id for e in kept], allow_unknown=True)
         known = items != PAD_ITEM
         if known.any():
-            pipeline.state.observe(
-                [e.user_id for e, k in zip(positive, known, strict=True) if k],
+            served.pipeline.state.observe(
+                [e.user_id for e, k in zip(kept, known, strict=True) if k],
                 items[known],
-                np.array([e.timestamp for e in positive], dtype=np.int64)[known],
+                times[keep][known],
             )
 
     # ---------------------------------------------------------------------------- similar

@@ -274,8 +274,14 @@ class TwoTowerSource:
         write_state(out, type(self).__name__, meta, arrays)
 
     @classmethod
-    def load(cls, directory: Path) -> Self:
-        """Read a directory written by :meth:`save` (onto the CPU); ``BundleError`` if broken."""
+    def load(cls, directory: Path, *, mmap: bool = False) -> Self:
+        """Read a directory written by :meth:`save` (onto the CPU); ``BundleError`` if broken.
+
+        The arrays (item vectors, features) are copy-on-write maps of their files whatever
+        ``mmap`` says (``read_state``). mmap: also map the model weights (copy-on-write) and the
+        index (read-only: :meth:`add_items` and :meth:`remove_items` then raise), so the serving
+        workers of one machine share one copy of each through the page cache.
+        """
         path = Path(directory)
         meta, arrays = read_state(path, cls.__name__)
         config = from_mapping(TwoTowerConfig, meta["config"], cls.__name__)
@@ -296,8 +302,11 @@ class TwoTowerSource:
                 config,
             )
         try:
-            state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
+            state = torch.load(
+                path / WEIGHTS_FILE, map_location="cpu", weights_only=True, mmap=mmap
+            )
+            # assign: the parameters become the loaded (mapped) tensors instead of copies.
+            model.load_state_dict(state, assign=mmap)
             curves = TrainingCurves.from_dict(json.loads((path / CURVES_JSON).read_text()))
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise BundleError(f"{path}: unreadable two-tower weights or curves ({exc})") from exc
@@ -306,7 +315,7 @@ class TwoTowerSource:
         source.item_vectors_ = arrays["item_vectors"]
         source.in_index_ = arrays["in_index"]
         source.trained_until_ = int(meta["trained_until"])
-        source.index_ = VectorIndex.load(path / INDEX_DIR)
+        source.index_ = VectorIndex.load(path / INDEX_DIR, mmap=mmap)
         return source
 
     # ------------------------------------------------------------------------------ helpers
