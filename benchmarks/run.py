@@ -76,6 +76,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 5: 100 requests/s for 60 s with zero errors and p99 <= 30 ms; max sustainable rate",
     ),
     Benchmark(
+        "recommend",
+        "benchmarks.bench_recommend",
+        "Batch recommend for every user (100k users, k=10)",
+        "issue 6: `recsys recommend --all` for 100k users x k=10 in under 5 minutes on 2 cores",
+    ),
+    Benchmark(
         "simulator",
         "benchmarks.bench_simulator",
         "Simulated A/B experiment (2 arms, 30 days, 50k users)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--max-users", type=int, help="evaluate a seeded sample of test users")
     evaluate.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    evaluate.add_argument(
+        "--now",
+        type=int,
+        help="request time, seconds UTC (default: when the test window opens, after the history;"
+        " report.json records it)",
+    )
     evaluate.add_argument("--report", type=Path, help="directory for report.json, report.md, plots")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -51,7 +58,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     who.add_argument("--all", action="store_true", help="every user known to the bundle")
     who.add_argument("--users", type=Path, help="CSV/parquet with a user_id column")
     recommend.add_argument("--k", type=int, default=10)
-    recommend.add_argument("--now", type=int, help="request time, seconds UTC (default: now)")
+    recommend.add_argument(
+        "--now",
+        type=int,
+        help="request time, seconds UTC (default: the wall clock; report.json's now reproduces"
+        " what recsys evaluate scored)",
+    )
+    recommend.add_argument(
+        "--workers",
+        type=int,
+        help="batches answered at once (default: one per available CPU core)",
+    )
     recommend.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
     recommend.set_defaults(handler=_recommend)
 
@@ -73,6 +90,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             recall_cutoffs=tuple(sorted(args.cutoffs)),
             max_users=args.max_users,
             n_boot=args.n_boot,
+            now=args.now,
         ),
         report_dir=args.report,
     )
@@ -103,6 +121,8 @@ def _recommend(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise DataError(f"--k must be positive, got {args.k}")
+    if args.workers is not None and args.workers <= 0:
+        raise DataError(f"--workers must be positive, got {args.workers}")
     if args.out.suffix not in (".csv", ".parquet"):
         raise DataError(f"--out must end in .csv or .parquet, got {str(args.out)!r}")
     artifacts = load_artifacts(args.bundle)
@@ -114,7 +134,8 @@ def _recommend(args: argparse.Namespace) -> int:
             raise DataError(f"{args.users}: missing column 'user_id'; found {frame.columns}")
         users = frame["user_id"].cast(pl.String).unique(maintain_order=True).to_list()
     pipeline = make_pipeline(artifacts, online_state_for(artifacts), enforce_budgets=False)
-    rows = recommend_batch(pipeline, users, args.k, now=args.now, progress=True)
+    workers = args.workers or available_cores()
+    rows = recommend_batch(pipeline, users, args.k, now=args.now, workers=workers, progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".csv":
         rows.write_csv(args.out)
@@ -122,6 +143,13 @@ def _recommend(args: argparse.Namespace) -> int:
         rows.write_parquet(args.out)
     print(f"wrote {rows.height:,} rows for {len(users):,} users to {args.out}")
     return 0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one, e.g. a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def print_systems_table(report: dict[str, Any], console: Console | None = None) -> None:

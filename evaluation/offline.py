@@ -11,6 +11,13 @@ Full-catalogue ranking on the test split, seen items removed, for:
 
 Baselines are fitted on train + valid: the pipeline's retrieval saw only train (valid drove early
 stopping and the ranker's labels), so the comparison, if anything, favours the baselines.
+
+Every pipeline request is made at one fixed time, ``now`` (recorded in the report): by default
+the moment the test window opens, after every history event (see :func:`request_time`). The wall
+clock would make the report depend on when it was run (the ranker reads the hour, the weekday and
+ages as of ``now``) and would ask a model trained on the log's time to score decades later.
+``recsys recommend --now <report's now>`` then answers exactly what the ``pipeline`` system was
+scored on.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from evaluation.segments import (
 from reranking.config import RerankerConfig
 from retrieval.base import PAD_ITEM
 from serving.artifacts import Artifacts, load_artifacts
+from serving.factory import make_pipeline
 from serving.online_state import OnlineState, observe_frame
 from serving.pipeline import Pipeline, RecommendRequest
 from serving.rules_adapter import RuleReranker
@@ -59,6 +67,7 @@ class OfflineConfig:
     max_users: evaluate a seeded sample of test users (None = all).
     n_boot: bootstrap resamples for intervals; baselines: which baselines to run.
     ease_max_items: EASE is O(n_items^2) memory; above this it is skipped (and said so).
+    now: request time of every pipeline request, seconds UTC; None = :func:`request_time`.
     """
 
     ks: tuple[int, ...] = (10, 20, 50)
@@ -69,6 +78,7 @@ class OfflineConfig:
     baselines: tuple[str, ...] = ("random", "popular", "recent_popular", "als", "ease")
     ease_max_items: int = 20_000
     batch_size: int = 1_000
+    now: int | None = None
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) <= 0 or min(self.recall_cutoffs, default=1) <= 0:
@@ -100,12 +110,13 @@ def evaluate_offline(
     user_ids = evaluation.user_ids.filter(pl.Series(keep)).to_list()
     seen = evaluation.seen[keep]
     k_max = max(config.ks)
+    now = config.now if config.now is not None else request_time(history, test)
 
     systems: dict[str, npt.NDArray[np.int32]] = {}
     state = _history_state(artifacts, history)
     for name, pipeline in _stage_pipelines(artifacts, state).items():
-        systems[name] = _recommend(pipeline, user_ids, k_max, config.batch_size)
-    rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, config)
+        systems[name] = _recommend(pipeline, user_ids, k_max, now, config.batch_size)
+    rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, now, config)
     # Each candidate source's own order: the bar the ranker has to clear.
     own_order = artifacts.retrieval.retrieve_each(
         evaluation.users.take(np.flatnonzero(keep)), k_max, exclude=seen
@@ -135,6 +146,7 @@ def evaluate_offline(
         "model_version": artifacts.model_version,
         "data": str(data_dir),
         "n_users": int(keep.sum()),
+        "now": now,
         "ks": list(config.ks),
         "retrieval": retrieval_recall(artifacts, evaluation, tuple(sorted(config.recall_cutoffs))),
         "systems": {
@@ -180,6 +192,19 @@ def evaluate_offline(
     return report
 
 
+def request_time(history: pl.DataFrame, test: pl.DataFrame) -> int:
+    """The default ``now`` of the evaluation requests, seconds UTC.
+
+    The later of the last history (train + valid) event and the first test event: for a temporal
+    split, the moment the test window opens; for a random split, whose test events interleave
+    with the history, the first moment at which everything in the user state has happened.
+    """
+    bounds = [int(history["timestamp"].to_numpy().max())] if history.height else []
+    if test.height:
+        bounds.append(int(test["timestamp"].to_numpy().min()))
+    return max(bounds, default=0)
+
+
 def _history_state(artifacts: Artifacts, history: pl.DataFrame) -> OnlineState:
     state = OnlineState(
         artifacts.users, len(artifacts.items), artifacts.retrieval.config.history_length
@@ -189,29 +214,29 @@ def _history_state(artifacts: Artifacts, history: pl.DataFrame) -> OnlineState:
 
 
 def _stage_pipelines(artifacts: Artifacts, state: OnlineState) -> dict[str, Pipeline]:
-    """The served funnel and its prefixes, all the same Pipeline class (no budgets offline)."""
-    rules = RerankerConfig.from_mapping(artifacts.manifest["config"].get("reranking"))
-    reranker = RuleReranker(rules, artifacts.catalog)
+    """The served funnel and its prefixes, all the same Pipeline class (no budgets offline).
+
+    The full funnel comes from the factory that ``recsys recommend`` and the service use, so the
+    ``pipeline`` system cannot be wired differently from what they serve.
+    """
     pipelines = {"retrieval_order": Pipeline(artifacts, state, enforce_budgets=False)}
     if artifacts.ranking is not None:
         pipelines["ranked"] = Pipeline(
             artifacts, state, ranker=artifacts.ranking, enforce_budgets=False
         )
-    pipelines[PIPELINE] = Pipeline(
-        artifacts, state, ranker=artifacts.ranking, reranker=reranker, enforce_budgets=False
-    )
+    pipelines[PIPELINE] = make_pipeline(artifacts, state, enforce_budgets=False)
     return pipelines
 
 
 def _recommend(
-    pipeline: Pipeline, user_ids: list[str], k: int, batch_size: int
+    pipeline: Pipeline, user_ids: list[str], k: int, now: int, batch_size: int
 ) -> npt.NDArray[np.int32]:
-    """(n, k) item indices in the bundle's item space, through ``Pipeline.recommend``."""
+    """(n, k) item indices in the bundle's item space, through ``Pipeline.recommend`` at ``now``."""
     out = np.full((len(user_ids), k), PAD_ITEM, dtype=np.int32)
     items = pipeline.artifacts.items
     for start in range(0, len(user_ids), batch_size):
         chunk = user_ids[start : start + batch_size]
-        answers = pipeline.recommend([RecommendRequest(u, k=k, now=None) for u in chunk])
+        answers = pipeline.recommend([RecommendRequest(u, k=k, now=now) for u in chunk])
         for offset, answer in enumerate(answers):
             if answer.item_ids:
                 index = items.index(answer.item_ids)
@@ -225,6 +250,7 @@ def _rule_costs(
     user_ids: list[str],
     relevant: sp.csr_matrix,
     k: int,
+    now: int,
     config: OfflineConfig,
 ) -> list[dict[str, Any]]:
     """NDCG@k after each re-ranking rule (prefixes of the rule list), and what it changed."""
@@ -235,7 +261,7 @@ def _rule_costs(
         pipeline = Pipeline(
             artifacts, state, ranker=artifacts.ranking, reranker=reranker, enforce_budgets=False
         )
-        rec = _recommend(pipeline, user_ids, k, config.batch_size)
+        rec = _recommend(pipeline, user_ids, k, now, config.batch_size)
         cut = config.ks[0]
         out.append(
             {
@@ -357,7 +383,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Offline evaluation: bundle `{report['model_version']}`",
         "",
-        f"{report['n_users']:,} test users; full-catalogue ranking, seen items removed.",
+        f"{report['n_users']:,} test users; full-catalogue ranking, seen items removed; "
+        f"requests at now = {report.get('now')} (seconds UTC).",
         "",
         f"## Systems (NDCG@{cut}, 95% bootstrap interval)",
         "",
