@@ -124,7 +124,12 @@ def train_bundle(
             ranking.save(staging / RANKING_DIR)
         (staging / "state").mkdir()
         history = pl.concat([train, valid]) if valid.height else train
-        latest_events(history, stage_config.history_length).write_parquet(staging / HISTORY)
+        # Unknown items first, then the latest events: the snapshot must hold history_length
+        # events the bundle can use, as the evaluator's state built from train + valid does.
+        known = items.index(history[ITEM_ID], allow_unknown=True) >= 0
+        latest_events(history.filter(pl.Series(known)), stage_config.history_length).write_parquet(
+            staging / HISTORY
+        )
     return verify_bundle(out)
 
 

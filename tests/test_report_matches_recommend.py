@@ -173,12 +173,6 @@ def test_evaluation_requests_are_made_when_the_test_window_opens(catalogued_run:
     assert catalogued_run.report["now"] == history_end
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundle's history snapshot (serving/artifacts.py train_bundle) keeps each user's "
-    "latest history_length events *before* dropping items unknown to the bundle, so a served user "
-    "state holds fewer known items than the evaluator's state built from the same train + valid",
-)
 def test_report_matches_when_valid_holds_items_the_bundle_does_not_know(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
