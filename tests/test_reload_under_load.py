@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import polars as pl
 import pytest
 
 from serving.bundle import MANIFEST_NAME, write_manifest
-from tests.test_serve_process import free_port, wait_ready
+from tests.test_serve_process import free_port, serve_command, wait_ready
 
 TOKEN = "reload-test-token"
 N_CLIENT_THREADS = 4
@@ -171,20 +170,7 @@ def start_server(bundle: Path, data: Path, tmp_path: Path, port: int) -> subproc
         "RECSYS_RERANKING_BUDGET_MS": "5000",
         "RECSYS_ADMIN_TOKEN": TOKEN,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--data",
-        str(data),
-        "--port",
-        str(port),
-        "--feedback-db",
-        str(tmp_path / "feedback.sqlite3"),
-    ]
+    command = serve_command(bundle, data, tmp_path / "feedback.sqlite3", port)
     # Files, not pipes: nobody drains a pipe while the test runs. Popen keeps its own copies.
     with (tmp_path / "server.out").open("wb") as out, (tmp_path / "server.err").open("wb") as err:
         return subprocess.Popen(command, stdout=out, stderr=err, env=env)

@@ -28,22 +28,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def serve_command(bundle: Path, data: Path, db: Path, port: int) -> list[str]:
+    """The ``recsys serve`` command line of these tests (the real CLI, in a child process)."""
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+        "--feedback-db",
+        str(db),
+    ]
+
+
 def start(bundle: Path, data: Path, db: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--data",
-            str(data),
-            "--port",
-            str(port),
-            "--feedback-db",
-            str(db),
-        ],
+        serve_command(bundle, data, db, port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -128,20 +133,7 @@ def test_server_log_lines_have_time_level_and_logger(
     url = f"http://127.0.0.1:{port}"
     token = "log-test-token"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RECSYS_ADMIN_TOKEN": token}
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--data",
-        str(data),
-        "--port",
-        str(port),
-        "--feedback-db",
-        str(tmp_path / "feedback.sqlite3"),
-    ]
+    command = serve_command(bundle, data, tmp_path / "feedback.sqlite3", port)
     with (tmp_path / "server.err").open("wb") as err:
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
