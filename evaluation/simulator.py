@@ -617,7 +617,11 @@ def _serve(
     probabilities = apply_fatigue(probabilities, penalties)
     clicked = draw_choices(probabilities, uniforms)
     # The same slates, fatigue and times in the world without drift: the drift's own cost.
-    undrifted = apply_fatigue(undrifted_world.click_probabilities(users, slates, times), penalties)
+    undrifted = (
+        probabilities  # a world without drift is its own counterfactual: nothing to recompute
+        if world.config.drift == "none"
+        else apply_fatigue(undrifted_world.click_probabilities(users, slates, times), penalties)
+    )
     universe.memory.write(users, slates)
     hit = np.flatnonzero(clicked >= 0)
     universe.consumed.write(users[hit], slates[hit, clicked[hit]][:, None])
