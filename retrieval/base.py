@@ -42,12 +42,16 @@ class UserBatch:
     recent_items: (n, H) int32 item indices, most recent first, padded with -1.
     recent_times: (n, H) int64 seconds UTC of those events (0 at padding).
     now:          (n,) int64 seconds UTC, the time of the request.
+    seen:         optional (n, any width) binary CSR of every item each user interacted with,
+                  beyond the recent ones (the online state keeps it); ``None`` when only the
+                  recent history is known, as for a batch built from a log slice.
     """
 
     user_idx: IntArray
     recent_items: IntArray
     recent_times: npt.NDArray[np.int64]
     now: npt.NDArray[np.int64]
+    seen: sp.csr_matrix | None = None
 
     def __post_init__(self) -> None:
         n = self.user_idx.shape[0]
@@ -60,6 +64,8 @@ class UserBatch:
             )
         if self.now.shape != (n,):
             raise DataError(f"now has shape {self.now.shape}, expected ({n},)")
+        if self.seen is not None and self.seen.shape[0] != n:
+            raise DataError(f"seen has {self.seen.shape[0]} rows, expected {n}")
 
     def __len__(self) -> int:
         return int(self.user_idx.shape[0])
@@ -72,6 +78,7 @@ class UserBatch:
             self.recent_items[index],
             self.recent_times[index],
             self.now[index],
+            None if self.seen is None else self.seen[index],
         )
 
     def history_matrix(self, n_items: int) -> sp.csr_matrix:
@@ -84,6 +91,24 @@ class UserBatch:
         matrix.sum_duplicates()
         matrix.data[:] = 1.0
         return matrix
+
+    def seen_matrix(self, n_items: int) -> sp.csr_matrix:
+        """(n, n_items) binary CSR of every item to exclude as already seen: the recent history
+        plus ``seen`` (items at or beyond ``n_items`` are dropped)."""
+        widest = int(self.recent_items.max(initial=PAD_ITEM)) + 1
+        recent = self.history_matrix(max(n_items, widest))[:, :n_items]
+        if self.seen is None or self.seen.nnz == 0:
+            return recent
+        width = self.seen.shape[1]
+        if width > n_items:
+            seen = self.seen[:, :n_items]
+        else:
+            seen = sp.csr_matrix(
+                (self.seen.data, self.seen.indices, self.seen.indptr), shape=(len(self), n_items)
+            )
+        union = (recent + seen).tocsr()
+        union.data[:] = 1.0
+        return union
 
     @classmethod
     def from_interactions(

@@ -27,8 +27,9 @@ from serving.bundle import bundle_writer, verify_bundle
 USERS_MAP = "ids/users.parquet"
 ITEMS_MAP = "ids/items.parquet"
 CATALOG = "catalog/items.parquet"
-# Each user's latest events (train + valid) when the bundle was trained: the online state's
-# starting point, so a served bundle knows every user's recent history without the dataset.
+# Every train + valid event on the bundle's items, as it was when the bundle was trained: the
+# online state's starting point, so a served bundle knows each user's recent history and every
+# item they have seen without the dataset (the same state the offline evaluator builds).
 HISTORY = "state/history.parquet"
 RETRIEVAL_DIR = "retrieval"
 RANKING_DIR = "ranking"
@@ -124,23 +125,13 @@ def train_bundle(
             ranking.save(staging / RANKING_DIR)
         (staging / "state").mkdir()
         history = pl.concat([train, valid]) if valid.height else train
-        # Unknown items first, then the latest events: the snapshot must hold history_length
-        # events the bundle can use, as the evaluator's state built from train + valid does.
+        # All of it, not each user's latest history_length events: the seen set that keeps
+        # old items out of recommendations needs every event.
         known = items.index(history[ITEM_ID], allow_unknown=True) >= 0
-        latest_events(history.filter(pl.Series(known)), stage_config.history_length).write_parquet(
+        history.filter(pl.Series(known)).sort(TIMESTAMP, maintain_order=True).write_parquet(
             staging / HISTORY
         )
     return verify_bundle(out)
-
-
-def latest_events(frame: pl.DataFrame, per_user: int) -> pl.DataFrame:
-    """Each user's ``per_user`` most recent events (canonical schema), oldest first."""
-    return (
-        frame.sort(TIMESTAMP, maintain_order=True)
-        .group_by(USER_ID, maintain_order=True)
-        .tail(per_user)
-        .sort(TIMESTAMP, maintain_order=True)
-    )
 
 
 def load_history(artifacts: Artifacts) -> pl.DataFrame:

@@ -138,7 +138,7 @@ def explore(pipeline: Pipeline, user_id: str, k: int, *, ranked_shown: int = 20)
     now = int(pipeline.clock())
     users = pipeline.state.batch([user_id], now)
     n_items = len(artifacts.items)
-    seen = users.history_matrix(max(n_items, pipeline.state.n_items))[:, :n_items]
+    seen = users.seen_matrix(n_items)
     describe = _Describer(pipeline)
 
     sources = []

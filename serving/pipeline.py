@@ -166,7 +166,7 @@ class Pipeline:
         now = np.array([r.now if r.now is not None else wall_now for r in requests], dtype=np.int64)
         users = self.state.batch([r.user_id for r in requests], now)
         n_items = len(self.artifacts.items)
-        seen = users.history_matrix(max(n_items, self.state.n_items))[:, :n_items]
+        seen = users.seen_matrix(n_items)
         exclude = [self._exclusions(r.exclude_item_ids) for r in requests]
         blocked = _add_rows(seen, exclude, n_items)
         degraded: list[str] = []

@@ -107,8 +107,8 @@ class RecommenderService:
 
         Why replay the log by event time and not by a log sequence number: a bundle is trained
         from a dataset, which carries no sequence numbers of this log, so which logged events the
-        bundle has seen can only be told by time. Its history snapshot holds each user's latest
-        train + valid events, so the snapshot's newest timestamp is the training cut. A logged
+        bundle has seen can only be told by time. Its history snapshot holds the train + valid
+        events, so the snapshot's newest timestamp is the training cut. A logged
         event at or before the cut either is in the snapshot already (a retrain on a dataset
         exported from this log) or predates the data the bundle was trained on: replaying it
         would count it twice, or slot an old event into a history the bundle wrote. Only events

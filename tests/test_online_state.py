@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,3 +75,50 @@ def test_seeded_from_a_log() -> None:
     s = OnlineState.from_log(log, log.users, history_length=4)
     batch = s.batch(["a"], 5)
     assert log.items.to_ids(batch.recent_items[0][:2]).to_list() == ["z", "x"]
+
+
+def test_seen_holds_every_item_beyond_the_recent_history() -> None:
+    s = state(h=2)
+    s.observe(["a", "a", "a", "c"], [1, 2, 3, 7], [10, 20, 30, 5])
+    s.observe(["a"], [1], [40])  # a repeat: seen once
+    batch = s.batch(["a", "c", "zz"], now=50)
+    assert batch.recent_items[0].tolist() == [1, 3]
+    seen = batch.seen_matrix(10)
+    assert seen[0].indices.tolist() == [1, 2, 3]  # item 2 left the recent history, not the seen set
+    assert seen[1].indices.tolist() == [7]
+    assert seen[2].nnz == 0
+    assert set(seen.data.tolist()) == {1.0}
+
+
+def test_seen_survives_take_and_ignores_items_beyond_the_width() -> None:
+    s = state(h=1)
+    s.observe(["a", "a", "b"], [8, 9, 4], [1, 2, 3])
+    batch = s.batch(["a", "b"], now=5).take([1, 0])
+    assert batch.seen_matrix(10)[1].indices.tolist() == [8, 9]
+    assert batch.seen_matrix(9)[1].indices.tolist() == [8]  # item 9 is not in a 9-item space
+    assert batch.seen_matrix(10)[0].indices.tolist() == [4]
+
+
+def test_negative_item_indices_are_refused() -> None:
+    with pytest.raises(ValueError, match="map or drop unknown items"):
+        state().observe(["a"], [PAD_ITEM], [1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 9), st.integers(0, 50)),
+        max_size=40,
+    ),
+    split=st.integers(0, 40),
+)
+def test_seen_is_every_observed_pair_in_any_chunking(
+    events: list[tuple[str, int, int]], split: int
+) -> None:
+    s = state(h=1)
+    for chunk in (events[:split], events[split:]):
+        s.observe([e[0] for e in chunk], [e[1] for e in chunk], [e[2] for e in chunk])
+    ids = ["a", "b", "c", "d"]
+    seen = s.batch(ids, 0).seen_matrix(10)
+    for row, user in enumerate(ids):
+        assert seen[row].indices.tolist() == sorted({i for u, i, _ in events if u == user})

@@ -180,11 +180,6 @@ def test_report_matches_when_valid_holds_items_the_bundle_does_not_know(
     assert_report_matches(run, capsys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Pipeline filters only the online state's recent history (history_length events) "
-    "as seen, not everything the user interacted with",
-)
 def test_recommend_never_returns_a_seen_item(catalogued_run: Run) -> None:
     history = pl.concat(
         pl.read_parquet(catalogued_run.data / "splits" / f"{name}.parquet")
