@@ -42,6 +42,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import polars as pl
+from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from data.dataset import load_dataset
@@ -427,11 +431,14 @@ def simulate(
     run = _Run(config, history, universes, clock, tick_share)
     started = time.perf_counter()
     try:
-        for day in tqdm(range(config.n_days), desc="simulate-ab", unit="day", disable=not progress):
-            for tick in range(config.behaviour.ticks_per_day):
-                run.tick(day, tick)
-            run.close_day(day)
+        with _one_blas_thread(run.arm_threads is not None):
+            days = tqdm(range(config.n_days), desc="simulate-ab", unit="day", disable=not progress)
+            for day in days:
+                for tick in range(config.behaviour.ticks_per_day):
+                    run.tick(day, tick)
+                run.close_day(day)
     finally:
+        run.close()
         for universe in universes:
             universe.runner.close()
     timings["simulation_seconds"] = time.perf_counter() - started
@@ -470,6 +477,17 @@ class _Run:
         self.popularity_feature = np.log1p(history.pre_item_clicks)
         self.daily_rows: list[dict[str, Any]] = []
         self.monitor_rows: list[dict[str, Any]] = []
+        self.arm_threads = (
+            ThreadPoolExecutor(
+                len(universes), thread_name_prefix="arm", initializer=_one_openmp_thread
+            )
+            if config.behaviour.parallel_arms and len(universes) > 1
+            else None
+        )
+
+    def close(self) -> None:
+        if self.arm_threads is not None:
+            self.arm_threads.shutdown()
 
     def tick(self, day: int, tick: int) -> None:
         """Arrivals of one tick, served and answered in every arm's copy."""
@@ -493,15 +511,27 @@ class _Run:
         # Feedback of this tick is delivered at its end: the logs' clock says so.
         self.clock.now = tick_start + self.tick_seconds
         ids = [self.user_ids[u] for u in users]
-        for a, universe in enumerate(self.universes):
+
+        def run_arm(universe: _Universe) -> tuple[_Outcome, npt.NDArray[np.float64]]:
+            # Touches only this arm's copy (its service, log, memories) and read-only shared data.
             outcome = _serve(
                 universe, self.world, self.undrifted_world, ids, users, times, uniforms, behaviour
             )
-            self._record(a, users, day, outcome)
-            universe.tracks["score"].add(
-                _prediction_scores(universe.runner.service.pipeline, ids, times, outcome, sample)
-            )
+            pipeline = universe.runner.service.pipeline
+            scores = _prediction_scores(pipeline, ids, times, outcome, sample)
             universe.runner.record(_click_events(universe, ids, times, outcome, day, tick))
+            return outcome, scores
+
+        answers = (
+            self.arm_threads.map(run_arm, self.universes)
+            if self.arm_threads is not None
+            else map(run_arm, self.universes)
+        )
+        for a, (universe, (outcome, scores)) in enumerate(
+            zip(self.universes, answers, strict=True)
+        ):
+            self._record(a, users, day, outcome)
+            universe.tracks["score"].add(scores)
 
     def _record(self, arm: int, users: npt.NDArray[np.int64], day: int, outcome: _Outcome) -> None:
         clicked = outcome.clicked >= 0
@@ -798,6 +828,25 @@ def _start_universes(
             )
         )
     return universes
+
+
+def _one_openmp_thread() -> None:
+    """Arm-thread initializer: OpenMP (FAISS, LightGBM) runs on this thread alone.
+
+    OpenMP's thread count is a per-thread setting, so each arm thread sets its own; with the arms
+    already one per core, a second OpenMP thread per arm would only wait for a busy core.
+    """
+    ThreadpoolController().limit(limits=1, user_api="openmp")
+
+
+@contextmanager
+def _one_blas_thread(active: bool) -> Iterator[None]:
+    """BLAS on one thread while ``active`` (its thread count is process-wide: set once, here)."""
+    if not active:
+        yield
+        return
+    with ThreadpoolController().limit(limits=1, user_api="blas"):
+        yield
 
 
 def _tick_shares(world: World, ticks_per_day: int) -> npt.NDArray[np.float64]:

@@ -67,6 +67,10 @@ class RecommenderService:
     by default the bundle's own history snapshot does. Feedback logged after that history is
     replayed from the log, so the online state is the same whether it was built by live feedback,
     a reload or a restart.
+    budgets: the pipeline's per-stage latency budgets; ``enforce_budgets=False`` runs every stage
+    inline in the caller's thread and never degrades for time (offline callers such as the
+    simulator, whose batches of hundreds of users would overrun any per-request budget). A stage
+    that raises still degrades either way.
     """
 
     def __init__(
@@ -76,10 +80,12 @@ class RecommenderService:
         *,
         history: str | Path | None = None,
         budgets: BudgetConfig | None = None,
+        enforce_budgets: bool = True,
     ) -> None:
         self.feedback = feedback
         self.history = Path(history) if history is not None else None
         self.budgets = budgets if budgets is not None else BudgetConfig()
+        self.enforce_budgets = enforce_budgets
         # One reload at a time (a slow bundle load happens under it, no request waits on it).
         self._reload_lock = threading.Lock()
         # Guards _served for its swap and for each live state update: held for in-memory work
@@ -99,7 +105,10 @@ class RecommenderService:
         # index through the page cache. The served index is read-only (no live add_items here).
         artifacts = load_artifacts(bundle, mmap=True)
         state, cut = self._seed_state(artifacts)
-        served = _Served(make_pipeline(artifacts, state, budgets=self.budgets), cut)
+        pipeline = make_pipeline(
+            artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
+        )
+        served = _Served(pipeline, cut)
         return self._replay_log(served)
 
     def _seed_state(self, artifacts: Artifacts) -> tuple[OnlineState, int]:
