@@ -158,23 +158,46 @@ def ranked_topk(
     order:          (m,) item indices, best first.
     ordered_scores: (m,) their scores, non-increasing.
 
-    Only the first ``k + (most items any row excludes)`` entries of the ranking can reach a
-    row's top ``k``, so the work is (n_rows, that many) whatever the catalogue size.
+    Only the first ``k + (items the row excludes)`` entries of the ranking can reach a row's
+    top ``k``. One heavy user's seen set must not widen every row, so all rows first look at
+    ``k + min(most excluded, k)`` entries, and only the rows left short look further.
     """
     out = Candidates.empty(n_rows, k)
     if k == 0 or order.size == 0 or n_rows == 0:
         return out
-    most_excluded = 0 if exclude is None else int(np.diff(exclude.indptr).max())
-    width = min(order.size, k + most_excluded)
-    items = np.broadcast_to(order[:width].astype(np.int32), (n_rows, width))
-    keep = ~excluded_mask(exclude, items)
+    excluded = np.zeros(n_rows, np.int64) if exclude is None else np.diff(exclude.indptr)
+    width = min(order.size, k + min(int(excluded.max()), k))
+    rows = np.arange(n_rows)
+    filled = _fill_from_ranking(out, rows, order, ordered_scores, width, exclude, k)
+    needed = np.minimum(k + excluded, order.size)
+    short = np.flatnonzero((filled < k) & (needed > width))
+    if short.size:
+        wider = int(needed[short].max())
+        assert exclude is not None  # only rows with exclusions can be short
+        _fill_from_ranking(out, short, order, ordered_scores, wider, exclude[short], k)
+    return out
+
+
+def _fill_from_ranking(
+    out: Candidates,
+    rows: npt.NDArray[np.int64],
+    order: npt.NDArray[np.integer],
+    ordered_scores: npt.NDArray[np.floating],
+    width: int,
+    exclude_rows: sp.csr_matrix | None,
+    k: int,
+) -> npt.NDArray[np.int64]:
+    """Write the top-``k`` non-excluded of the ranking's first ``width`` entries into ``rows``
+    of ``out`` (``exclude_rows``: those rows' exclusions); returns how many each row got."""
+    items = np.broadcast_to(order[:width].astype(np.int32), (rows.size, width))
+    keep = ~excluded_mask(exclude_rows, items)
     rank = np.cumsum(keep, axis=1) - 1
     keep &= rank < k
-    rows = np.broadcast_to(np.arange(n_rows)[:, None], (n_rows, width))[keep]
-    out.item_idx[rows, rank[keep]] = items[keep]
-    scores = np.broadcast_to(ordered_scores[:width].astype(np.float32), (n_rows, width))
-    out.scores[rows, rank[keep]] = scores[keep]
-    return out
+    row_of = np.broadcast_to(rows[:, None], (rows.size, width))[keep]
+    out.item_idx[row_of, rank[keep]] = items[keep]
+    scores = np.broadcast_to(ordered_scores[:width].astype(np.float32), (rows.size, width))
+    out.scores[row_of, rank[keep]] = scores[keep]
+    return keep.sum(axis=1)
 
 
 def sparse_topk(matrix: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None) -> Candidates:
