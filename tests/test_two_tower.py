@@ -1,5 +1,6 @@
 """Two-tower retrieval: the contract, known answers on a clustered world, the loss by hand,
-point-in-time histories, determinism, online re-encoding and live catalogue updates."""
+point-in-time histories, determinism, sparse id-table training, online re-encoding and live
+catalogue updates."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.catalog import ItemCatalog
+from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.errors import ConfigError, DataError
 from data.idmap import IdMap
 from data.interactions import Interactions
@@ -27,6 +28,7 @@ from retrieval.two_tower import (
     TwoTowerSource,
     train_two_tower,
 )
+from retrieval.two_tower.config import SPARSE_AUTO_MIN_ROWS
 from retrieval.two_tower.model import age_buckets
 from retrieval.two_tower.train import (
     CURVES_JSON,
@@ -34,6 +36,7 @@ from retrieval.two_tower.train import (
     accidental_hits,
     bpr_loss,
     candidate_log_q,
+    clip_grad_norm,
     sampled_softmax_loss,
 )
 from tests.retrieval_contract import (
@@ -67,6 +70,15 @@ def cluster_of(items: np.ndarray) -> np.ndarray:
 
 def all_users(log: Interactions) -> UserBatch:
     return UserBatch.from_interactions(log, np.arange(log.n_users), history_length=HISTORY)
+
+
+def without_items(log: Interactions, items: list[int]) -> Interactions:
+    """``log`` minus the events of ``items``: they stay in the catalogue, with no trained id."""
+    keep = ~np.isin(log.item_idx, items)
+    return Interactions(
+        log.users, log.items, log.user_idx[keep], log.item_idx[keep], log.timestamp[keep],
+        log.weight[keep],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +136,9 @@ def test_training_loss_decreases(trained: TwoTowerSource) -> None:
         {"pooling": "attention"},
         {"n_uniform_negatives": 16},
         {"logq_correction": False},
+        {"sparse_embeddings": True},
     ],
-    ids=["bpr", "attention", "mixed-negatives", "no-logq"],
+    ids=["bpr", "attention", "mixed-negatives", "no-logq", "sparse-ids"],
 )
 def test_variants_learn_the_clusters(
     variant: dict[str, object], clustered: tuple[Interactions, ItemCatalog]
@@ -242,11 +255,12 @@ def test_history_matches_the_serving_view_of_the_log_before_each_event(
 
 
 # ------------------------------------------------------------------------------ determinism
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-ids", "sparse-ids"])
 def test_same_seed_same_weights_and_candidates(
-    clustered: tuple[Interactions, ItemCatalog],
+    sparse: bool, clustered: tuple[Interactions, ItemCatalog]
 ) -> None:
     log, catalog = clustered
-    config = replace(TINY, max_epochs=5)
+    config = replace(TINY, max_epochs=5, sparse_embeddings=sparse)
     first = TwoTowerSource(config).fit(log, catalog)
     second = TwoTowerSource(config).fit(log, catalog)
     for name, weights in first.model_.state_dict().items():
@@ -368,11 +382,7 @@ def test_score_and_vectors_for_the_ranker(
 def test_new_items_use_the_features_only_path() -> None:
     log, catalog = clustered_log()
     # Drop item 0's events: it stays in the catalogue but has no trained id row.
-    keep = log.item_idx != 0
-    cold = Interactions(
-        log.users, log.items, log.user_idx[keep], log.item_idx[keep], log.timestamp[keep],
-        log.weight[keep],
-    )  # fmt: skip
+    cold = without_items(log, [0])
     features = TowerFeatures.build(catalog, cold.item_counts, n_users=cold.n_users, config=TINY)
     assert not features.item_known[0] and features.item_known[1:].all()
     inputs = features.item_inputs(np.array([0, 3]), 0)
@@ -457,6 +467,106 @@ def test_approximate_index_scores_are_exact_cosines(
     np.testing.assert_allclose(source.score(users, out.item_idx), out.scores, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------ sparse id tables
+def test_auto_sparse_ids_above_the_row_threshold_only() -> None:
+    auto = TwoTowerConfig()
+    # Each table has one extra "unknown" row.
+    assert not auto.sparse_id_tables(SPARSE_AUTO_MIN_ROWS // 2 - 1, SPARSE_AUTO_MIN_ROWS // 2 - 1)
+    assert auto.sparse_id_tables(SPARSE_AUTO_MIN_ROWS // 2, SPARSE_AUTO_MIN_ROWS // 2 - 1)
+    assert auto.sparse_id_tables(100_000, 1_000_000)
+    assert not auto.sparse_id_tables(5_000, 2_000)  # the embedded dataset stays dense
+    assert TwoTowerConfig(sparse_embeddings=True).sparse_id_tables(40, 30)
+    assert not TwoTowerConfig(sparse_embeddings=False).sparse_id_tables(100_000, 1_000_000)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-ids", "sparse-ids"])
+def test_sparse_steps_leave_unlooked_rows_alone_and_dense_parameters_decay(
+    sparse: bool, clustered: tuple[Interactions, ItemCatalog]
+) -> None:
+    """Epoch 2 against epoch 1 of the same seeded run, on rows whose gradient is always 0.
+
+    Decoupled weight decay multiplies such a row by ``1 - lr * wd`` per step (AdamW's moments
+    stay 0); SparseAdam does not see it at all.
+    """
+    log, catalog = clustered
+    cold = [0, 1]  # in the catalogue, no training events: their id rows are never looked up
+    log = without_items(log, cold)
+    config = replace(TINY, weight_decay=0.5, sparse_embeddings=sparse)
+    features = TowerFeatures.build(catalog, log.item_counts, n_users=log.n_users, config=config)
+    after = [
+        train_two_tower(log, features, replace(config, max_epochs=epochs)).model
+        for epochs in (1, 2)
+    ]
+    steps = -(-len(log) // config.batch_size)
+    decay = (1 - config.learning_rate * config.weight_decay) ** steps
+    # Every item has an unknown release time: only age bucket 0 is ever used.
+    assert (catalog.created_at == UNKNOWN_TIME).all()
+    unused_ages = [model.age_embedding.weight[1:].detach() for model in after]
+    torch.testing.assert_close(unused_ages[1], unused_ages[0] * decay, rtol=1e-5, atol=0)
+    cold_rows = [model.item_embedding.weight[cold].detach() for model in after]
+    if sparse:
+        assert torch.equal(cold_rows[1], cold_rows[0])
+    else:
+        torch.testing.assert_close(cold_rows[1], cold_rows[0] * decay, rtol=1e-5, atol=0)
+    # Rows the batches do look up are trained in both modes.
+    looked_up = [model.item_embedding.weight[2:N_ITEMS].detach() for model in after]
+    assert not torch.allclose(looked_up[1], looked_up[0] * decay, rtol=1e-3)
+
+
+def test_sparse_ids_carry_the_l2_penalty_of_weight_decay(
+    clustered: tuple[Interactions, ItemCatalog],
+) -> None:
+    log, catalog = clustered
+    features = TowerFeatures.build(catalog, log.item_counts, n_users=log.n_users, config=TINY)
+
+    def id_row_norms(weight_decay: float) -> float:
+        config = replace(TINY, sparse_embeddings=True, weight_decay=weight_decay)
+        model = train_two_tower(log, features, config).model
+        rows = [model.user_embedding.weight[: log.n_users], model.item_embedding.weight[:N_ITEMS]]
+        return float(torch.cat(rows).detach().norm(dim=1).mean())
+
+    assert id_row_norms(weight_decay=1.0) < 0.5 * id_row_norms(weight_decay=0.0)
+
+
+def test_clip_grad_norm_takes_sparse_gradients_like_torch_takes_dense_ones() -> None:
+    """The same clipped gradients as torch's clip_grad_norm_ on their dense copies."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(6, 3, sparse=True)
+    layer = torch.nn.Linear(3, 2)
+    # Row 1 is looked up twice: two pieces of one row in the (uncoalesced) sparse gradient.
+    layer(table(torch.tensor([1, 1, 4]))).square().sum().backward()
+    parameters: list[torch.Tensor] = [table.weight, layer.weight, layer.bias]
+    dense = [torch.nn.Parameter(p.detach().clone()) for p in parameters]
+    for copy, parameter in zip(dense, parameters, strict=True):
+        assert parameter.grad is not None
+        copy.grad = (
+            parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad.clone()
+        )
+    assert table.weight.grad is not None and not table.weight.grad.is_coalesced()
+    max_norm = 0.1
+    unclipped = torch.nn.utils.get_total_norm([c.grad for c in dense if c.grad is not None])
+    assert float(unclipped) > 10 * max_norm  # so clipping does scale
+
+    clip_grad_norm(parameters, max_norm)
+    torch.nn.utils.clip_grad_norm_(dense, max_norm)
+    for parameter, copy in zip(parameters, dense, strict=True):
+        assert parameter.grad is not None and copy.grad is not None
+        torch.testing.assert_close(parameter.grad.to_dense(), copy.grad)
+
+
+def test_sparse_training_returns_and_saves_an_ordinary_model(
+    clustered: tuple[Interactions, ItemCatalog], tmp_path: Path
+) -> None:
+    log, catalog = clustered
+    source = TwoTowerSource(replace(TINY, max_epochs=3, sparse_embeddings=True)).fit(log, catalog)
+    assert not any(table.sparse for table in source.model_.id_tables)
+    source.save(tmp_path / "tt")
+    loaded = TwoTowerSource.load(tmp_path / "tt")
+    assert not any(table.sparse for table in loaded.model_.id_tables)
+    users = all_users(log)
+    np.testing.assert_allclose(source.user_vectors(users), loaded.user_vectors(users), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ input checks
 @pytest.mark.parametrize(
     ("field", "value"),
@@ -470,6 +580,8 @@ def test_approximate_index_scores_are_exact_cosines(
         ("age_bucket_days", (7.0, 1.0)),
         ("device", "tpu"),
         ("threads", 0),
+        ("sparse_embeddings", "yes"),
+        ("sparse_embeddings", 1),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object) -> None:

@@ -17,6 +17,16 @@ from data.errors import ConfigError
 Pooling = Literal["mean", "attention"]
 Loss = Literal["sampled_softmax", "bpr"]
 Device = Literal["cpu", "cuda"]
+SparseEmbeddings = Literal["auto"] | bool
+
+# ``sparse_embeddings="auto"`` turns sparse updates on above this many id rows (user + item
+# tables together). Dense AdamW reads and writes every row of both tables (weight, gradient, two
+# moments) each step, so its cost grows with the tables; a sparse step's grows with the batch.
+# Median step at dim 32, batch 512, 2 CPU cores, dense vs sparse: 7k rows (the embedded
+# dataset) 16 vs 18 ms, 30k rows 20 vs 17 ms, 100k rows 42 vs 16 ms, 1.1M rows 513 vs 18 ms.
+# From 100k rows sparse wins by 2.5x and more; below ~30k dense is as fast and keeps the
+# tested defaults' numbers exactly.
+SPARSE_AUTO_MIN_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,13 @@ class TwoTowerConfig:
         seed: seeds torch and the numpy Generator (shuffling, dropout masks, negatives).
         encode_batch_size: rows per forward pass when encoding the catalogue or many users
             (bounds memory; the vectors do not depend on it beyond float rounding).
+        sparse_embeddings: how the user- and item-id tables are updated. ``False``: dense
+            gradients and AdamW, like every other parameter. ``True``: sparse gradients and
+            ``torch.optim.SparseAdam``, so a step touches only the rows its batch looked up, not
+            the whole catalogue; SparseAdam has no weight decay, so the looked-up rows carry an
+            L2 penalty of ``weight_decay`` instead (the other parameters keep AdamW). ``"auto"``
+            (default): sparse when the two tables hold more than ``SPARSE_AUTO_MIN_ROWS`` rows
+            together, where the dense update of every row dominates a step.
         device: ``"cpu"`` or ``"cuda"``.
         threads: torch intra-op CPU threads while training and encoding; ``None`` (default)
             keeps torch's own default (one per core). Set on a shared machine: with every core
@@ -96,6 +113,7 @@ class TwoTowerConfig:
     valid_max_users: int = 2_000
     seed: int = 0
     encode_batch_size: int = 8_192
+    sparse_embeddings: SparseEmbeddings = "auto"
     device: Device = "cpu"
     threads: int | None = None
     progress: bool = False
@@ -105,6 +123,13 @@ class TwoTowerConfig:
         object.__setattr__(self, "hidden_dims", tuple(int(x) for x in self.hidden_dims))
         object.__setattr__(self, "age_bucket_days", tuple(float(x) for x in self.age_bucket_days))
         _validate(self)
+
+    def sparse_id_tables(self, n_users: int, n_items: int) -> bool:
+        """Whether the id tables of ``n_users`` and ``n_items`` (plus one "unknown" row each)
+        train with sparse gradients."""
+        if self.sparse_embeddings == "auto":
+            return (n_users + 1) + (n_items + 1) > SPARSE_AUTO_MIN_ROWS
+        return bool(self.sparse_embeddings)
 
     @property
     def n_age_buckets(self) -> int:
@@ -153,6 +178,11 @@ def _validate(c: TwoTowerConfig) -> None:
     ):
         raise ConfigError(
             f"TwoTowerConfig.threads must be None or an integer >= 1, got {threads!r}"
+        )
+    sparse = c.sparse_embeddings
+    if not isinstance(sparse, bool) and not (isinstance(sparse, str) and sparse == "auto"):
+        raise ConfigError(
+            f"TwoTowerConfig.sparse_embeddings must be true, false or 'auto', got {sparse!r}"
         )
     choices: tuple[tuple[str, Any], ...] = (
         ("pooling", Pooling),

@@ -328,6 +328,20 @@ class TwoTowerModel(nn.Module):
             nn.init.normal_(self.category_embedding.weight, std=_EMBEDDING_INIT_STD)
             self.category_embedding.weight[n_categories].zero_()
 
+    @property
+    def id_tables(self) -> tuple[nn.Embedding, nn.Embedding]:
+        """The user- and item-id embedding tables: the parameters that grow with the data."""
+        return self.user_embedding, self.item_embedding
+
+    def use_sparse_id_gradients(self, sparse: bool) -> None:
+        """Let backward give the id tables sparse gradients (only the looked-up rows) or dense.
+
+        A training-time switch for ``torch.optim.SparseAdam``: no weight and no ``state_dict``
+        key depends on it, so a saved model loads the same either way (dense, the default).
+        """
+        for table in self.id_tables:
+            table.sparse = sparse
+
     def encode_items(self, inputs: ItemInputs) -> torch.Tensor:
         """(N, output_dim) unit item vectors."""
         parts = (

@@ -16,6 +16,10 @@ mixed with uniformly drawn items, with two corrections:
 BPR (Rendle et al., 2009) over the same candidates is the alternative loss. AdamW, gradient
 clipping and early stopping on validation recall@K (full catalogue, the user's training items
 excluded) with the best weights restored. Same seed, same weights on CPU.
+
+Large id tables (``TwoTowerConfig.sparse_embeddings``) train with sparse gradients and
+``torch.optim.SparseAdam``: a step then costs O(rows in the batch), not O(catalogue), because
+dense AdamW rewrites every row of the table (and both its moments) on every step.
 """
 
 from __future__ import annotations
@@ -276,10 +280,11 @@ def train_two_tower(
             features.n_user_features,
             config,
         ).to(device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        epoch_runner = _EpochRunner(log, features, config, model, device, rng)
+        sparse = config.sparse_id_tables(log.n_users, features.n_id_items)
+        model.use_sparse_id_gradients(sparse)
+        optimizers = _optimizers(model, config, sparse)
+        id_l2 = config.weight_decay if sparse else 0.0
+        epoch_runner = _EpochRunner(log, features, config, model, device, rng, id_l2)
         validator = None
         if valid is not None and len(valid):
             validator = _Validator(log, valid, model, features, config, device)
@@ -287,7 +292,7 @@ def train_two_tower(
         best_recall, best_state, bad_epochs = -np.inf, None, 0
         for epoch in range(1, config.max_epochs + 1):
             started = time.perf_counter()
-            train_loss = epoch_runner.run(optimizer, epoch)
+            train_loss = epoch_runner.run(optimizers, epoch)
             train_seconds = time.perf_counter() - started
             started = time.perf_counter()
             valid_recall, valid_loss = validator.evaluate() if validator else (None, None)
@@ -314,8 +319,55 @@ def train_two_tower(
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
+    # Sparse gradients are a property of this training loop: hand back the module that loading
+    # the saved weights gives (dense), which any other optimizer can fine-tune.
+    model.use_sparse_id_gradients(False)
     model.eval()
     return TrainedTwoTower(model, curves)
+
+
+def _optimizers(
+    model: TwoTowerModel, config: TwoTowerConfig, sparse: bool
+) -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter; with ``sparse``, SparseAdam over the id tables instead.
+
+    SparseAdam updates only the rows present in a sparse gradient ("lazy" Adam: an absent row
+    keeps its weights and moments); it has no weight decay, so ``_BatchLoss`` adds an L2 term
+    on the looked-up rows.
+    """
+    if not sparse:
+        return [
+            torch.optim.AdamW(
+                model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            )
+        ]
+    id_weights = [table.weight for table in model.id_tables]
+    dense = [p for p in model.parameters() if not any(p is w for w in id_weights)]
+    return [
+        torch.optim.AdamW(dense, lr=config.learning_rate, weight_decay=config.weight_decay),
+        torch.optim.SparseAdam(id_weights, lr=config.learning_rate),
+    ]
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` whose global norm also counts sparse gradients.
+
+    torch's own raises on a sparse gradient (``linalg.vector_norm`` has no sparse kernel), and
+    clipping the dense parameters alone would let the id rows' share of the norm through.
+    """
+    for parameter in parameters:
+        if parameter.grad is not None and parameter.grad.is_sparse:
+            # Coalesce first: an embedding's sparse gradient holds one piece per lookup, and
+            # the norm of a row's pieces is not the norm of their sum. SparseAdam would
+            # coalesce anyway, so this costs nothing extra.
+            parameter.grad = parameter.grad.coalesce()
+    grads = [
+        p.grad.values() if p.grad.is_sparse else p.grad for p in parameters if p.grad is not None
+    ]
+    total = torch.nn.utils.get_total_norm(grads)
+    # foreach=False: the multi-tensor kernels' fast path takes strided tensors only, so a sparse
+    # gradient sends them to this per-tensor path anyway (same products, any device).
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -329,7 +381,8 @@ class _BatchLoss:
     """The configured loss of a batch of events (rows of ``log``), as a differentiable scalar.
 
     With an ``rng`` (training) it draws id-dropout masks and ``n_uniform_negatives``; without
-    one (evaluation) it uses in-batch negatives only and hides no id.
+    one (evaluation) it uses in-batch negatives only and hides no id. ``id_l2 > 0`` (training
+    with sparse id tables) also returns an L2 penalty on the id rows the batch looked up.
     """
 
     def __init__(
@@ -341,14 +394,17 @@ class _BatchLoss:
         history: PointInTimeHistory,
         item_probability: npt.NDArray[np.float64],
         device: torch.device,
+        id_l2: float = 0.0,
     ) -> None:
         self.model, self.features, self.config = model, features, config
         self.log, self.history, self.device = log, history, device
         self.item_probability = torch.tensor(item_probability, dtype=torch.float32, device=device)
+        self.id_l2 = id_l2
 
     def __call__(
         self, events: npt.NDArray[np.int64], rng: np.random.Generator | None = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss over the batch's events, the id-row L2 penalty or None)."""
         config, features, log, device = self.config, self.features, self.log, self.device
         users, items, times = log.user_idx[events], log.item_idx[events], log.timestamp[events]
         recent = self.history.gather(events)
@@ -375,6 +431,9 @@ class _BatchLoss:
             device=device,
         )
         scores = self.model.encode_users(user_inputs) @ self.model.encode_items(item_inputs).T
+        penalty = None
+        if self.id_l2 > 0 and rng is not None:
+            penalty = _id_row_penalty(self.model, user_inputs.ids, item_inputs.ids, self.id_l2)
         candidate_items = torch.tensor(candidates, device=device)
         user_ids = torch.tensor(users, device=device)
         no_user = torch.full((n_uniform,), -1, dtype=user_ids.dtype, device=device)
@@ -382,17 +441,36 @@ class _BatchLoss:
             candidate_items[:batch], user_ids, candidate_items, torch.cat([user_ids, no_user])
         )
         if config.loss == "bpr":
-            return bpr_loss(scores, hits, config.temperature)
+            return bpr_loss(scores, hits, config.temperature), penalty
         log_q = None
         if config.logq_correction:
             log_q = candidate_log_q(
                 self.item_probability, candidate_items, batch, n_uniform, features.n_items
             )
-        return sampled_softmax_loss(scores, hits, config.temperature, log_q)
+        return sampled_softmax_loss(scores, hits, config.temperature, log_q), penalty
+
+
+def _id_row_penalty(
+    model: TwoTowerModel, user_rows: torch.Tensor, item_rows: torch.Tensor, strength: float
+) -> torch.Tensor:
+    """``strength / 2`` x (mean squared norm of the looked-up user rows + of the item rows).
+
+    Stands in for weight decay on sparse id tables. SparseAdam has none, and decaying every row
+    each step is the O(catalogue) update that sparse training avoids; so a row is pulled
+    towards 0 when the batch uses it (the L2 form of ``weight_decay``, applied lazily). Per
+    lookup and averaged like the loss, a row's pull (``strength`` x its share of the batch x
+    the row) grows with its frequency as its data gradient does: the balance between the two
+    does not depend on the row's popularity or on the batch size. The rows are those of the
+    batch's users and candidate items; history slots reuse candidate rows of other events.
+    """
+    users, items = model.id_tables
+    user_term = users(user_rows).square().sum(dim=1).mean()
+    item_term = items(item_rows).square().sum(dim=1).mean()
+    return 0.5 * strength * (user_term + item_term)
 
 
 class _EpochRunner:
-    """One pass over the shuffled training events: batches, loss, clipped AdamW steps."""
+    """One pass over the shuffled training events: batches, loss, clipped optimizer steps."""
 
     def __init__(
         self,
@@ -402,6 +480,7 @@ class _EpochRunner:
         model: TwoTowerModel,
         device: torch.device,
         rng: np.random.Generator,
+        id_l2: float = 0.0,
     ) -> None:
         self.n_events, self.config, self.model, self.rng = len(log), config, model, rng
         history = PointInTimeHistory(
@@ -409,10 +488,10 @@ class _EpochRunner:
         )
         # The in-batch sampling distribution: each item's share of the training stream.
         probability = _item_probability(log.item_idx, features.n_items)
-        self.loss = _BatchLoss(model, features, config, log, history, probability, device)
+        self.loss = _BatchLoss(model, features, config, log, history, probability, device, id_l2)
 
-    def run(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
-        """Train one epoch; return the mean training loss per example."""
+    def run(self, optimizers: list[torch.optim.Optimizer], epoch: int) -> float:
+        """Train one epoch; return the mean training loss per example (without the penalty)."""
         self.model.train()
         order = self.rng.permutation(self.n_events)
         n_batches = -(-self.n_events // self.config.batch_size)
@@ -423,14 +502,23 @@ class _EpochRunner:
             desc=f"two-tower epoch {epoch}",
             disable=not self.config.progress,
         ):
-            loss = self.loss(events, self.rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
-            optimizer.step()
+            loss = self.step(events, optimizers)
             total += float(loss.detach()) * len(events)
         return total / self.n_events
+
+    def step(
+        self, events: npt.NDArray[np.int64], optimizers: list[torch.optim.Optimizer]
+    ) -> torch.Tensor:
+        """One optimisation step on ``events`` (log rows); returns their loss."""
+        loss, penalty = self.loss(events, self.rng)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        (loss if penalty is None else loss + penalty).backward()
+        if self.config.grad_clip_norm > 0:
+            clip_grad_norm(list(self.model.parameters()), self.config.grad_clip_norm)
+        for optimizer in optimizers:
+            optimizer.step()
+        return loss
 
 
 class _Validator:
@@ -516,7 +604,7 @@ class _Validator:
             return None
         total = 0.0
         for events in _chunks(self.loss_events, self.config.batch_size):
-            total += float(self.loss(events)) * len(events)
+            total += float(self.loss(events)[0]) * len(events)
         return total / self.loss_events.shape[0]
 
 
