@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +23,13 @@ ID_COLUMN = "id"
 INDEX_COLUMN = "index"
 UNKNOWN_INDEX = -1
 """The index :meth:`IdMap.index` returns for an id it does not know (with ``allow_unknown``)."""
+
+# IdMap.index binary-searches a sorted copy of the map (made once, on first use) for calls of up
+# to this many ids or of no more ids than the map holds; beyond, polars' hash lookup. The hash
+# lookup rebuilds a table of the whole map on every call: right for 20M ids against a small map,
+# ruinous for the one user of an HTTP request. Measured on a 1M-id map (2-core box): 1 id 0.1 ms
+# vs ~70 ms; 5k ids 9 vs 377 ms; 250k ids 154 vs 399 ms.
+_BINARY_SEARCH_MIN_IDS = 4_096
 
 # How many offending ids an error message quotes: enough to recognise the problem, short enough
 # to read on one line.
@@ -95,7 +103,10 @@ class IdMap:
         return self._ids.len()
 
     def __contains__(self, external_id: object) -> bool:
-        return isinstance(external_id, str) and bool(self._ids.is_in([external_id]).any())
+        return (
+            isinstance(external_id, str)
+            and self.index([external_id], allow_unknown=True)[0] != UNKNOWN_INDEX
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, IdMap):
@@ -115,12 +126,17 @@ class IdMap:
         raise ``DataError`` quoting up to five of them.
         """
         series = _as_string_series(ids, "ids")
-        indices = series.replace_strict(
-            self._ids,
-            pl.int_range(len(self), dtype=pl.Int32, eager=True),
-            default=UNKNOWN_INDEX,
-            return_dtype=pl.Int32,
-        ).to_numpy()
+        indices = None
+        few = series.len() <= max(_BINARY_SEARCH_MIN_IDS, len(self))
+        if few and not series.null_count():
+            indices = self._binary_search(series.to_list())
+        if indices is None:
+            indices = series.replace_strict(
+                self._ids,
+                pl.int_range(len(self), dtype=pl.Int32, eager=True),
+                default=UNKNOWN_INDEX,
+                return_dtype=pl.Int32,
+            ).to_numpy()
         if not allow_unknown:
             unknown = indices == UNKNOWN_INDEX
             if unknown.any():
@@ -131,6 +147,33 @@ class IdMap:
                     f"e.g. {distinct.head(_MAX_QUOTED_IDS).to_list()}"
                 )
         return indices
+
+    @cached_property
+    def _sorted(self) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int32]] | None:
+        """The ids in sorted order (fixed-width numpy strings) and the index of each; ``None``
+        when an id holds a NUL character (numpy strings drop trailing NULs: "a\\0" == "a")."""
+        if self._ids.str.contains("\x00", literal=True).any():
+            return None
+        # Sorted by numpy itself, so that the order is the one np.searchsorted assumes.
+        ids = np.array(self._ids.to_list(), dtype=np.str_)
+        order = np.argsort(ids, kind="stable").astype(np.int32)
+        return ids[order], order
+
+    def _binary_search(self, queries: list[str]) -> npt.NDArray[np.int32] | None:
+        """Indices of ``queries`` by binary search (``UNKNOWN_INDEX`` if absent); ``None`` when
+        a NUL character rules it out."""
+        lookup = self._sorted
+        if lookup is None or any("\x00" in q for q in queries):
+            return None
+        sorted_ids, index_of = lookup
+        if not queries or sorted_ids.size == 0:
+            return np.full(len(queries), UNKNOWN_INDEX, dtype=np.int32)
+        # The queries keep their own width: cast to the map's, a longer id would be truncated
+        # into a false match.
+        wanted = np.array(queries, dtype=np.str_)
+        position = np.searchsorted(sorted_ids, wanted).clip(max=sorted_ids.size - 1)
+        found = sorted_ids[position] == wanted
+        return np.where(found, index_of[position], UNKNOWN_INDEX).astype(np.int32)
 
     def to_ids(self, indices: npt.ArrayLike) -> pl.Series:
         """Map integer ``indices`` (n,) back to a ``(n,)`` String series.

@@ -118,3 +118,25 @@ def test_index_and_to_ids_are_inverse(ids: list[str]) -> None:
     assert id_map.to_ids(indices).to_list() == ids
     everything = np.arange(len(id_map))
     assert np.array_equal(id_map.index(id_map.to_ids(everything)), everything)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ids=st.lists(st.text(max_size=5), min_size=0, max_size=25),
+    queries=st.lists(st.text(max_size=7), min_size=0, max_size=12),
+)
+def test_few_ids_are_looked_up_like_many(ids: list[str], queries: list[str]) -> None:
+    """A small call (binary search over a sorted copy) answers like a bulk call (polars hash
+    lookup): unknown ids, prefixes of known ids, longer ids and NUL characters included."""
+    id_map = IdMap.from_ids(ids)
+    repeats = 5_000 // max(len(queries), 1) + 1  # more ids than the map holds: the bulk path
+    bulk = id_map.index(queries * repeats, allow_unknown=True)[: len(queries)]
+    small = id_map.index(queries, allow_unknown=True)
+    np.testing.assert_array_equal(small, bulk)
+    known = set(ids)
+    assert [q in id_map for q in queries] == [q in known for q in queries]
+
+
+def test_a_longer_id_is_not_truncated_into_a_match() -> None:
+    id_map = IdMap.from_ids(["ab", "b"])
+    assert id_map.index(["abc", "a", "ab", "b\x00"], allow_unknown=True).tolist() == [-1, -1, 0, -1]
