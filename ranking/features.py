@@ -37,6 +37,7 @@ from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
+from retrieval._topk import concatenated_ranges
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.covisit import CoVisitationSource
 from retrieval.merge import MergedCandidates
@@ -659,18 +660,6 @@ def _covisit_score(
     found = known & (keys[found_at] == wanted)
     score = np.where(found, sums[found_at], 0.0)
     return np.where(known, score, np.nan)
-
-
-def concatenated_ranges(
-    starts: npt.NDArray[np.integer], lengths: npt.NDArray[np.integer]
-) -> npt.NDArray[np.int64]:
-    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, vectorized."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(lengths) - lengths)
-    return np.arange(total, dtype=np.int64) + np.repeat(shift, lengths)
 
 
 def check_feature_names(expected: tuple[str, ...], found: tuple[str, ...], where: str) -> None:

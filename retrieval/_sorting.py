@@ -30,7 +30,7 @@ def sort_order(keys: list[npt.NDArray[np.integer]]) -> npt.NDArray[np.intp]:
 
 
 def descending_key(values: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
-    """A non-negative int64 key (< 2**32) per float32 value, NaN excepted: larger value, smaller key.
+    """A non-negative int64 key (< 2**32) per float32 value (not NaN): larger value, smaller key.
 
     The float32 bit pattern, with the sign bit flipped for positives and every bit flipped for
     negatives, orders like the floats (infinities included); subtracting it from 2**32 - 1 reverses

@@ -320,9 +320,22 @@ def is_memory_mapped(array: np.ndarray) -> bool:
     return isinstance(base, mmap.mmap)
 
 
+def concatenated_ranges(
+    starts: npt.NDArray[np.integer], lengths: npt.NDArray[np.integer]
+) -> npt.NDArray[np.int64]:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, vectorized."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(lengths) - lengths)
+    return np.arange(total, dtype=np.int64) + np.repeat(shift, lengths)
+
+
 __all__ = [
     "check_k",
     "align_exclude",
+    "concatenated_ranges",
     "dense_topk",
     "excluded_mask",
     "pair_excluded",

@@ -199,6 +199,8 @@ class ColdStartSource:
         known = (users.user_idx >= 0) & (users.user_idx < self.n_users_)
         items = users.recent_items
         rows, cols = np.nonzero((items >= 0) & (items < self.n_items) & ~known[:, None])
+        if rows.size == 0:  # the usual request (a known user): skip the sparse algebra
+            return sp.csr_matrix((len(users), self.categories_.shape[1]), dtype=np.float32)
         history = sp.csr_matrix(
             (np.ones(rows.size, np.float32), (rows, items[rows, cols])),
             shape=(len(users), self.n_items),

@@ -11,9 +11,9 @@ import pytest
 
 from data.dataset import load_dataset
 from data.interactions import Interactions
+from retrieval.merge import MergedCandidates
 from serving.artifacts import Artifacts, load_artifacts
 from serving.online_state import OnlineState
-from retrieval.merge import MergedCandidates
 from serving.pipeline import (
     BudgetConfig,
     Pipeline,
