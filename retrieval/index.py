@@ -54,8 +54,10 @@ from typing import Any, Literal, get_args
 import faiss
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
 from data.errors import BundleError, ConfigError, DataError
+from retrieval._topk import excluded_mask
 
 IndexKind = Literal["flat", "ivf_flat", "hnsw", "ivf_pq", "sq8"]
 IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_pq", "sq8")
@@ -682,3 +684,35 @@ def _training_sample(matrix: FloatArray, size: int, seed: int) -> FloatArray:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(matrix.shape[0], size=size, replace=False))
     return matrix[rows]
+
+
+def search_past_exclusions(
+    index: VectorIndex, queries: npt.NDArray[np.float32], k: int, mask: sp.csr_matrix | None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """(n, F) index results holding each row's top ``k`` non-excluded items: items (-1 padded),
+    their scores (-inf padded) and which of them to keep.
+
+    A row excluding ``e`` items needs ``k + e`` results in the worst case, but the batch shares
+    one search width, and a heavy user's seen set would widen every row's search. So the first
+    search allows each row ``k`` exclusions beyond ``k``; only rows left short of ``k`` that
+    could still find more are searched again, as wide as they need. For the flat and IVF kinds,
+    whose wider results extend the narrower ones, the kept items equal those of one search of
+    width ``k + most excluded``. Used by the two-tower and ALS sources.
+    """
+    n_indexed = len(index)
+    excluded = np.zeros(len(queries), np.int64) if mask is None else np.diff(mask.indptr)
+    fetch = min(k + min(int(excluded.max()), k), n_indexed)
+    found, scores = index.search(queries, fetch)
+    keep = (found >= 0) & ~excluded_mask(mask, found)
+    needed = np.minimum(k + excluded, n_indexed)
+    short = np.flatnonzero((keep.sum(axis=1) < k) & (needed > fetch))
+    if short.size == 0:
+        return found, scores, keep
+    wider = int(needed[short].max())
+    again, again_scores = index.search(queries[short], wider)
+    padded = np.full((len(queries), wider), -1, dtype=found.dtype)
+    padded_scores = np.full((len(queries), wider), -np.inf, dtype=np.float32)
+    padded[:, :fetch], padded_scores[:, :fetch] = found, scores
+    padded[short], padded_scores[short] = again, again_scores
+    keep = (padded >= 0) & ~excluded_mask(mask, padded)
+    return padded, padded_scores, keep

@@ -234,7 +234,7 @@ class RetrievalStage:
             source_cls = SOURCE_KINDS[meta["sources"][name]["kind"]][0]
             stage.sources_[name] = (
                 source_cls.load(directory / name, mmap=True)
-                if mmap and source_cls is TwoTowerSource
+                if mmap and source_cls in (TwoTowerSource, ALSSource)
                 else source_cls.load(directory / name)
             )
         return stage

@@ -10,7 +10,8 @@ import scipy.sparse as sp
 
 from data.errors import ConfigError, DataError
 from data.interactions import Interactions
-from retrieval.als import ALSConfig, ALSSource
+from retrieval import als
+from retrieval.als import ALSConfig, ALSSource, solve_users
 from retrieval.base import PAD_ITEM, UserBatch
 from tests.retrieval_contract import (
     HISTORY,
@@ -45,6 +46,13 @@ def trained() -> tuple[ALSSource, Interactions]:
 class TestALSContract(CandidateSourceContract):
     def make_source(self) -> ALSSource:
         return ALSSource(CONFIG)
+
+
+class TestALSContractWithIndex(CandidateSourceContract):
+    """The same contract when retrieval goes through the approximate index."""
+
+    def make_source(self) -> ALSSource:
+        return ALSSource(ALSConfig(**{**vars(CONFIG), "index": "ann"}))
 
 
 def test_top1_lands_in_the_users_own_cluster(trained: tuple[ALSSource, Interactions]) -> None:
@@ -215,8 +223,132 @@ def test_empty_log_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("factors", 0), ("num_threads", -1), ("alpha", 0.0), ("fold_in", "sometimes")],
+    [
+        ("factors", 0),
+        ("num_threads", -1),
+        ("alpha", 0.0),
+        ("fold_in", "sometimes"),
+        ("index", "fast"),
+        ("index_min_items", 0),
+        ("index_nlist", 0),
+        ("index_nprobe", 0),
+    ],
 )
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         ALSConfig(**{field: value})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ fold-in against implicit
+
+
+def implicit_solve(config: ALSConfig, item_factors: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+    """implicit's own least-squares user solve (``recalculate_user``) of ``rows`` of weights."""
+    model = als._solver(config)
+    model.item_factors = item_factors
+    model.user_factors = np.zeros((rows.shape[0], config.factors), np.float32)
+    return model.recalculate_user(np.arange(rows.shape[0]), rows)
+
+
+def assert_vectors_close(got: np.ndarray, expected: np.ndarray) -> None:
+    # implicit solves in float32, this module in float64.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_solve_matches_implicits_least_squares_with_dislikes_and_an_empty_row() -> None:
+    rng = np.random.default_rng(3)
+    config = ALSConfig(factors=6, regularization=0.05, alpha=3.0, num_threads=1)
+    item_factors = rng.normal(0.0, 0.5, (50, 6)).astype(np.float32)
+    # Weights in [-1, 3): some confidences negative (dislikes), some below 1; row 2 is empty.
+    weights = sp.random(
+        5, 50, density=0.2, format="csr", dtype=np.float32, rng=rng, data_rvs=rng.random
+    )
+    weights.data = weights.data * 4 - 1
+    weights = sp.csr_matrix(weights.multiply(np.array([[1], [1], [0], [1], [1]])))
+    weights.eliminate_zeros()
+    coo = weights.tocoo()
+    got, has = solve_users(
+        als.item_gram(item_factors),
+        item_factors,
+        coo.row.astype(np.int64),
+        coo.col.astype(np.int64),
+        config.alpha * coo.data.astype(np.float64),
+        config.regularization,
+        5,
+    )
+    np.testing.assert_array_equal(has, [True, True, False, True, True])
+    assert (got[2] == 0).all()
+    assert_vectors_close(got, implicit_solve(config, item_factors, weights))
+
+
+def test_fold_in_equals_implicits_recalculate_user(trained: tuple[ALSSource, Interactions]) -> None:
+    source, log = trained
+    after = int(log.timestamp.max()) + 60
+    training_items = log.matrix[3].indices.tolist()
+    # A known user with new events (one on an item of their training row, one twice), an
+    # unknown user with a history (one item twice), and user 5 whose events are all trained.
+    users = [
+        session(3, [training_items[0], 1, 1], after),
+        session(-1, [2, 5, 2], after),
+        session(5, [0, 3], int(log.timestamp.min())),
+    ]
+    batch = UserBatch(
+        np.concatenate([u.user_idx for u in users]),
+        np.concatenate([u.recent_items for u in users]),
+        np.concatenate([u.recent_times for u in users]),
+        np.concatenate([u.now for u in users]),
+    )
+    rows = np.zeros((2, N_ITEMS), np.float32)
+    rows[0] = log.matrix[3].toarray()[0]
+    np.add.at(rows[0], [training_items[0], 1, 1], 1.0)
+    np.add.at(rows[1], [2, 5, 2], 1.0)
+    expected = implicit_solve(source.config, source.item_factors_, sp.csr_matrix(rows))
+    got = source.user_vectors(batch)
+    assert_vectors_close(got[:2], expected)
+    np.testing.assert_array_equal(got[2], source.user_factors_[5])  # nothing new: trained vector
+
+
+def test_fold_in_always_equals_implicit_on_the_training_rows() -> None:
+    log, _ = clustered_log()
+    source = ALSSource(ALSConfig(**{**vars(CONFIG), "fold_in": "always"})).fit(log)
+    users = UserBatch.from_interactions(log, np.arange(N_USERS), history_length=HISTORY)
+    expected = implicit_solve(source.config, source.item_factors_, log.matrix)
+    assert_vectors_close(source.user_vectors(users), expected)
+
+
+def test_blocked_solves_equal_one_block(
+    trained: tuple[ALSSource, Interactions], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, log = trained
+    after = int(log.timestamp.max()) + 60
+    histories = [[1, 4, 7, 10], [2], [0, 3, 6, 9, 12, 15, 18], [5, 8]]
+    batch = UserBatch(
+        np.array([0, -1, 2, -1], np.int32),
+        np.concatenate([session(0, h, after).recent_items for h in histories]),
+        np.concatenate([session(0, h, after).recent_times for h in histories]),
+        np.full(4, after, np.int64),
+    )
+    one_block = source.user_vectors(batch)
+    monkeypatch.setattr(als, "FOLD_IN_BLOCK_ELEMENTS", 1)  # every user a block of their own
+    source._vectors_memo.clear()
+    np.testing.assert_allclose(source.user_vectors(batch), one_block, rtol=1e-6, atol=1e-7)
+
+
+def test_the_gram_matrix_is_summed_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    log, _ = clustered_log()
+    calls: list[int] = []
+    real = als.item_gram
+
+    def counted(factors: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        return real(factors)
+
+    monkeypatch.setattr(als, "item_gram", counted)
+    source = ALSSource(CONFIG).fit(log)
+    after = int(log.timestamp.max()) + 60
+    source.user_vectors(session(-1, [1, 4], after))
+    source.user_vectors(session(-1, [2, 5], after))
+    assert len(calls) == 1
+    source.fit(log)  # new factors, new Gram matrix
+    source.user_vectors(session(-1, [1, 4], after))
+    assert len(calls) == 2

@@ -31,9 +31,9 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
 from retrieval._sorting import descending_key
-from retrieval._topk import align_exclude, check_k, excluded_mask, read_state, write_state
-from retrieval.base import PAD_ITEM, Candidates, FloatArray, LastBatchMemo, UserBatch
-from retrieval.index import IndexConfig, VectorIndex
+from retrieval._topk import align_exclude, check_k, read_state, write_state
+from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
+from retrieval.index import IndexConfig, VectorIndex, search_past_exclusions
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
     TowerFeatures,
@@ -186,7 +186,7 @@ class TwoTowerSource:
         if k == 0 or len(self.index_) == 0 or n == 0:
             return out
         vectors = self._batch_vectors(users)
-        found, keep = self._search_past_exclusions(vectors, k, mask)
+        found, _, keep = search_past_exclusions(self.index_, vectors, k, mask)
         items = np.where(keep, found, 0)
         # Exact re-scoring: an approximate (quantized) index's own scores are estimates.
         scores = np.einsum("nd,nfd->nf", vectors, self.item_vectors_[items])
@@ -201,36 +201,6 @@ class TwoTowerSource:
         out.item_idx[:, :width] = np.where(np.isfinite(top_scores), top_items, PAD_ITEM)
         out.scores[:, :width] = top_scores
         return out
-
-    def _search_past_exclusions(
-        self, vectors: FloatArray, k: int, mask: sp.csr_matrix | None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """(n, F) ANN results (-1 padded) holding each row's top ``k`` non-excluded items, and
-        which of them to keep.
-
-        A row excluding ``e`` items needs ``k + e`` results in the worst case, but the batch
-        shares one search width, and a heavy user's seen set (thousands of items) would widen
-        every row's search. So the first search allows each row ``k`` exclusions beyond ``k``;
-        only rows left short of ``k`` that could still find more are searched again, as wide
-        as they need. For the flat and IVF kinds (whose wider results extend the narrower ones)
-        the kept items equal those of one search of width ``k + most excluded``.
-        """
-        n_indexed = len(self.index_)
-        excluded = np.zeros(len(vectors), np.int64) if mask is None else np.diff(mask.indptr)
-        fetch = min(k + min(int(excluded.max()), k), n_indexed)
-        found, _ = self.index_.search(vectors, fetch)
-        keep = (found >= 0) & ~excluded_mask(mask, found)
-        needed = np.minimum(k + excluded, n_indexed)
-        short = np.flatnonzero((keep.sum(axis=1) < k) & (needed > fetch))
-        if short.size == 0:
-            return found, keep
-        wider = int(needed[short].max())
-        again, _ = self.index_.search(vectors[short], wider)
-        padded = np.full((len(vectors), wider), -1, dtype=found.dtype)
-        padded[:, :fetch] = found
-        padded[short] = again
-        keep = (padded >= 0) & ~excluded_mask(mask, padded)
-        return padded, keep
 
     # ------------------------------------------------------------------------------ catalogue
     def add_items(
