@@ -1,9 +1,10 @@
 """Benchmark: the HTTP service under load (issue 5).
 
 Builds a bundle over a large synthetic catalogue (default 1M items), serves it with
-``recsys serve`` (uvicorn, one worker per core) and drives it from a separate process with the open-loop
-generator in ``benchmarks/loadgen.py``: 100 requests/s for 60 s (k=20, 500 candidates), then
-stepped rates to find the highest one that still holds p99 <= 30 ms with no errors.
+``recsys serve`` (uvicorn, one worker per core) and drives it from a separate process with the
+open-loop generator in ``benchmarks/loadgen.py``: 100 requests/s for 60 s (k=20, 500
+candidates), then stepped rates to find the highest one that holds p99 <= 30 ms with no errors
+(upwards if 100/s holds, downwards if it does not).
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def load(port: int, rate: float, seconds: float, root: Path) -> dict[str, object
     return result
 
 
+def holds(result: dict[str, object]) -> bool:
+    """The issue's bar: no errors and p99 <= 30 ms."""
+    return result["errors"] == 0 and float(result["p99_ms"]) <= P99_TARGET_MS  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -139,6 +145,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--step-seconds", type=float, default=20.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[150, 200, 300, 400, 600])
+    parser.add_argument(
+        "--lower-rates",
+        type=float,
+        nargs="+",
+        default=[80, 60, 50, 40, 30, 20, 10],
+        help="tried in order when 100/s does not hold, until one does",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--workers",
@@ -173,16 +186,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             load(port, 20, 5, root)  # warm-up: caches, threads, first-call costs
             steady = load(port, 100, args.seconds, root)
             figures.update({f"rate100_{k}": v for k, v in steady.items()})
-            sustained = (
-                100.0 if steady["errors"] == 0 and steady["p99_ms"] <= P99_TARGET_MS else 0.0
-            )
-            for rate in args.rates:
+            held = holds(steady)
+            sustained = 100.0 if held else 0.0
+            # Up from 100/s while the target holds; if 100/s fails, down until a rate holds.
+            for rate in args.rates if held else args.lower_rates:
                 step = load(port, rate, args.step_seconds, root)
-                figures[f"rate{rate:g}_p99_ms"] = step["p99_ms"]
-                figures[f"rate{rate:g}_errors"] = step["errors"]
-                if step["errors"] or float(step["p99_ms"]) > P99_TARGET_MS:  # type: ignore[arg-type]
+                for key in ("p99_ms", "errors", "degraded"):
+                    figures[f"rate{rate:g}_{key}"] = step[key]
+                if holds(step):
+                    sustained = rate
+                if holds(step) != held:
                     break
-                sustained = rate
             figures["max_sustained_rps_p99_30ms"] = sustained
         finally:
             server.send_signal(signal.SIGTERM)
