@@ -23,6 +23,20 @@ N_USERS, N_ITEMS, N_CATEGORIES = 40, 30, 3
 HISTORY = 8
 
 
+def events_frame(rows: list[tuple[str, str, int, float]]) -> pl.DataFrame:
+    """A canonical interaction frame from (user_id, item_id, timestamp, weight) rows."""
+    return pl.DataFrame(
+        rows,
+        schema={
+            "user_id": pl.String,
+            "item_id": pl.String,
+            "timestamp": pl.Int64,
+            "weight": pl.Float32,
+        },
+        orient="row",
+    )
+
+
 def clustered_log(seed: int = 0) -> tuple[Interactions, ItemCatalog]:
     """Users in 3 clusters, each clicking mostly items of its own category (a known structure)."""
     rng = np.random.default_rng(seed)
@@ -34,16 +48,7 @@ def clustered_log(seed: int = 0) -> tuple[Interactions, ItemCatalog]:
         picks = rng.choice(own, size=6, replace=False)
         for step, item in enumerate(picks):
             rows.append((f"u{user:03d}", f"i{item:03d}", 1_000 + 10 * user + step, 1.0))
-    frame = pl.DataFrame(
-        rows,
-        schema={
-            "user_id": pl.String,
-            "item_id": pl.String,
-            "timestamp": pl.Int64,
-            "weight": pl.Float32,
-        },
-        orient="row",
-    )
+    frame = events_frame(rows)
     items = IdMap.from_ids([f"i{i:03d}" for i in range(N_ITEMS)])
     log = Interactions.from_frame(frame, items=items)
     catalog = ItemCatalog.from_frame(

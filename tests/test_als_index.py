@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import scipy.sparse as sp
 
@@ -19,6 +18,7 @@ from data.interactions import Interactions
 from retrieval.als import ALSConfig, ALSSource, build_item_index, lift_queries
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.index import IndexConfig, recall_at_k
+from tests.retrieval_contract import events_frame
 
 N_USERS, N_ITEMS, N_GROUPS, HISTORY = 300, 600, 6, 8
 EXACT = ALSConfig(factors=8, iterations=5, random_state=0, num_threads=1, index="exact")
@@ -36,16 +36,7 @@ def grouped_log() -> Interactions:
         picks = rng.choice(own, size=12, replace=False, p=popularity / popularity.sum())
         for step, item in enumerate([*picks, 2 * user, 2 * user + 1]):
             rows.append((f"u{user:03d}", f"i{item:03d}", 1_000 + 20 * user + step, 1.0))
-    frame = pl.DataFrame(
-        rows,
-        schema={
-            "user_id": pl.String,
-            "item_id": pl.String,
-            "timestamp": pl.Int64,
-            "weight": pl.Float32,
-        },
-        orient="row",
-    )
+    frame = events_frame(rows)
     return Interactions.from_frame(
         frame, items=IdMap.from_ids([f"i{i:03d}" for i in range(N_ITEMS)])
     )

@@ -12,6 +12,12 @@ from data.idmap import IdMap
 from retrieval.base import PAD_ITEM
 from serving.online_state import OnlineState
 
+# (user, item, time) events over four users and ten items, for the property tests.
+EVENTS = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 9), st.integers(0, 50)),
+    max_size=40,
+)
+
 
 def state(h: int = 3) -> OnlineState:
     return OnlineState(IdMap.from_ids(["a", "b"]), n_items=10, history_length=h)
@@ -33,10 +39,7 @@ def test_newest_first_capped_and_unknown_users() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    events=st.lists(
-        st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 9), st.integers(0, 50)),
-        max_size=40,
-    ),
+    events=EVENTS,
     split=st.integers(0, 40),
     h=st.integers(1, 5),
 )
@@ -106,10 +109,7 @@ def test_negative_item_indices_are_refused() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    events=st.lists(
-        st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 9), st.integers(0, 50)),
-        max_size=40,
-    ),
+    events=EVENTS,
     split=st.integers(0, 40),
 )
 def test_seen_is_every_observed_pair_in_any_chunking(
