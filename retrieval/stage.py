@@ -152,6 +152,14 @@ class RetrievalStage:
             for name, source in self.sources_.items()
         }
 
+    def warm(self, users: UserBatch) -> None:
+        """Precompute what sources can keep across requests for ``users`` (the two-tower user
+        vectors), so the first request of each skips that work."""
+        self._check_fitted()
+        for source in self.sources_.values():
+            if isinstance(source, TwoTowerSource):
+                source.warm_user_vectors(users)
+
     def retrieve(
         self, users: UserBatch, *, exclude: sp.csr_matrix | None = None
     ) -> MergedCandidates:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -136,6 +136,34 @@ class BodySizeLimit:
             await _too_large(send, self.limit)
 
 
+class RequestCounter:
+    """Count every answered request by route and status (a plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` wraps each request in extra tasks and streams, ~0.5 ms apiece)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server answers if the app raises before starting a response
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            # The router puts the matched route into the (shared) scope on the way in.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=path, status=str(status)).inc()
+
+
 class BodyTooLargeError(StarletteHTTPException):
     """A streamed body (no Content-Length) went past the limit.
 
@@ -195,16 +223,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(route=path, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: it counts 413s too
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

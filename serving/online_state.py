@@ -62,6 +62,11 @@ class OnlineState:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def user_ids(self) -> list[str]:
+        """Every user with state, in the order they first appeared."""
+        with self._lock:
+            return list(self._ids)
+
     def observe(
         self,
         user_ids: pl.Series | list[str],

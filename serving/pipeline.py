@@ -155,6 +155,16 @@ class Pipeline:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def warm(self, *, batch_size: int = 4_096) -> int:
+        """Precompute per-user work for every user in the online state (start-up, before the
+        first request); returns how many users were warmed."""
+        user_ids = self.state.user_ids()
+        now = int(self.clock())
+        for start in range(0, len(user_ids), batch_size):
+            chunk = user_ids[start : start + batch_size]
+            self.artifacts.retrieval.warm(self.state.batch(chunk, now))
+        return len(user_ids)
+
     # ------------------------------------------------------------------------------- serving
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[Recommendation]:
         """Answer a batch of requests (one funnel pass for the whole batch)."""
@@ -267,8 +277,12 @@ class Pipeline:
         if name is None:
             empty = Candidates.empty(len(users), k)
             return merge_candidates({"none": empty}, {"none": k}, k)
-        candidates = stage.sources_[name].retrieve(users, k, exclude=blocked)
-        return merge_candidates({name: candidates}, {name: k}, k)
+        # Every source keeps its (empty) provenance columns: the ranker then sees the feature
+        # schema it was trained on and can still rank the fallback's candidates.
+        results = {source: Candidates.empty(len(users), 0) for source in stage.sources_}
+        results[name] = stage.sources_[name].retrieve(users, k, exclude=blocked)
+        quotas = {source: k if source == name else 0 for source in stage.sources_}
+        return merge_candidates(results, quotas, k)
 
     def _exclusions(self, item_ids: tuple[str, ...]) -> npt.NDArray[np.int32]:
         if not item_ids:

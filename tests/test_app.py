@@ -122,6 +122,29 @@ def test_health_readiness_metrics(client: TestClient) -> None:
     assert client.get("/openapi.json").status_code == 200
 
 
+def request_count(client: TestClient, route: str, status: int) -> float:
+    prefix = f'recsys_http_requests_total{{route="{route}",status="{status}"}} '
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_requests_are_counted_by_route_and_status(client: TestClient) -> None:
+    before = {
+        key: request_count(client, *key)
+        for key in (("/v1/recommend", 200), ("/v1/recommend", 422), ("unmatched", 404))
+    }
+    client.post("/v1/recommend", json={"user_id": "someone"})
+    client.post("/v1/recommend", json={"user_id": "someone"})
+    client.post("/v1/recommend", json={"k": 3})  # no user_id
+    client.get("/no/such/route")
+    after = {key: request_count(client, *key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("/v1/recommend", 200): 2,
+        ("/v1/recommend", 422): 1,
+        ("unmatched", 404): 1,
+    }
+
+
 def test_admin_reload(client: TestClient, tiny_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     _, bundle = tiny_bundle
     body = {"bundle": str(bundle)}

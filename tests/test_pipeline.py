@@ -113,6 +113,12 @@ def test_slow_or_failing_stages_degrade(
     assert fallback.degraded == ["retrieval:error"]
     assert len(fallback.item_ids) == 10
     assert all(s == ["popular"] for s in fallback.sources)
+    # The fallback's candidates keep every source's (empty) provenance, so the trained ranker
+    # still ranks them: only retrieval degrades.
+    assert artifacts.ranking is not None
+    ranked = Pipeline(artifacts, state, ranker=artifacts.ranking, budgets=budgets)
+    answer = ranked.recommend(request)[0]
+    assert answer.degraded == ["retrieval:error"] and len(answer.item_ids) == 10
 
 
 def test_top_k_minus_blocked_keeps_order() -> None:

@@ -43,6 +43,7 @@ from retrieval.two_tower.model import (
     torch_threads,
 )
 from retrieval.two_tower.train import CURVES_JSON, TrainingCurves, train_two_tower
+from retrieval.two_tower.user_cache import UserVectorCache, history_digest
 
 WEIGHTS_FILE = "model.pt"
 INDEX_DIR = "index"
@@ -82,6 +83,7 @@ class TwoTowerSource:
         self.index_config = index if index is not None else DEFAULT_INDEX
         self.name = name
         self._vectors_memo: LastBatchMemo[npt.NDArray[np.float32]] = LastBatchMemo()
+        self._user_cache: UserVectorCache | None = None
 
     @property
     def n_items(self) -> int:
@@ -116,6 +118,7 @@ class TwoTowerSource:
         trained = train_two_tower(log, features, self.config, valid=valid)
         self.model_, self.features_, self.curves_ = trained.model, features, trained.curves
         self._vectors_memo.clear()
+        self._user_cache = None
         self.trained_until_ = int(log.timestamp.max())
         items = np.arange(catalog.n_items)
         self.item_vectors_ = self._encode_items(items, self.trained_until_)
@@ -137,16 +140,39 @@ class TwoTowerSource:
         self._check_fitted()
         return self._vectors_memo.get(users, self._encode_users)
 
+    def warm_user_vectors(self, users: UserBatch) -> None:
+        """Encode ``users`` now into the cross-request cache (e.g. the snapshot's users at
+        start-up), so their first requests skip the forward pass."""
+        self._check_fitted()
+        self._encode_users(users)
+
     def _encode_users(self, users: UserBatch) -> npt.NDArray[np.float32]:
-        with torch_threads(self.config.threads):
-            return encode_users(
-                self.model_,
-                self.features_,
-                users.user_idx,
-                users.recent_items[:, : self.config.history_length],
-                batch_size=self.config.encode_batch_size,
-                device=self._device,
-            )
+        """The users' vectors: cached where their history is the one last encoded, a forward
+        pass for the rest (then cached)."""
+        history = users.recent_items[:, : self.config.history_length]
+        cache = self._vector_cache()
+        digests = history_digest(history)
+        vectors, hit = cache.lookup(users.user_idx, digests)
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            with torch_threads(self.config.threads):
+                vectors[miss] = encode_users(
+                    self.model_,
+                    self.features_,
+                    users.user_idx[miss],
+                    history[miss],
+                    batch_size=self.config.encode_batch_size,
+                    device=self._device,
+                )
+            cache.store(users.user_idx[miss], digests[miss], vectors[miss])
+        return vectors
+
+    def _vector_cache(self) -> UserVectorCache:
+        cache = self._user_cache
+        if cache is None:  # two threads may both build one: either is right, one is kept
+            cache = UserVectorCache(self.features_.n_users, self.item_vectors_.shape[1])
+            self._user_cache = cache
+        return cache
 
     def item_vectors(self, item_idx: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """(n, output_dim) float32 vectors of ``item_idx`` (n,); NaN rows for -1 / unknown items."""
@@ -221,6 +247,9 @@ class TwoTowerSource:
                 f"{catalog.n_items} items, got values in [{items[0]}, {items[-1]}]"
             )
         self.features_ = self.features_.with_items(catalog, items)
+        # A re-embedded item may change the pooled history of any cached user.
+        self._user_cache = None
+        self._vectors_memo.clear()
         grow = self.features_.n_items - self.n_items
         if grow:
             nan_rows = np.full((grow, self.item_vectors_.shape[1]), np.nan, dtype=np.float32)
