@@ -17,14 +17,18 @@ from retrieval.two_tower.user_cache import UserVectorCache, history_digest
 from serving.artifacts import load_artifacts
 from serving.factory import make_pipeline, online_state_for
 
-HISTORIES = arrays(np.int32, st.tuples(st.integers(1, 6), st.integers(1, 8)), elements=st.integers(-1, 50))
+HISTORIES = arrays(
+    np.int32, st.tuples(st.integers(1, 6), st.integers(1, 8)), elements=st.integers(-1, 50)
+)
 
 
 @given(HISTORIES)
 def test_equal_rows_have_equal_digests_whatever_the_integer_type(history: np.ndarray) -> None:
     digests = history_digest(history)
     np.testing.assert_array_equal(digests, history_digest(history.astype(np.int64)))
-    np.testing.assert_array_equal(history_digest(np.concatenate([history, history])), np.tile(digests, 2))
+    np.testing.assert_array_equal(
+        history_digest(np.concatenate([history, history])), np.tile(digests, 2)
+    )
 
 
 def test_digest_sees_every_slot_and_the_order() -> None:
