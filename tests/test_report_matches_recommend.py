@@ -298,7 +298,6 @@ def test_evaluate_averages_users_with_new_test_items(tmp_path: Path) -> None:
     assert result["precision@2"] == pytest.approx((1 / 2 + 0) / 2)
 
 
-
 def test_pipeline_beats_popularity_and_als_on_a_movielens_log(tmp_path: Path) -> None:
     # Issue 4: a MovieLens-format log with a per-user random 75/25 split, trained with the
     # default configuration (the tiny test config under-trains the two-tower model); the
