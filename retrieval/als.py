@@ -361,6 +361,12 @@ class ALSSource:
         return self._gram
 
     # ------------------------------------------------------------------------------ serving
+    def warm(self, users: UserBatch) -> None:
+        """Sum the fold-in's Gram matrix now (~1 s for a million items), not in the first
+        request that needs it. Folded-in vectors depend on each request's events: not kept."""
+        self._check_fitted()
+        self._item_gram()
+
     def retrieve(
         self, users: UserBatch, k: int, *, exclude: sp.csr_matrix | None = None
     ) -> Candidates:

@@ -94,21 +94,25 @@ class UserBatch:
 
     def seen_matrix(self, n_items: int) -> sp.csr_matrix:
         """(n, n_items) binary CSR of every item to exclude as already seen: the recent history
-        plus ``seen`` (items at or beyond ``n_items`` are dropped)."""
-        widest = int(self.recent_items.max(initial=PAD_ITEM)) + 1
-        recent = self.history_matrix(max(n_items, widest))[:, :n_items]
-        if self.seen is None or self.seen.nnz == 0:
-            return recent
-        width = self.seen.shape[1]
-        if width > n_items:
-            seen = self.seen[:, :n_items]
-        else:
-            seen = sp.csr_matrix(
-                (self.seen.data, self.seen.indices, self.seen.indptr), shape=(len(self), n_items)
-            )
-        union = (recent + seen).tocsr()
-        union.data[:] = 1.0
-        return union
+        plus ``seen`` (items at or beyond ``n_items`` are dropped).
+
+        Built from one sorted array of ``row * n_items + item`` keys and one CSR construction:
+        the scipy union (``recent + seen``) costs several times more for a serving request.
+        """
+        rows, cols = np.nonzero((self.recent_items >= 0) & (self.recent_items < n_items))
+        keys = [rows.astype(np.int64) * n_items + self.recent_items[rows, cols]]
+        if self.seen is not None and self.seen.nnz:
+            per_row = np.diff(self.seen.indptr)
+            seen_rows = np.repeat(np.arange(len(self), dtype=np.int64), per_row)
+            seen_items = self.seen.indices[: seen_rows.size].astype(np.int64)
+            inside = seen_items < n_items
+            keys.append(seen_rows[inside] * n_items + seen_items[inside])
+        unique = np.unique(np.concatenate(keys))
+        indptr = np.searchsorted(unique, np.arange(len(self) + 1, dtype=np.int64) * n_items)
+        return sp.csr_matrix(
+            (np.ones(unique.size, dtype=np.float32), (unique % n_items).astype(np.int32), indptr),
+            shape=(len(self), n_items),
+        )
 
     @classmethod
     def from_interactions(
@@ -225,6 +229,13 @@ class CandidateSource(Protocol):
     ) -> Candidates: ...
 
     def save(self, directory: Path) -> None: ...
+
+
+@runtime_checkable
+class WarmableSource(Protocol):
+    """A source with work worth doing before the first request (see ``RetrievalStage.warm``)."""
+
+    def warm(self, users: UserBatch) -> None: ...
 
 
 class LastBatchMemo(Generic[T]):

@@ -21,7 +21,7 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, NotFittedError
 from data.interactions import Interactions
 from retrieval.als import ALSConfig, ALSSource
-from retrieval.base import Candidates, CandidateSource, UserBatch
+from retrieval.base import Candidates, CandidateSource, UserBatch, WarmableSource
 from retrieval.coldstart import ColdStartConfig, ColdStartSource
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
 from retrieval.index import IndexConfig
@@ -153,12 +153,12 @@ class RetrievalStage:
         }
 
     def warm(self, users: UserBatch) -> None:
-        """Precompute what sources can keep across requests for ``users`` (the two-tower user
-        vectors), so the first request of each skips that work."""
+        """Precompute what sources keep across requests (two-tower user vectors of ``users``,
+        the ALS fold-in's Gram matrix), so no request pays for it."""
         self._check_fitted()
         for source in self.sources_.values():
-            if isinstance(source, TwoTowerSource):
-                source.warm_user_vectors(users)
+            if isinstance(source, WarmableSource):
+                source.warm(users)
 
     def retrieve(
         self, users: UserBatch, *, exclude: sp.csr_matrix | None = None

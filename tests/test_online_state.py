@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from data.idmap import IdMap
-from retrieval.base import PAD_ITEM
+from retrieval.base import PAD_ITEM, UserBatch
 from serving.online_state import OnlineState
 
 # (user, item, time) events over four users and ten items, for the property tests.
@@ -122,3 +124,30 @@ def test_seen_is_every_observed_pair_in_any_chunking(
     seen = s.batch(ids, 0).seen_matrix(10)
     for row, user in enumerate(ids):
         assert seen[row].indices.tolist() == sorted({i for u, i, _ in events if u == user})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    recent=arrays(
+        np.int32, st.tuples(st.integers(1, 4), st.integers(1, 5)), elements=st.integers(-1, 12)
+    ),
+    seen_pairs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 12)), max_size=20),
+    n_items=st.integers(1, 12),
+)
+def test_seen_matrix_is_the_union_of_history_and_seen_within_the_width(
+    recent: np.ndarray, seen_pairs: list[tuple[int, int]], n_items: int
+) -> None:
+    n = recent.shape[0]
+    pairs = sorted({(r, i) for r, i in seen_pairs if r < n})
+    seen = sp.csr_matrix(
+        ([1.0] * len(pairs), ([r for r, _ in pairs], [i for _, i in pairs])), shape=(n, 13)
+    )
+    batch = UserBatch(
+        np.zeros(n, np.int32), recent, np.zeros(recent.shape, np.int64), np.zeros(n, np.int64), seen
+    )
+    matrix = batch.seen_matrix(n_items)
+    assert matrix.shape == (n, n_items) and set(matrix.data.tolist()) <= {1.0}
+    for row in range(n):
+        expected = {int(i) for i in recent[row] if 0 <= i < n_items}
+        expected |= {i for r, i in pairs if r == row and i < n_items}
+        assert matrix[row].indices.tolist() == sorted(expected)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from retrieval.als import ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.two_tower.model import encode_users
 from retrieval.two_tower.source import TwoTowerSource
@@ -103,7 +104,7 @@ def test_a_changed_history_is_encoded_again(two_tower: tuple[TwoTowerSource, Use
     assert not np.allclose(vectors, source.user_vectors(users))
 
 
-def test_pipeline_warm_caches_every_user_of_the_state(tiny_bundle: tuple[Path, Path]) -> None:
+def test_pipeline_warm_caches_every_user_and_the_als_gram(tiny_bundle: tuple[Path, Path]) -> None:
     artifacts = load_artifacts(tiny_bundle[1])
     state = online_state_for(artifacts)
     pipeline = make_pipeline(artifacts, state, enforce_budgets=False)
@@ -113,3 +114,5 @@ def test_pipeline_warm_caches_every_user_of_the_state(tiny_bundle: tuple[Path, P
     users = state.batch(state.user_ids(), 1_700_000_000)
     known = int(((users.user_idx >= 0) & (users.user_idx < source.features_.n_users)).sum())
     assert known > 0 and len(source._vector_cache()) == known
+    als = artifacts.retrieval.sources_["als"]
+    assert isinstance(als, ALSSource) and als._gram is not None  # no request sums it

@@ -140,7 +140,7 @@ class TwoTowerSource:
         self._check_fitted()
         return self._vectors_memo.get(users, self._encode_users)
 
-    def warm_user_vectors(self, users: UserBatch) -> None:
+    def warm(self, users: UserBatch) -> None:
         """Encode ``users`` now into the cross-request cache (e.g. the snapshot's users at
         start-up), so their first requests skip the forward pass."""
         self._check_fitted()
