@@ -7,7 +7,7 @@ directory (one sub-directory per source plus ``stage.json``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -47,6 +47,10 @@ def _default_quotas() -> dict[str, int]:
     # The learned sources get most of the slate; the safety nets keep a few slots each so that a
     # user the models know little about still gets a full candidate list.
     return {"two_tower": 250, "als": 150, "covisit": 50, "popular": 25, "coldstart": 25}
+
+
+class RetrievalAbandonedError(Exception):
+    """Retrieval stopped part-way because its caller asked it to (``should_stop``)."""
 
 
 @dataclass(frozen=True)
@@ -161,16 +165,26 @@ class RetrievalStage:
                 source.warm(users)
 
     def retrieve(
-        self, users: UserBatch, *, exclude: sp.csr_matrix | None = None
+        self,
+        users: UserBatch,
+        *,
+        exclude: sp.csr_matrix | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> MergedCandidates:
-        """Merged, deduplicated candidates (``n_candidates`` per user) with provenance."""
+        """Merged, deduplicated candidates (``n_candidates`` per user) with provenance.
+
+        should_stop: asked before each source; ``True`` raises :class:`RetrievalAbandonedError`. A
+            caller that has given up waiting (a latency budget ran out) so stops the work it
+            will discard, instead of letting it compete with the next requests for the CPU.
+        """
         self._check_fitted()
         quotas = {name: self.config.quotas[name] for name in self.sources_}
         # Each source fetches enough to fill its quota and to help fill the merged list.
-        per_source = {
-            name: source.retrieve(users, self.config.n_candidates, exclude=exclude)
-            for name, source in self.sources_.items()
-        }
+        per_source = {}
+        for name, source in self.sources_.items():
+            if should_stop is not None and should_stop():
+                raise RetrievalAbandonedError(f"stopped before source {name!r}: the caller gave up")
+            per_source[name] = source.retrieve(users, self.config.n_candidates, exclude=exclude)
         return merge_candidates(per_source, quotas, self.config.n_candidates)
 
     def add_items(

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from data.errors import ConfigError
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.merge import MergedCandidates, merge_candidates
-from retrieval.stage import RetrievalStage
+from retrieval.stage import RetrievalAbandonedError, RetrievalStage
 from serving.artifacts import Artifacts
 from serving.online_state import OnlineState
 
@@ -155,14 +155,29 @@ class Pipeline:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def warm(self, *, batch_size: int = 4_096) -> int:
-        """Precompute per-user work for every user in the online state (start-up, before the
-        first request); returns how many users were warmed."""
+    def warm(self, *, batch_size: int = 4_096, requests: int = 32) -> int:
+        """Get ready for traffic (start-up, before the first request); returns the users warmed.
+
+        Precomputes per-user work for every user in the online state, then answers ``requests``
+        single-user requests without budgets: a cold process spends ~1 s in its first requests
+        (lazy initialisation in the libraries, first touches of memory-mapped pages), which
+        would otherwise time out the first real requests.
+        """
         user_ids = self.state.user_ids()
         now = int(self.clock())
         for start in range(0, len(user_ids), batch_size):
             chunk = user_ids[start : start + batch_size]
             self.artifacts.retrieval.warm(self.state.batch(chunk, now))
+        rehearsal = Pipeline(
+            self.artifacts,
+            self.state,
+            ranker=self.ranker,
+            reranker=self.reranker,
+            enforce_budgets=False,
+            clock=self.clock,
+        )
+        for user_id in user_ids[:requests]:
+            rehearsal.recommend([RecommendRequest(user_id, k=10)])
         return len(user_ids)
 
     # ------------------------------------------------------------------------------- serving
@@ -182,9 +197,13 @@ class Pipeline:
         degraded: list[str] = []
         timings: dict[str, float] = {}
 
+        # Past its budget the pipeline stops waiting for retrieval; the deadline tells the
+        # abandoned work to stop too, between sources, so it does not compete with later requests.
+        deadline = time.perf_counter() + self.budgets.retrieval_ms / 1000
+        expired = (lambda: time.perf_counter() > deadline) if self._executor else None
         merged = self._stage(
             "retrieval",
-            lambda: self.artifacts.retrieval.retrieve(users, exclude=blocked),
+            lambda: self.artifacts.retrieval.retrieve(users, exclude=blocked, should_stop=expired),
             lambda: self._fallback_candidates(users, blocked),
             degraded,
             timings,
@@ -259,7 +278,7 @@ class Pipeline:
                 future = self._executor.submit(run)
                 try:
                     result = future.result(timeout=self.budgets.for_stage(name) / 1000)
-                except FutureTimeout:
+                except (FutureTimeout, RetrievalAbandonedError):  # the deadline passed either way
                     future.cancel()
                     degraded.append(f"{name}:timeout")
                     result = fallback()

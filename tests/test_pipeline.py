@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,37 @@ def test_slow_or_failing_stages_degrade(
     ranked = Pipeline(artifacts, state, ranker=artifacts.ranking, budgets=budgets)
     answer = ranked.recommend(request)[0]
     assert answer.degraded == ["retrieval:error"] and len(answer.item_ids) == 10
+
+
+def test_abandoned_retrieval_stops_before_its_next_source(
+    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = artifacts.retrieval.sources_
+    first, *rest = sources
+    slow, calls_after = sources[first], []
+
+    def slow_retrieve(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.15)  # three times the budget
+        return type(slow).retrieve(slow, *args, **kwargs)
+
+    def recording(name: str) -> Callable[..., Any]:
+        source = sources[name]
+
+        def retrieve(*args: Any, **kwargs: Any) -> Any:
+            calls_after.append(name)
+            return type(source).retrieve(source, *args, **kwargs)
+
+        return retrieve
+
+    monkeypatch.setattr(slow, "retrieve", slow_retrieve)
+    for name in rest:
+        monkeypatch.setattr(sources[name], "retrieve", recording(name))
+    pipeline = Pipeline(artifacts, state, budgets=BudgetConfig(retrieval_ms=50))
+    answer = pipeline.recommend([RecommendRequest(users(artifacts, 1)[0], k=5, now=10**9)])[0]
+    assert answer.degraded == ["retrieval:timeout"] and len(answer.item_ids) == 5
+    time.sleep(0.3)  # the abandoned stage has long finished its slow source
+    # The only later call is the fallback's own (popular), made by the request, not the stage.
+    assert calls_after == ["popular"]
 
 
 def test_top_k_minus_blocked_keeps_order() -> None:
