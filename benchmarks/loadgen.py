@@ -44,19 +44,32 @@ class HTTPConnectionPool:
         self._slots = asyncio.Semaphore(size)
 
     async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """``(status, body)`` of one request; raises ``OSError`` / ``TimeoutError``
-        on a transport failure (the connection is then dropped, never reused)."""
+        """``(status, body)`` of one request; raises ``OSError`` / ``TimeoutError`` /
+        ``asyncio.IncompleteReadError`` on a transport failure (the connection is dropped).
+
+        A reused connection that the server closed while it sat idle (its keep-alive timeout)
+        fails before any reply byte: the request is sent again on a new connection, as HTTP
+        clients do (safe: a recommendation request changes nothing on the server).
+        """
         async with self._slots:
-            reader, writer = self._idle.pop() if self._idle else await self._open()
-            try:
-                status, reply = await asyncio.wait_for(
-                    self._exchange(reader, writer, path, body), self.timeout
-                )
-            except BaseException:
-                writer.close()
-                raise
-            self._idle.append((reader, writer))
-            return status, reply
+            for attempt in (1, 2):
+                fresh = attempt == 2 or not self._idle
+                reader, writer = await self._open() if fresh else self._idle.pop()
+                try:
+                    status, reply = await asyncio.wait_for(
+                        self._exchange(reader, writer, path, body), self.timeout
+                    )
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    writer.close()
+                    if fresh or getattr(exc, "partial", b""):
+                        raise
+                    continue
+                except BaseException:
+                    writer.close()
+                    raise
+                self._idle.append((reader, writer))
+                return status, reply
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:
         for _, writer in self._idle:
@@ -84,7 +97,10 @@ class HTTPConnectionPool:
                 length = int(value)
         if length == 0:
             raise OSError("reply without a Content-Length body (chunked replies are not read)")
-        return status, await reader.readexactly(length)
+        try:
+            return status, await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:  # a reply began: never resent
+            raise OSError(f"reply cut short: {len(exc.partial)} of {length} body bytes") from exc
 
 
 async def run_load(
