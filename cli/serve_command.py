@@ -99,6 +99,25 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
+# The thread pools of the numeric libraries a worker loads (OpenMP: FAISS, LightGBM, torch;
+# BLAS: numpy, scipy). They read these when they load, so they must be set before a worker starts.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_library_threads(workers: int) -> int:
+    """Give each worker's numeric libraries ``cores // workers`` threads (at least 1); returns it.
+
+    Left at their defaults, every worker's libraries start one thread per core: N workers on N
+    cores then run N^2 threads that take turns and spin-wait on each other, while a single
+    request is too small to gain from a parallel region anyway. A value the operator already
+    set in the environment wins.
+    """
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    for variable in THREAD_VARIABLES:
+        os.environ.setdefault(variable, str(threads))
+    return threads
+
+
 def run_server(
     bundle: Path,
     *,
@@ -114,6 +133,7 @@ def run_server(
     import uvicorn
 
     verify_bundle(bundle)  # fail fast with a one-line error, before uvicorn starts
+    limit_library_threads(workers)
     # Workers are separate processes: they read their settings from the environment.
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
     os.environ["RECSYS_FEEDBACK_DB"] = str(feedback_db.resolve())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,20 @@ def test_console_script_bad_usage_exits_2() -> None:
     )
     assert result.returncode == 2
     assert "--out" in result.stderr
+
+
+def test_serving_workers_split_the_cores_between_their_library_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.serve_command import THREAD_VARIABLES, limit_library_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    for variable in THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the operator's choice stays
+    assert limit_library_threads(workers=2) == 4
+    assert [os.environ[v] for v in THREAD_VARIABLES] == ["4", "4", "3"]
+    for variable in THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert limit_library_threads(workers=16) == 1  # never 0 threads
+    assert os.environ["OMP_NUM_THREADS"] == "1"

@@ -17,6 +17,7 @@ from data.errors import ConfigError, DataError
 from data.schema import INTERACTION_SCHEMA, conform_interactions
 from data.synthetic import World, WorldConfig, generate
 from data.synthetic.config import SECONDS_PER_DAY
+from data.synthetic.world import _shared_category_map
 
 # Small enough to generate in a fraction of a second, large enough for the statistics below.
 TINY = WorldConfig(
@@ -299,6 +300,34 @@ def test_concept_drift_preference_vectors_known_answer():
         np.linalg.norm(mixed, axis=1) * np.linalg.norm(expected, axis=1)
     )
     np.testing.assert_allclose(cosine, 1.0, rtol=1e-5)
+
+
+def test_shared_concept_drift_moves_every_fan_of_a_category_to_the_same_new_one():
+    config = replace(DRIFT, drift="concept", user_noise=0.0)
+    shared = World.sample(replace(config, concept_shift="shared"))
+    individual = World.sample(config)
+    # Without user noise a preference vector is exactly its interest mixture, so the moved
+    # vectors must be the base mixture over the mapped categories, the same map for everyone.
+    mapping = _shared_category_map(shared.config)
+    assert sorted(mapping.tolist()) == list(range(config.n_categories))  # a permutation...
+    assert not np.any(mapping == np.arange(config.n_categories))  # ...that moves every category
+    mixture = np.einsum(
+        "uk,ukd->ud",
+        shared.user_interest_weights,
+        shared.category_centroids[mapping[shared.user_interests]],
+    )
+    np.testing.assert_allclose(
+        shared.alt_user_vectors, config.affinity_scale * mixture, rtol=1e-4, atol=1e-5
+    )
+    # Only the moved preferences differ from the individual-drift world of the same seed.
+    for name in ("user_vectors", "item_vectors", "user_interests", "user_activity"):
+        np.testing.assert_array_equal(getattr(shared, name), getattr(individual, name))
+    assert not np.allclose(shared.alt_user_vectors, individual.alt_user_vectors)
+
+
+def test_unknown_concept_shift_is_a_config_error():
+    with pytest.raises(ConfigError, match="concept_shift must be one of"):
+        WorldConfig.from_overrides(concept_shift="sideways")
 
 
 def test_prior_drift_changes_the_click_rate():

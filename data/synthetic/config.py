@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from data.errors import ConfigError
 
 Drift = Literal["none", "concept", "covariate", "prior"]
+ConceptShift = Literal["individual", "shared"]
 
 SECONDS_PER_DAY = 86_400
 HOURS_PER_DAY = 24
@@ -96,6 +97,11 @@ class WorldConfig:
             others' by ``exp(-strength)``; prior: added to the no-click utility (> 0 means fewer
             clicks).
         drift_ramp_days: days over which the drift ramps from 0 to full strength (0 = a step).
+        concept_shift: where concept drift moves preferences. ``"individual"``: each user
+            toward interests drawn afresh for them (every user's change is private: only that
+            user's own clicks reveal it). ``"shared"``: the categories rotate for everyone
+            through one permutation (whoever liked category A now likes B), a population-level
+            change that aggregate signals (trending, co-visitation, a retrain) can pick up.
         covariate_user_fraction: covariate drift: approximate share of users in the rising
             segment (whole primary-interest categories are picked, so the item mix shifts too).
 
@@ -143,6 +149,7 @@ class WorldConfig:
     drift_day: int = 20
     drift_strength: float = 1.0
     drift_ramp_days: float = 1.0
+    concept_shift: ConceptShift = "individual"
     covariate_user_fraction: float = 0.2
     # Engine
     seed: int = 0
@@ -254,6 +261,11 @@ def _validate(c: WorldConfig) -> None:
         )
     if isinstance(c.drift_day, bool) or not isinstance(c.drift_day, int) or c.drift_day < 0:
         raise ConfigError(f"WorldConfig.drift_day must be an integer >= 0, got {c.drift_day!r}")
+    if c.concept_shift not in get_args(ConceptShift):
+        raise ConfigError(
+            f"WorldConfig.concept_shift must be one of {list(get_args(ConceptShift))}, "
+            f"got {c.concept_shift!r}"
+        )
     if c.drift == "concept" and c.drift_strength > 1:
         raise ConfigError(
             "WorldConfig.drift_strength is the final weight of the alternative preferences under "

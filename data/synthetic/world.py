@@ -34,6 +34,7 @@ WORLD_JSON = "world.json"
 # Independent random streams derived from the config seed (SeedSequence spawn keys), so adding
 # draws to one stage never changes another's.
 STREAM_WORLD, STREAM_CALIBRATION, STREAM_LOG = 0, 1, 2
+STREAM_CONCEPT_SHIFT = 0  # a sub-stream of STREAM_WORLD: (STREAM_WORLD, 0)
 # Cells of the (users x items) utility block that true_top_k scores at once (~64 MB of float32).
 _TOP_K_BLOCK_CELLS = 1 << 24
 # Users per block when sampling interests (bounds the (users x categories) key matrix).
@@ -526,8 +527,12 @@ def _sample_world(config: WorldConfig) -> World:
 
     category_share = np.bincount(item_category, minlength=c.n_categories) / c.n_items
     vectors, interests, weights = [], [], []
-    for _ in range(2):  # the base preferences, then the alternative ones concept drift moves to
+    for draw in range(2):  # the base preferences, then the alternative ones concept drift moves to
         chosen, w = _sample_interests(rng, c, category_share)
+        if draw == 1 and c.concept_shift == "shared":
+            # Everyone's interests move through the same map; the draw above still happens, so
+            # every other array is the same in both kinds of world.
+            chosen, w = _shared_category_map(c)[interests[0]], weights[0]
         user = c.user_noise * noise_scale * _normal(rng, (c.n_users, c.dim))
         for k in range(c.max_interests):  # a few vectorised steps: the interest mixture
             user += w[:, k, None].astype(np.float32) * centroids[chosen[:, k]]
@@ -555,6 +560,19 @@ def _sample_world(config: WorldConfig) -> World:
         user_activity=activity.astype(np.float32),
         drift_activity_multiplier=multiplier.astype(np.float32),
     )
+
+
+def _shared_category_map(config: WorldConfig) -> np.ndarray:
+    """(n_categories,) int: the category each category's fans like after shared concept drift.
+
+    One cycle through all categories in a random order (a derangement: every category moves),
+    from its own random stream so it does not shift the world's other draws.
+    """
+    rng = np.random.default_rng(seed_sequence(config, STREAM_WORLD, STREAM_CONCEPT_SHIFT))
+    order = rng.permutation(config.n_categories)
+    mapping = np.empty(config.n_categories, dtype=np.int64)
+    mapping[order] = np.roll(order, -1)
+    return mapping
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
