@@ -198,6 +198,8 @@ class FeatureStore:
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = config if config is not None else FeatureConfig()
+        # Per-user category mass behind user_affinity_ (None: a bundle saved before it existed).
+        self.user_affinity_mass_: FloatArray | None = None
 
     @property
     def n_users(self) -> int:
@@ -235,6 +237,7 @@ class FeatureStore:
         )
         per_category = (counts @ catalog.categories).tocsr().astype(np.float32)
         self.user_affinity_ = _row_normalised(per_category)
+        self.user_affinity_mass_ = np.asarray(per_category.sum(axis=1), np.float32).ravel()
         return self
 
     # ---------------------------------------------------------------------------- lookups
@@ -273,6 +276,36 @@ class FeatureStore:
             affinity.data[entries]
         )
         return out
+
+    def current_affinity(self, users: UserBatch) -> FloatArray:
+        """(n, n_categories) float32 category shares over the store's events *and* the users'
+        recent events at or after ``as_of_``: the affinity as of the request, not the store.
+
+        The store counts events before ``as_of_`` only; a served user who has acted since (the
+        online state's news) would otherwise be ranked on the taste they had when the bundle was
+        built. Training rows are built from events before ``as_of_``, so they get exactly
+        :meth:`affinity`: the feature means the same in training and at serving. Only the news
+        still in the recent history (the last ``history_length`` events) is counted. Stores
+        loaded from bundles without the per-user category mass keep :meth:`affinity`.
+        """
+        base = self.affinity(users.user_idx)
+        items, times = users.recent_items, users.recent_times
+        news = (times >= self.as_of_) & (items >= 0) & (items < self.n_items)
+        if self.user_affinity_mass_ is None or self.n_categories == 0 or not news.any():
+            return base
+        known = (users.user_idx >= 0) & (users.user_idx < self.n_users)
+        before = np.where(known, self.user_affinity_mass_[np.where(known, users.user_idx, 0)], 0)
+        # The store's mass counts each of an event's categories once: the same here.
+        rows, slots = np.nonzero(news)
+        events = items[rows, slots]
+        has = self.item_category_weights_[events] > 0  # (m, K)
+        keys = rows[:, None] * self.n_categories + self.item_categories_[events]
+        added = np.bincount(keys[has], minlength=len(users) * self.n_categories).reshape(
+            len(users), self.n_categories
+        )
+        mass = base * before[:, None] + added
+        total = mass.sum(axis=1, keepdims=True)
+        return np.divide(mass, total, out=np.zeros_like(mass), where=total > 0).astype(np.float32)
 
     def recent_category_share(self, recent_items: npt.NDArray[np.int32]) -> FloatArray:
         """(n, n_categories) float32: each user's recent items' share per category.
@@ -335,6 +368,7 @@ class FeatureStore:
             affinity_indptr=self.user_affinity_.indptr,
             item_categories=self.item_categories_,
             item_category_weights=self.item_category_weights_,
+            affinity_mass=self.user_affinity_mass_,
         )
         meta = {
             "format_version": STORE_FORMAT_VERSION,
@@ -373,6 +407,7 @@ class FeatureStore:
         store.item_created_at_ = items["created_at"].to_numpy()
         store.item_categories_ = arrays["item_categories"]
         store.item_category_weights_ = arrays["item_category_weights"]
+        store.user_affinity_mass_ = arrays.get("affinity_mass")  # absent in older bundles
         store.user_affinity_ = sp.csr_matrix(
             (arrays["affinity_data"], arrays["affinity_indices"], arrays["affinity_indptr"]),
             shape=(int(meta["n_users"]), int(meta["n_categories"])),
@@ -524,7 +559,8 @@ def assemble(
       item (store):  events total / per popularity window, trend, days since first/last event
       item at now:   age in days since release (NaN if unknown)
       user x item:   two-tower and ALS scores (``source.score``), co-visitation score with the
-                     recent items, category affinity (store) and recent category share (online),
+                     recent items, category affinity (store, caught up with the online
+                     state's events since the store was built) and recent category share,
                      number of sources that retrieved it, merged position (``missing_rank`` if
                      none did), and per source: rank (``missing_rank`` if absent), presence 0/1,
                      score (NaN if absent)
@@ -577,7 +613,7 @@ def _columns(
             source.score(users, items) if isinstance(source, ScoringSource) else np.nan
         )
     columns["covisit_score"] = _covisit_score(stage, users, items, config)
-    columns["category_affinity"] = store.category_match(store.affinity(users.user_idx), items)
+    columns["category_affinity"] = store.category_match(store.current_affinity(users), items)
     columns["category_recent_share"] = store.category_match(
         store.recent_category_share(users.recent_items), items
     )

@@ -305,11 +305,47 @@ def test_covisit_score_is_the_sum_of_neighbour_weights(hand_store: FeatureStore)
     np.testing.assert_array_equal(score[2], [0, 0, 0])  # no history, no co-visitation
 
 
+def test_affinity_catches_up_with_the_events_since_the_store_was_built(
+    hand_store: FeatureStore,
+) -> None:
+    # Store (events before AS_OF), categories A=0, B=1: u0 A:1 B:2 (mass 3); u1 A:1; u2 none.
+    i0, i1, i2, i3 = 0, 1, 2, 3  # i2 is in A and B, i3 in no category
+    recent = np.array(
+        [
+            [i2, i1, i0],  # u0: i2 at AS_OF is news; the other two are in the store already
+            [i0, PAD_ITEM, PAD_ITEM],  # u1: nothing new
+            [i3, i0, PAD_ITEM],  # u2: two new events, one without a category
+            [i1, PAD_ITEM, PAD_ITEM],  # a user the store never saw, one new event
+        ],
+        dtype=np.int32,
+    )
+    times = np.array(
+        [
+            [AS_OF, AS_OF - DAY // 2, AS_OF - 40 * DAY],
+            [AS_OF - 2 * DAY, 0, 0],
+            [AS_OF + DAY, AS_OF + 1, 0],
+            [AS_OF + 5, 0, 0],
+        ],
+        dtype=np.int64,
+    )
+    users = UserBatch(np.array([0, 1, 2, -1], np.int32), recent, times, np.full(4, AS_OF + DAY))
+    np.testing.assert_allclose(
+        hand_store.current_affinity(users), [[0.4, 0.6], [1, 0], [1, 0], [0, 1]], rtol=1e-6
+    )
+    # Nothing at or after AS_OF (every training row): exactly the store's affinity.
+    before = UserBatch(users.user_idx, recent, np.minimum(times, AS_OF - 1), users.now)
+    np.testing.assert_array_equal(
+        hand_store.current_affinity(before), hand_store.affinity(users.user_idx)
+    )
+
+
 def test_store_save_load_round_trip(hand_store: FeatureStore, tmp_path: Path) -> None:
     hand_store.save(tmp_path / "store")
     again = FeatureStore.load(tmp_path / "store")
     _assert_same_tables(hand_store, again)
-    users = _batch([0, 1], [[1, 0], [2]], [[AS_OF - 5, AS_OF - 99], [AS_OF - 7]], AS_OF)
+    np.testing.assert_array_equal(again.user_affinity_mass_, [3, 1, 0])
+    # Events after AS_OF in the history: the caught-up affinity reads the saved mass too.
+    users = _batch([0, 1], [[1, 0], [2]], [[AS_OF + 5, AS_OF - 99], [AS_OF + 7]], AS_OF + 9)
     merged = _merged([[0, 1, 2, 3], [3, 2, 1, 0]])
     a = assemble(hand_store, RetrievalStage(), users, merged).values
     b = assemble(again, RetrievalStage(), users, merged).values
