@@ -360,16 +360,16 @@ class FeatureStore:
         pl.DataFrame({**self.item_table_, "created_at": self.item_created_at_}).write_parquet(
             directory / ITEMS_TABLE
         )
-        np.savez(
-            directory / CATEGORIES_FILE,
-            allow_pickle=False,
-            affinity_data=self.user_affinity_.data,
-            affinity_indices=self.user_affinity_.indices,
-            affinity_indptr=self.user_affinity_.indptr,
-            item_categories=self.item_categories_,
-            item_category_weights=self.item_category_weights_,
-            affinity_mass=self.user_affinity_mass_,
-        )
+        arrays = {
+            "affinity_data": self.user_affinity_.data,
+            "affinity_indices": self.user_affinity_.indices,
+            "affinity_indptr": self.user_affinity_.indptr,
+            "item_categories": self.item_categories_,
+            "item_category_weights": self.item_category_weights_,
+        }
+        if self.user_affinity_mass_ is not None:  # None: loaded from an older bundle
+            arrays["affinity_mass"] = self.user_affinity_mass_
+        np.savez(directory / CATEGORIES_FILE, allow_pickle=False, **arrays)
         meta = {
             "format_version": STORE_FORMAT_VERSION,
             "config": to_mapping(self.config),

@@ -80,7 +80,7 @@ def align_exclude(
             "it needs one row per user"
         )
     if _is_aligned_binary(exclude, n_items):
-        return exclude if exclude.nnz else None  # type: ignore[return-value]
+        return exclude if exclude.nnz else None
     matrix = sp.csr_matrix(exclude, dtype=np.float32, copy=True)
     matrix.data[:] = 1.0
     if matrix.shape[1] > n_items:

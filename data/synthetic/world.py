@@ -526,7 +526,9 @@ def _sample_world(config: WorldConfig) -> World:
     release = _release_times(rng, c)
 
     category_share = np.bincount(item_category, minlength=c.n_categories) / c.n_items
-    vectors, interests, weights = [], [], []
+    vectors: list[np.ndarray] = []
+    interests: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
     for draw in range(2):  # the base preferences, then the alternative ones concept drift moves to
         chosen, w = _sample_interests(rng, c, category_share)
         if draw == 1 and c.concept_shift == "shared":
