@@ -7,6 +7,7 @@ Contract: ``INTERFACE.md``. Bad input gets a 4xx JSON error; no input makes the 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -27,11 +28,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.errors import BundleError, DataError
+from serving.batcher import RequestBatcher
 from serving.explorer import explorer_router
 from serving.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogConfig
 from serving.pipeline import BudgetConfig, RecommendRequest
@@ -68,6 +71,9 @@ class ServiceSettings(BaseSettings):
     retrieval_budget_ms: float = 10.0
     ranking_budget_ms: float = 20.0
     reranking_budget_ms: float = 5.0
+    # Concurrent recommend requests answered by one pipeline call at most (dynamic batching,
+    # serving/batcher.py); 1 answers every request alone.
+    max_batch: int = Field(default=8, ge=1, le=256)
 
 
 class Metrics:
@@ -209,10 +215,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             RecommenderService, settings.bundle, feedback, history=settings.data, budgets=budgets
         )
         app.state.service = service
+        app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)
         logger.info("serving bundle %s (%s)", settings.bundle, service.pipeline.model_version)
         try:
             yield
         finally:
+            app.state.batcher.close()
             service.close()
 
     app = FastAPI(
@@ -266,22 +274,29 @@ def _service(request: Request) -> RecommenderService:
 ServiceDep = Annotated[RecommenderService, Depends(_service)]
 
 
+def _batcher(request: Request) -> RequestBatcher:
+    batcher: RequestBatcher = request.app.state.batcher
+    return batcher
+
+
+BatcherDep = Annotated[RequestBatcher, Depends(_batcher)]
+
+
 def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
     router = APIRouter()
     errors: dict[int | str, dict[str, Any]] = {422: {"model": ErrorOut}}
 
     @router.post("/v1/recommend", response_model=RecommendOut, responses=errors)
-    def recommend(body: RecommendIn, service: ServiceDep) -> RecommendOut:
-        answer = service.pipeline.recommend(
-            [
-                RecommendRequest(
-                    user_id=body.user_id,
-                    k=body.k,
-                    exclude_item_ids=tuple(body.exclude_item_ids),
-                    explain=body.explain,
-                )
-            ]
-        )[0]
+    async def recommend(body: RecommendIn, batcher: BatcherDep) -> RecommendOut:
+        # Answered on the batcher's thread, together with whatever requests arrived meanwhile;
+        # the event loop only waits (no worker thread per request).
+        request = RecommendRequest(
+            user_id=body.user_id,
+            k=body.k,
+            exclude_item_ids=tuple(body.exclude_item_ids),
+            explain=body.explain,
+        )
+        answer = await asyncio.wrap_future(batcher.submit(request))
         for stage in ("retrieval", "ranking", "reranking"):
             metrics.stage_latency.labels(stage=stage).observe(
                 answer.timings_ms.get(stage, 0.0) / 1000
