@@ -22,11 +22,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import write_result
+from benchmarks.common import write_result, write_synthetic_dataset
 from data.dataset import load_dataset
-from data.prepare import prepare_dataset
-from data.splits import SplitConfig
-from data.synthetic import WorldConfig, generate
+from data.synthetic import WorldConfig
 from serving.artifacts import train_bundle
 
 # Training settings for the big catalogue: a real model of the serving shape (1M-item index, every
@@ -55,14 +53,7 @@ def build(
         config = WorldConfig.from_overrides(
             n_users=n_users, n_items=n_items, target_interactions=interactions, seed=seed
         )
-        synthetic = generate(config, progress=True)
-        prepare_dataset(
-            data,
-            synthetic.interactions,
-            split=SplitConfig(),
-            source={"kind": "synthetic"},
-            items=synthetic.items,
-        )
+        write_synthetic_dataset(data, config, progress=True)
     start = time.perf_counter()
     train_bundle(data, bundle, config=FAST_TRAINING)
     users = load_dataset(data).splits["train"]["user_id"].unique(maintain_order=True)

@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from benchmarks.common import peak_rss_mb, write_result
+from benchmarks.common import peak_rss_mb, write_result, write_synthetic_dataset
 from data.catalog import ItemCatalog
 from data.dataset import load_dataset
 from data.interactions import Interactions
-from data.prepare import prepare_dataset
-from data.splits import SplitConfig
-from data.synthetic import WorldConfig, generate
+from data.synthetic import WorldConfig
 from serving.artifacts import load_artifacts, train_bundle
 from serving.online_state import OnlineState
 
@@ -37,14 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         data, bundle = Path(tmp) / "data", Path(tmp) / "bundle"
         config = WorldConfig.from_overrides(seed=args.seed)
-        synthetic = generate(config)
-        prepare_dataset(
-            data,
-            synthetic.interactions,
-            split=SplitConfig(),
-            source={"kind": "synthetic"},
-            items=synthetic.items,
-        )
+        write_synthetic_dataset(data, config)
         start = time.perf_counter()
         train_bundle(data, bundle)
         train_seconds = time.perf_counter() - start

@@ -12,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data.prepare import prepare_dataset
+from data.splits import SplitConfig
+from data.synthetic import WorldConfig, generate
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -60,3 +64,18 @@ def write_result(name: str, figures: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def write_synthetic_dataset(
+    directory: Path, config: WorldConfig, *, progress: bool = False
+) -> None:
+    """Generate the world of ``config`` and write its log as a dataset with the default
+    (temporal) split and the item catalogue: the serving benchmarks' input."""
+    synthetic = generate(config, progress=progress)
+    prepare_dataset(
+        directory,
+        synthetic.interactions,
+        split=SplitConfig(),
+        source={"kind": "synthetic"},
+        items=synthetic.items,
+    )
