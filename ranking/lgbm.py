@@ -35,9 +35,12 @@ FORMAT_VERSION = 1
 class LightGBMConfig:
     """Hyperparameters of :class:`LightGBMRanker` (LightGBM's names where they exist).
 
-    num_leaves: leaves per tree; 31 is LightGBM's default and suits tens of features.
-    learning_rate: shrinkage per tree; 0.05 with early stopping trades a few more trees for a
-        smoother validation curve than the default 0.1.
+    num_leaves: leaves per tree. 15, not LightGBM's 31: a tree's serving cost grows with its
+        depth, and on the default dataset 15 leaves (50 trees) ranked as well as 31 (44 trees):
+        pipeline NDCG@10 0.2353 vs 0.2310, overlapping intervals.
+    learning_rate: shrinkage per tree (LightGBM's default 0.1). Serving cost grows with the
+        number of trees: on the default dataset 0.05 stopped at 132 trees and 0.1 at 44, with the
+        same pipeline NDCG@10 (0.2308 vs 0.2310).
     max_rounds: boosting rounds at most (early stopping usually ends sooner).
     early_stopping_rounds: stop when validation NDCG has not improved for this many rounds;
         the best round's trees are kept. Ignored without a validation set.
@@ -56,8 +59,8 @@ class LightGBMConfig:
     seed: LightGBM's master seed (feature sub-sampling).
     """
 
-    num_leaves: int = 31
-    learning_rate: float = 0.05
+    num_leaves: int = 15
+    learning_rate: float = 0.1
     max_rounds: int = 300
     early_stopping_rounds: int = 30
     min_data_in_leaf: int = 50

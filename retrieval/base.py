@@ -238,6 +238,19 @@ class WarmableSource(Protocol):
     def warm(self, users: UserBatch) -> None: ...
 
 
+@runtime_checkable
+class ObservingSource(Protocol):
+    """A source that follows the live event stream between retrains (``RetrievalStage.observe``):
+    population-level signals such as trending, as opposed to per-user state."""
+
+    def observe(
+        self,
+        item_idx: npt.ArrayLike,
+        timestamps: npt.ArrayLike,
+        weights: npt.ArrayLike | None = None,
+    ) -> object: ...
+
+
 class LastBatchMemo(Generic[T]):
     """Remembers one value computed for the most recent :class:`UserBatch`, by identity.
 

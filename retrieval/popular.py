@@ -121,6 +121,10 @@ class PopularSource:
         (default 1). The scores move to ``t_ref = max(t_ref_, timestamps)``; late events (older
         than ``t_ref_``) are decayed by their true age, so the result equals :meth:`fit` on the
         extended log.
+
+        Costs O(n_items) copies, no sort: the serving path calls it for every feedback batch
+        (``RetrievalStage.observe``). Calls must not overlap (the service makes them under its
+        state lock); :meth:`retrieve` may run meanwhile: it reads one ranking, old or new.
         """
         self._check_fitted()
         items = np.asarray(item_idx)
@@ -138,12 +142,20 @@ class PopularSource:
         n_items = max(self.scores_.size, int(items.max()) + 1)
         t_ref = max(self.t_ref_, int(times.max()))
         half_life = self.config.half_life_seconds
-        scores = np.zeros(n_items, dtype=np.float64)
-        scores[: self.scores_.size] = self.scores_ * math.exp2(-(t_ref - self.t_ref_) / half_life)
-        scores += decayed_popularity(
-            items, times, values, n_items=n_items, t_ref=t_ref, half_life_seconds=half_life
+        factor = math.exp2(-(t_ref - self.t_ref_) / half_life)
+        touched, position = np.unique(items, return_inverse=True)
+        gained = decayed_popularity(
+            position, times, values, n_items=touched.size, t_ref=t_ref, half_life_seconds=half_life
         )
-        self.scores_, self.t_ref_, self._ranking = scores, t_ref, None
+        scores = np.zeros(n_items, dtype=np.float64)
+        scores[: self.scores_.size] = self.scores_ * factor
+        scores[touched] += gained
+        ranking = (
+            _reranked(*self._global_ranking(), factor, touched, scores)
+            if factor > 0  # a gap of ~3000 half-lives underflows every old score: sort afresh
+            else None
+        )
+        self.scores_, self.t_ref_, self._ranking = scores, t_ref, ranking
         return self
 
     # ------------------------------------------------------------------------------ serving
@@ -188,3 +200,34 @@ class PopularSource:
         source.scores_ = arrays["scores"].astype(np.float64)
         source.t_ref_ = int(meta["t_ref"])
         return source
+
+
+def _reranked(
+    order: npt.NDArray[np.int32],
+    ordered: npt.NDArray[np.float64],
+    factor: float,
+    touched: npt.NDArray[np.integer],
+    scores: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+    """The global ranking after an :meth:`PopularSource.observe`, without a full sort.
+
+    A uniform decay keeps the order of the untouched items, so only the ``touched`` items (sorted
+    by score, ties to the lower index) are merged back in: O(n) copies instead of an
+    O(n log n) sort of the catalogue on every feedback batch (~0.1 s for 1M items).
+    """
+    moved = np.zeros(scores.size, dtype=bool)
+    moved[touched] = True
+    stay = ~moved[order]
+    kept_order, kept_scores = order[stay], ordered[stay] * factor
+    new_scores = scores[touched]
+    ranked = np.lexsort((touched, -new_scores))
+    ranked = ranked[new_scores[ranked] > 0]  # zero-score items are never candidates
+    items, values = touched[ranked].astype(np.int32), new_scores[ranked]
+    # Slot of each item among the kept ones: after every higher score, and after equal scores
+    # of lower items (ties are rare: equal float sums).
+    descending = -kept_scores
+    slots = np.searchsorted(descending, -values, side="left")
+    ends = np.searchsorted(descending, -values, side="right")
+    for j in np.flatnonzero(ends > slots):
+        slots[j] += np.searchsorted(kept_order[slots[j] : ends[j]], items[j])
+    return np.insert(kept_order, slots, items), np.insert(kept_scores, slots, values)

@@ -21,7 +21,13 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, NotFittedError
 from data.interactions import Interactions
 from retrieval.als import ALSConfig, ALSSource
-from retrieval.base import Candidates, CandidateSource, UserBatch, WarmableSource
+from retrieval.base import (
+    Candidates,
+    CandidateSource,
+    ObservingSource,
+    UserBatch,
+    WarmableSource,
+)
 from retrieval.coldstart import ColdStartConfig, ColdStartSource
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
 from retrieval.index import IndexConfig
@@ -186,6 +192,20 @@ class RetrievalStage:
                 raise RetrievalAbandonedError(f"stopped before source {name!r}: the caller gave up")
             per_source[name] = source.retrieve(users, self.config.n_candidates, exclude=exclude)
         return merge_candidates(per_source, quotas, self.config.n_candidates)
+
+    def observe(
+        self, item_idx: npt.ArrayLike, timestamps: npt.ArrayLike, weights: npt.ArrayLike
+    ) -> list[str]:
+        """Fold live events (item indices, seconds UTC, weights) into the sources that follow the
+        event stream between retrains (trending); returns their names. Per-user state is the
+        online state's job; model weights wait for the next retrain."""
+        self._check_fitted()
+        updated = []
+        for name, source in self.sources_.items():
+            if isinstance(source, ObservingSource):
+                source.observe(item_idx, timestamps, weights)
+                updated.append(name)
+        return updated
 
     def add_items(
         self, item_idx: npt.ArrayLike, catalog: ItemCatalog, *, now: int | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from data.dataset import load_dataset
@@ -154,7 +155,16 @@ class RecommenderService:
             replayed = int(frame["seq"][-1])
             # Impressions (weight 0) are logged for training and monitoring, not histories.
             fresh = frame.filter((pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > served.history_cut))
-            observe_frame(served.pipeline.state, items, fresh)
+            index = items.index(fresh["item_id"], allow_unknown=True)
+            known = index != PAD_ITEM
+            kept = fresh.filter(pl.Series(known))
+            _observe(
+                served.pipeline,
+                kept["user_id"],
+                index[known],
+                kept[TIMESTAMP].to_numpy(),
+                kept[WEIGHT].to_numpy(),
+            )
         return replace(served, replayed_seq=replayed)
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
@@ -214,12 +224,13 @@ class RecommenderService:
         kept = [e for e, k in zip(events, keep, strict=True) if k]
         items = served.pipeline.artifacts.items.index([e.item_id for e in kept], allow_unknown=True)
         known = items != PAD_ITEM
-        if known.any():
-            served.pipeline.state.observe(
-                [e.user_id for e, k in zip(kept, known, strict=True) if k],
-                items[known],
-                times[keep][known],
-            )
+        _observe(
+            served.pipeline,
+            pl.Series([e.user_id for e, k in zip(kept, known, strict=True) if k], dtype=pl.String),
+            items[known],
+            times[keep][known],
+            weights[keep][known],
+        )
 
     # ---------------------------------------------------------------------------- similar
     def similar_items(self, item_id: str, k: int) -> list[SimilarItem]:
@@ -257,3 +268,19 @@ class RecommenderService:
         if self.last_feedback_timestamp is None:
             return 0.0
         return max(0.0, time.time() - self.last_feedback_timestamp)
+
+
+def _observe(
+    pipeline: Pipeline,
+    user_ids: pl.Series,
+    item_idx: npt.NDArray[np.int32],
+    timestamps: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float64],
+) -> None:
+    """Events (known items, positive weights) reach everything that follows the live stream:
+    each user's state (history, seen items: what the models read) and the population-level
+    sources (trending). Model weights stay as trained."""
+    if item_idx.size == 0:
+        return
+    pipeline.state.observe(user_ids, item_idx, timestamps)
+    pipeline.artifacts.retrieval.observe(item_idx, timestamps, weights)

@@ -189,3 +189,34 @@ def test_ranked_topk_equals_brute_force(
     brute = Candidates.from_scores(np.tile(scores, (n_rows, 1)), k, exclude=exclude)
     np.testing.assert_array_equal(fast.item_idx, brute.item_idx)
     np.testing.assert_array_equal(fast.scores, brute.scores)
+
+
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(0, 14), st.integers(0, 3 * DAY), st.sampled_from([0.0, 1.0, 2.0])
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_observe_keeps_the_ranking_of_a_fresh_sort(
+    batches: list[list[tuple[int, int, float]]],
+) -> None:
+    """The ranking observe() maintains without sorting equals argsort of the new scores (ties
+    to the lower item), whatever the batches, their order in time and zero weights."""
+    source = PopularSource(PopularConfig(half_life_days=1.0)).fit(make_log(HAND_LOG))
+    source.retrieve(empty_batch(1), 1)  # the ranking exists before the first observe
+    for batch in batches:
+        items, offsets, weights = (np.array(column) for column in zip(*batch, strict=True))
+        source.observe(items, T_END + offsets, weights)
+    order, ordered = source._global_ranking()
+    expected = np.argsort(-source.scores_, kind="stable")
+    expected = expected[source.scores_[expected] > 0]
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_allclose(ordered, source.scores_[expected], rtol=1e-12)

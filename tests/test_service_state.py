@@ -119,6 +119,28 @@ def test_live_feedback_follows_the_replay_rule(
     restarted.close()
 
 
+def test_trending_follows_live_feedback_and_a_restart_replays_it(
+    tiny_bundle: tuple[Path, Path], log: FeedbackLog
+) -> None:
+    """Feedback moves the population-level trending source too, not only the clicker's state:
+    an item nobody engaged with leads it after a burst of clicks, for every user, and a restart
+    (log replay) rebuilds the same scores."""
+    _, bundle = tiny_bundle
+    service = RecommenderService(bundle, log, enforce_budgets=False)
+    popular = service.pipeline.artifacts.retrieval.sources_["popular"]
+    quiet_item = int(np.argmin(popular.scores_))
+    item_id = service.pipeline.artifacts.items.to_ids(np.array([quiet_item])).to_list()[0]
+    service.record_feedback([now_click(log, f"burst-{i}", f"fan-{i}", item_id) for i in range(50)])
+    stranger = service.pipeline.state.batch(["never-seen-user"], NOW)
+    assert popular.retrieve(stranger, 1).item_idx[0, 0] == quiet_item
+    restarted = RecommenderService(bundle, log, enforce_budgets=False)
+    replayed = restarted.pipeline.artifacts.retrieval.sources_["popular"]
+    assert replayed.t_ref_ == popular.t_ref_
+    np.testing.assert_allclose(replayed.scores_, popular.scores_, rtol=1e-9)
+    restarted.close()
+    service.close()
+
+
 class FeedbackAtRead:
     """Record one event from another thread right after the ``k``-th log read of a reload.
 
