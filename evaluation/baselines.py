@@ -429,7 +429,7 @@ def _fill_from(
     listed = recommended[rows]
     r, c = np.nonzero(listed != PAD_ITEM)
     taken = sp.csr_matrix(
-        (np.ones(r.size, np.float32), (r, listed[r, c])), shape=(n, source.scores_.size)
+        (np.ones(r.size, np.float32), (r, listed[r, c])), shape=(n, source.n_items)
     )
     if exclude is not None:
         taken = taken + exclude[rows]

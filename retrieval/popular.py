@@ -32,6 +32,9 @@ from retrieval._topk import align_exclude, check_k, ranked_topk, read_state, wri
 from retrieval.base import Candidates, UserBatch
 
 SECONDS_PER_DAY = 86_400
+# Undecayed scores grow by 2x per half-life past their anchor; re-anchored beyond this many
+# half-lives (2**64 ~ 2e19 stays far inside float32, the type of retrieve's scores).
+_MAX_HALF_LIVES = 64
 
 
 @dataclass(frozen=True)
@@ -80,32 +83,50 @@ class PopularSource:
     """Time-decayed popularity (see the module docstring).
 
     Learned state (after :meth:`fit`):
-        scores_: (n_items,) float64 decayed popularity at ``t_ref_``, higher is more popular.
+        scores_: (n_items,) float64 decayed popularity at ``t_ref_``, higher is more popular
+            (read-only, derived: O(n_items) per read).
         t_ref_:  int, seconds UTC: the time the scores are decayed to (the last event seen).
+
+    Inside, scores are kept undecayed relative to an anchor time: an event at ``t`` adds
+    ``w * 2 ** ((t - anchor) / half_life)``. Decay to ``t_ref_`` is then one factor common to
+    every item, which the ranking does not depend on, so a batch of new events changes only the
+    touched items' values and places (no pass over the catalogue, no sort).
     """
 
-    scores_: npt.NDArray[np.float64]
     t_ref_: int
 
     def __init__(self, config: PopularConfig | None = None, *, name: str = "popular") -> None:
         self.config = config if config is not None else PopularConfig()
         self.name = name
-        # Derived from scores_ on first use and dropped by observe(): the global ranking.
+        self._raw: npt.NDArray[np.float64]
+        self._anchor = 0
+        # Items with a positive score, best first (ties: lower index), and their raw scores;
+        # built on first use, then kept current by observe().
         self._ranking: tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]] | None = None
+
+    @property
+    def n_items(self) -> int:
+        self._check_fitted()
+        return int(self._raw.size)
+
+    @property
+    def scores_(self) -> npt.NDArray[np.float64]:
+        self._check_fitted()
+        return self._raw * self._decay()
 
     # ------------------------------------------------------------------------------ learning
     def fit(self, log: Interactions, catalog: ItemCatalog | None = None) -> Self:
         """Score every item of ``log`` at the end of the log. ``catalog`` is not used."""
-        self.t_ref_ = int(log.timestamp.max()) if len(log) else 0
-        self.scores_ = decayed_popularity(
+        t_ref = int(log.timestamp.max()) if len(log) else 0
+        scores = decayed_popularity(
             log.item_idx,
             log.timestamp,
             log.weight,
             n_items=log.n_items,
-            t_ref=self.t_ref_,
+            t_ref=t_ref,
             half_life_seconds=self.config.half_life_seconds,
         )
-        self._ranking = None
+        self._start(scores, t_ref)
         return self
 
     def observe(
@@ -116,15 +137,16 @@ class PopularSource:
     ) -> Self:
         """Fold new events into the scores online.
 
-        item_idx (m,) int item indices (an index past the current catalogue grows ``scores_``:
-        an item added after training), timestamps (m,) int seconds UTC, weights (m,) float
+        item_idx (m,) int item indices (an index past the current catalogue grows the scores:
+        an item added after training), timestamps (m,) int seconds UTC, weights (m,) float >= 0
         (default 1). The scores move to ``t_ref = max(t_ref_, timestamps)``; late events (older
         than ``t_ref_``) are decayed by their true age, so the result equals :meth:`fit` on the
         extended log.
 
-        Costs O(n_items) copies, no sort: the serving path calls it for every feedback batch
-        (``RetrievalStage.observe``). Calls must not overlap (the service makes them under its
-        state lock); :meth:`retrieve` may run meanwhile: it reads one ranking, old or new.
+        Costs O(m log n) plus two memory moves of the ranking (the serving path calls it for
+        every feedback batch through ``RetrievalStage.observe``). Calls must not overlap (the
+        service makes them under its state lock); :meth:`retrieve` may run meanwhile: it reads
+        one ranking, old or new.
         """
         self._check_fitted()
         items = np.asarray(item_idx)
@@ -139,23 +161,28 @@ class PopularSource:
             return self
         if not np.issubdtype(items.dtype, np.integer) or items.min() < 0:
             raise DataError(f"observe: item_idx must be non-negative integers, got {items[:5]}")
-        n_items = max(self.scores_.size, int(items.max()) + 1)
+        if not (values >= 0).all():
+            raise DataError("observe: weights must be >= 0")
         t_ref = max(self.t_ref_, int(times.max()))
         half_life = self.config.half_life_seconds
-        factor = math.exp2(-(t_ref - self.t_ref_) / half_life)
+        if (t_ref - self._anchor) / half_life > _MAX_HALF_LIVES:
+            # Keep undecayed scores inside float32 range (retrieve's output type).
+            self._start(self.scores_, self.t_ref_)
+        order, ordered = self._global_ranking()
         touched, position = np.unique(items, return_inverse=True)
-        gained = decayed_popularity(
-            position, times, values, n_items=touched.size, t_ref=t_ref, half_life_seconds=half_life
+        gained = np.bincount(
+            position,
+            weights=values.astype(np.float64) * np.exp2((times - self._anchor) / half_life),
+            minlength=touched.size,
         )
-        scores = np.zeros(n_items, dtype=np.float64)
-        scores[: self.scores_.size] = self.scores_ * factor
-        scores[touched] += gained
-        ranking = (
-            _reranked(*self._global_ranking(), factor, touched, scores)
-            if factor > 0  # a gap of ~3000 half-lives underflows every old score: sort afresh
-            else None
-        )
-        self.scores_, self.t_ref_, self._ranking = scores, t_ref, ranking
+        raw = self._raw
+        if int(touched[-1]) >= raw.size:  # new items: grow (the only O(n_items) case)
+            raw = np.concatenate([raw, np.zeros(int(touched[-1]) + 1 - raw.size)])
+        before = raw[touched]
+        after = before + gained
+        ranking = _moved(order, ordered, touched, before, after)
+        raw[touched] = after  # in place: retrieve reads the ranking, never these values
+        self._raw, self.t_ref_, self._ranking = raw, t_ref, ranking
         return self
 
     # ------------------------------------------------------------------------------ serving
@@ -170,19 +197,30 @@ class PopularSource:
         self._check_fitted()
         k = check_k(k)
         order, ordered = self._global_ranking()
-        mask = align_exclude(exclude, len(users), self.scores_.size)
-        return ranked_topk(order, ordered, len(users), k, mask)
+        decay = self._decay()
+        mask = align_exclude(exclude, len(users), self._raw.size)
+        out = ranked_topk(order, ordered, len(users), k, mask)
+        out.scores[...] = out.scores * np.float32(decay)
+        return out
 
     def _global_ranking(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]:
-        """Items with a positive score, best first (ties: lower index), and their scores."""
+        """Items with a positive score, best first (ties: lower index), and their raw scores."""
         if self._ranking is None:
-            order = np.argsort(-self.scores_, kind="stable").astype(np.int32)
-            order = order[self.scores_[order] > 0]
-            self._ranking = (order, self.scores_[order])
+            order = np.argsort(-self._raw, kind="stable").astype(np.int32)
+            order = order[self._raw[order] > 0]
+            self._ranking = (order, self._raw[order])
         return self._ranking
 
+    def _start(self, scores: npt.NDArray[np.float64], t_ref: int) -> None:
+        """Scores decayed to ``t_ref``, which becomes the anchor; the ranking is rebuilt lazily."""
+        self._raw, self._anchor, self.t_ref_, self._ranking = scores, t_ref, t_ref, None
+
+    def _decay(self) -> float:
+        """The factor from undecayed (anchor-relative) scores to scores at ``t_ref_``."""
+        return math.exp2(-(self.t_ref_ - self._anchor) / self.config.half_life_seconds)
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "scores_"):
+        if not hasattr(self, "_raw"):
             raise NotFittedError(f"{type(self).__name__} {self.name!r}: call fit() first")
 
     # ------------------------------------------------------------------------------ persistence
@@ -197,37 +235,46 @@ class PopularSource:
         """Read a directory written by :meth:`save`; ``BundleError`` if it is missing or corrupt."""
         meta, arrays = read_state(directory, cls.__name__)
         source = cls(from_mapping(PopularConfig, meta["config"], cls.__name__), name=meta["name"])
-        source.scores_ = arrays["scores"].astype(np.float64)
-        source.t_ref_ = int(meta["t_ref"])
+        source._start(arrays["scores"].astype(np.float64), int(meta["t_ref"]))
         return source
 
 
-def _reranked(
+def _moved(
     order: npt.NDArray[np.int32],
     ordered: npt.NDArray[np.float64],
-    factor: float,
-    touched: npt.NDArray[np.integer],
-    scores: npt.NDArray[np.float64],
+    items: npt.NDArray[np.integer],
+    before: npt.NDArray[np.float64],
+    after: npt.NDArray[np.float64],
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]:
-    """The global ranking after an :meth:`PopularSource.observe`, without a full sort.
+    """The ranking (``order``, its scores ``ordered``: descending, ties to the lower item) after
+    the distinct ``items`` change score from ``before`` to ``after``: found by binary search,
+    taken out, and put back in their new places."""
+    ranked = before > 0  # zero-score items are not in the ranking
+    out = _positions(order, ordered, items[ranked], before[ranked])
+    kept_order, kept_scores = np.delete(order, out), np.delete(ordered, out)
+    enter = after > 0
+    new_items, new_scores = items[enter].astype(np.int32), after[enter]
+    by_rank = np.lexsort((new_items, -new_scores))
+    new_items, new_scores = new_items[by_rank], new_scores[by_rank]
+    slots = _positions(kept_order, kept_scores, new_items, new_scores, present=False)
+    return np.insert(kept_order, slots, new_items), np.insert(kept_scores, slots, new_scores)
 
-    A uniform decay keeps the order of the untouched items, so only the ``touched`` items (sorted
-    by score, ties to the lower index) are merged back in: O(n) copies instead of an
-    O(n log n) sort of the catalogue on every feedback batch (~0.1 s for 1M items).
-    """
-    moved = np.zeros(scores.size, dtype=bool)
-    moved[touched] = True
-    stay = ~moved[order]
-    kept_order, kept_scores = order[stay], ordered[stay] * factor
-    new_scores = scores[touched]
-    ranked = np.lexsort((touched, -new_scores))
-    ranked = ranked[new_scores[ranked] > 0]  # zero-score items are never candidates
-    items, values = touched[ranked].astype(np.int32), new_scores[ranked]
-    # Slot of each item among the kept ones: after every higher score, and after equal scores
-    # of lower items (ties are rare: equal float sums).
-    descending = -kept_scores
-    slots = np.searchsorted(descending, -values, side="left")
-    ends = np.searchsorted(descending, -values, side="right")
+
+def _positions(
+    order: npt.NDArray[np.int32],
+    ordered: npt.NDArray[np.float64],
+    items: npt.NDArray[np.integer],
+    scores: npt.NDArray[np.float64],
+    *,
+    present: bool = True,
+) -> npt.NDArray[np.intp]:
+    """Where ``items`` with ``scores`` are (``present``) or belong in the ranking: after every
+    higher score and after equal scores of lower items (ties are rare: equal float sums)."""
+    descending = -ordered
+    slots = np.searchsorted(descending, -scores, side="left")
+    ends = np.searchsorted(descending, -scores, side="right")
     for j in np.flatnonzero(ends > slots):
-        slots[j] += np.searchsorted(kept_order[slots[j] : ends[j]], items[j])
-    return np.insert(kept_order, slots, items), np.insert(kept_scores, slots, values)
+        slots[j] += np.searchsorted(order[slots[j] : ends[j]], items[j])
+    if present and not np.array_equal(order[slots], items):
+        raise AssertionError("popularity ranking out of step with its scores")  # a bug, not input
+    return slots
