@@ -37,6 +37,11 @@ search, so results stay ``k`` long), and :meth:`VectorIndex.compact` rebuilds th
 tombstones. Compact when tombstones pass a few percent of the index: they cost memory and search
 time, and a graph with many of them finds fewer of the live neighbours.
 
+A memory-mapped index (``load(mmap=True)``, how a served bundle is loaded) is shared by every
+worker through the page cache and cannot change in place; its live adds and removes go to a
+private overlay (``retrieval/index_overlay.py``): an exact index of the added items, merged into
+every search, and a search-time filter that hides removed or replaced base items.
+
 The approximate index is always measured against exact search: :func:`exact_search` is the
 brute-force reference and :func:`ann_recall` the recall of an index against it.
 """
@@ -58,6 +63,7 @@ import scipy.sparse as sp
 
 from data.errors import BundleError, ConfigError, DataError
 from retrieval._topk import excluded_mask
+from retrieval.index_overlay import LiveOverlay, base_ids, merge_results
 
 IndexKind = Literal["flat", "ivf_flat", "hnsw", "ivf_pq", "sq8"]
 IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_pq", "sq8")
@@ -210,7 +216,8 @@ class VectorIndex:
         """Wrap a built FAISS index; use :meth:`build` or :meth:`load` rather than this.
 
         labels, alive: ``hnsw`` only, (ntotal,) our id and liveness of each graph position.
-        read_only: the index is memory-mapped; ``add``/``remove``/``compact`` raise.
+        read_only: the index is memory-mapped: ``add`` and ``remove`` go to a private overlay
+            (``retrieval/index_overlay.py``); ``compact`` and saving those changes raise.
         """
         self.config = config
         # Any: FAISS's bundled stubs type every index as the base class and miss the Python
@@ -231,6 +238,8 @@ class VectorIndex:
         self._bitmap: npt.NDArray[np.uint8] | None = None
         self._selector: faiss.IDSelectorBitmap | None = None
         self._refresh_selector()
+        # Read-only indexes only, from their first change: what changed since loading.
+        self._overlay: LiveOverlay | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -290,8 +299,11 @@ class VectorIndex:
         return self._n_tombstones
 
     def __len__(self) -> int:
-        """Number of live items (tombstones excluded)."""
-        return int(self._index.ntotal) - self.n_tombstones
+        """Number of live items (tombstones and hidden overlay entries excluded)."""
+        live = int(self._index.ntotal) - self.n_tombstones
+        if self._overlay is not None:
+            live += self._overlay.n_delta - self._overlay.n_hidden
+        return live
 
     def __repr__(self) -> str:
         return (
@@ -344,15 +356,21 @@ class VectorIndex:
         found_scores[found < 0] = -np.inf
         ids[:, :fetch] = found
         scores[:, :fetch] = found_scores
+        if self._overlay is not None and self._overlay.n_delta:
+            return merge_results((ids, scores), self._overlay.search(matrix, k), k)
         return ids, scores
 
     def _search_params(
         self, fetch: int, *, nprobe: int | None, ef_search: int | None
     ) -> faiss.SearchParameters | None:
+        # Base ids a read-only index has hidden (removed or replaced since loading).
+        hidden = None if self._overlay is None else self._overlay.selector
         if self.kind in IVF_KINDS:
             probes = self.config.nprobe if nprobe is None else _check_knob("nprobe", nprobe)
             ivf_params = faiss.SearchParametersIVF()
             ivf_params.nprobe = probes
+            if hidden is not None:
+                ivf_params.sel = hidden
             return ivf_params
         if self.kind == "hnsw":
             beam = (
@@ -364,6 +382,10 @@ class VectorIndex:
             if self._selector is not None:
                 hnsw_params.sel = self._selector
             return hnsw_params
+        if hidden is not None:
+            flat_params = faiss.SearchParameters()
+            flat_params.sel = hidden
+            return flat_params
         return None
 
     # ------------------------------------------------------------------ live updates
@@ -371,12 +393,16 @@ class VectorIndex:
     def add(self, vectors: npt.ArrayLike, ids: npt.ArrayLike) -> None:
         """Add items (new items of the catalogue); an id already in the index is replaced.
 
-        vectors: (n, d) float32; ids: (n,) int64 >= 0, unique within the call.
+        vectors: (n, d) float32; ids: (n,) int64 >= 0, unique within the call. A read-only
+        (memory-mapped) index keeps them in its private overlay.
         """
-        self._check_writable("add")
         matrix = _as_vectors(vectors, dim=self.dim, name="vectors")
         labels = _as_ids(ids, n=matrix.shape[0], name="ids")
         if labels.size == 0:
+            return
+        if self._read_only:
+            self._hide_in_base(labels)
+            self._live_overlay().add(matrix, labels)
             return
         with _omp_threads(self.config.threads):
             if self.kind == "hnsw":
@@ -396,10 +422,12 @@ class VectorIndex:
         ids: (n,) int64. Returns how many items were removed. For ``hnsw`` the entries become
         tombstones that search skips; :meth:`compact` frees them.
         """
-        self._check_writable("remove")
         labels = np.unique(_as_ids(ids, n=None, name="ids", unique=False))
         if labels.size == 0:
             return 0
+        if self._read_only:
+            # Live in the base or in the overlay, never both: add hides the base's copy.
+            return self._hide_in_base(labels) + self._live_overlay().remove(labels)
         with _omp_threads(self.config.threads):
             if self.kind == "hnsw":
                 removed = self._kill(labels)
@@ -432,6 +460,25 @@ class VectorIndex:
         self._n_tombstones = 0
         self._refresh_selector()
 
+    def _live_overlay(self) -> LiveOverlay:
+        if self._overlay is None:
+            self._overlay = LiveOverlay(
+                self.dim, base_ids(self._index, self.kind, self._labels, self._alive)
+            )
+        return self._overlay
+
+    def _hide_in_base(self, labels: IdArray) -> int:
+        """Stop a read-only base from returning ``labels``; returns how many it held live.
+
+        hnsw tombstones its positions (the alive mask is private memory); the other kinds hide
+        the ids with a search-time selector.
+        """
+        if self.kind == "hnsw":
+            hidden = self._kill(labels)
+            self._refresh_selector()
+            return hidden
+        return self._live_overlay().hide(labels)
+
     def _kill(self, labels: IdArray) -> int:
         """Tombstone the live hnsw positions holding ``labels``; return how many."""
         hit = self._alive & np.isin(self._labels, labels)
@@ -461,7 +508,16 @@ class VectorIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | Path) -> None:
-        """Write ``index.faiss`` (FAISS's own format), ``index.json`` and, for hnsw, the ids."""
+        """Write ``index.faiss`` (FAISS's own format), ``index.json`` and, for hnsw, the ids.
+
+        A memory-mapped index changed since loading cannot be saved (its changes live in a
+        private overlay); the next training run writes them into a new index.
+        """
+        if self._overlay is not None:
+            raise ConfigError(
+                "cannot save a memory-mapped index with live changes; "
+                "load it with mmap=False to edit and save it"
+            )
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self._index, str(path / INDEX_FILE))

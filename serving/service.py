@@ -103,7 +103,8 @@ class RecommenderService:
     # ---------------------------------------------------------------------------- lifecycle
     def _build(self, bundle: Path) -> _Served:
         # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
-        # index through the page cache. The served index is read-only (no live add_items here).
+        # index through the page cache. Live index changes would go to a private overlay
+        # (RetrievalStage.add_items); the service does not extend its catalogue yet.
         artifacts = load_artifacts(bundle, mmap=True)
         state, cut = self._seed_state(artifacts)
         pipeline = make_pipeline(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from data.catalog import ItemCatalog
 from data.dataset import load_dataset
@@ -53,9 +54,13 @@ def test_new_category_interactions_raise_its_share(tiny_bundle: tuple[Path, Path
     assert np.mean(rises) > 0.05, rises
 
 
-def test_new_item_is_retrievable_without_restart(tiny_bundle: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("mmap", [False, True], ids=["in-memory", "memory-mapped"])
+def test_new_item_is_retrievable_without_restart(
+    tiny_bundle: tuple[Path, Path], mmap: bool
+) -> None:
+    """Also from a memory-mapped bundle, as the service loads it (the index's overlay)."""
     data, bundle = tiny_bundle
-    artifacts = load_artifacts(bundle)
+    artifacts = load_artifacts(bundle, mmap=mmap)
     stage = artifacts.retrieval
     items_frame = load_dataset(data).items
     assert items_frame is not None
