@@ -112,6 +112,44 @@ class ItemCatalog:
         primary[rows[first]] = codes[first]
         return cls(items, names, matrix, primary, created_at)
 
+    def updated(self, frame: pl.DataFrame, items: IdMap) -> ItemCatalog:
+        """This catalogue over ``items`` (an extension of ``self.items``, as ``IdMap.extend``
+        makes), with the columns ``frame`` has read for the items it lists; every other value
+        is kept (a new item without a ``categories`` column has none).
+
+        ``frame`` is shaped like ``items.parquet``; category codes stay those of this catalogue
+        (a trained model's vocabulary: categories it does not know are dropped).
+        """
+        if len(items) < self.n_items:
+            raise ValueError(
+                f"items has {len(items)} ids, fewer than the catalogue's {self.n_items}"
+            )
+        fresh = ItemCatalog.from_frame(frame, items, category_names=self.category_names)
+        rows = items.index(frame[ITEM_ID].cast(pl.String), allow_unknown=True)
+        listed = np.zeros(len(items), dtype=bool)
+        listed[rows[rows >= 0]] = True
+        grow = len(items) - self.n_items
+        categories = sp.vstack(
+            [self.categories, sp.csr_matrix((grow, self.n_categories), dtype=np.float32)]
+        ).tocsr()
+        primary = np.concatenate([self.primary_category, np.full(grow, -1, np.int32)])
+        created_at = np.concatenate([self.created_at, np.full(grow, UNKNOWN_TIME, np.int64)])
+        if CATEGORIES in frame.columns:
+            keep = sp.diags((~listed).astype(np.float32))
+            take = sp.diags(listed.astype(np.float32))
+            categories = (keep @ categories + take @ fresh.categories).tocsr()
+            categories.eliminate_zeros()
+            primary = np.where(listed, fresh.primary_category, primary)
+        if CREATED_AT in frame.columns:
+            created_at = np.where(listed, fresh.created_at, created_at)
+        return ItemCatalog(
+            items,
+            self.category_names,
+            categories.astype(np.float32),
+            primary.astype(np.int32),
+            created_at.astype(np.int64),
+        )
+
     @classmethod
     def empty(cls, items: IdMap) -> ItemCatalog:
         n_items = len(items)

@@ -22,6 +22,7 @@ the state at the cut. Training rows and served rows therefore go through identic
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -346,6 +347,26 @@ class FeatureStore:
         """item_idx.shape int64 release times; ``UNKNOWN_TIME`` for padding / unknown items."""
         known = (item_idx >= 0) & (item_idx < self.n_items)
         return np.where(known, self.item_created_at_[np.where(known, item_idx, 0)], UNKNOWN_TIME)
+
+    def with_items(self, catalog: ItemCatalog) -> FeatureStore:
+        """A copy describing ``catalog``'s items: items past the store's own (added after it was
+        built) have no events yet (counts 0, "days since" missing), and every item's categories
+        and release time are read from ``catalog``, whose category codes must be the store's."""
+        self._check_fitted()
+        if catalog.n_items < self.n_items or catalog.n_categories != self.n_categories:
+            raise DataError(
+                f"catalog of {catalog.n_items} items x {catalog.n_categories} categories cannot "
+                f"extend a store of {self.n_items} x {self.n_categories}"
+            )
+        grow = catalog.n_items - self.n_items
+        store = copy.copy(self)
+        store.item_table_ = {
+            name: np.concatenate([column, np.full(grow, _ITEM_DEFAULTS.get(name, 0.0), np.float32)])
+            for name, column in self.item_table_.items()
+        }
+        store.item_categories_, store.item_category_weights_ = _padded_categories(catalog)
+        store.item_created_at_ = catalog.created_at.astype(np.int64, copy=True)
+        return store
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "as_of_"):

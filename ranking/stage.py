@@ -224,6 +224,15 @@ class RankingStage:
         scores[matrix.valid] = self.ranker_.predict(matrix.rows())
         return scores
 
+    def with_catalog(self, catalog: ItemCatalog) -> RankingStage:
+        """A stage with the same ranker whose feature store describes ``catalog``'s items (new
+        items served before the next retrain; see :meth:`FeatureStore.with_items`)."""
+        self._check_fitted()
+        stage = RankingStage(self.config)
+        stage.store_ = self.store_.with_items(catalog)
+        stage.ranker_, stage.summary_ = self.ranker_, self.summary_
+        return stage
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "ranker_"):
             raise NotFittedError("RankingStage is not fitted: call fit() or load() first")

@@ -348,7 +348,8 @@ class VectorIndex:
         fetch = min(k, int(self._index.ntotal))
         if m == 0 or fetch == 0 or len(self) == 0:
             return ids, scores
-        params = self._search_params(fetch, nprobe=nprobe, ef_search=ef_search)
+        overlay = self._overlay  # one snapshot for the whole search (changes swap it)
+        params = self._search_params(fetch, overlay, nprobe=nprobe, ef_search=ef_search)
         with _omp_threads(self.config.threads):
             found_scores, found = self._index.search(matrix, fetch, params=params)
         if self.kind == "hnsw":
@@ -356,15 +357,20 @@ class VectorIndex:
         found_scores[found < 0] = -np.inf
         ids[:, :fetch] = found
         scores[:, :fetch] = found_scores
-        if self._overlay is not None and self._overlay.n_delta:
-            return merge_results((ids, scores), self._overlay.search(matrix, k), k)
+        if overlay is not None and overlay.n_delta:
+            return merge_results((ids, scores), overlay.search(matrix, k), k)
         return ids, scores
 
     def _search_params(
-        self, fetch: int, *, nprobe: int | None, ef_search: int | None
+        self,
+        fetch: int,
+        overlay: LiveOverlay | None = None,
+        *,
+        nprobe: int | None,
+        ef_search: int | None,
     ) -> faiss.SearchParameters | None:
         # Base ids a read-only index has hidden (removed or replaced since loading).
-        hidden = None if self._overlay is None else self._overlay.selector
+        hidden = None if overlay is None else overlay.selector
         if self.kind in IVF_KINDS:
             probes = self.config.nprobe if nprobe is None else _check_knob("nprobe", nprobe)
             ivf_params = faiss.SearchParametersIVF()
@@ -401,8 +407,13 @@ class VectorIndex:
         if labels.size == 0:
             return
         if self._read_only:
-            self._hide_in_base(labels)
-            self._live_overlay().add(matrix, labels)
+            if self.kind == "hnsw":
+                self._kill(labels)
+                self._refresh_selector()
+                self._overlay = self._live_overlay().adding(matrix, labels)
+            else:
+                hidden, _ = self._live_overlay().hiding(labels)
+                self._overlay = hidden.adding(matrix, labels)  # one swap: never half-changed
             return
         with _omp_threads(self.config.threads):
             if self.kind == "hnsw":
@@ -427,7 +438,15 @@ class VectorIndex:
             return 0
         if self._read_only:
             # Live in the base or in the overlay, never both: add hides the base's copy.
-            return self._hide_in_base(labels) + self._live_overlay().remove(labels)
+            overlay, removed = self._live_overlay().removing(labels)
+            if self.kind == "hnsw":
+                removed += self._kill(labels)
+                self._refresh_selector()
+            else:
+                overlay, hidden = overlay.hiding(labels)
+                removed += hidden
+            self._overlay = overlay
+            return removed
         with _omp_threads(self.config.threads):
             if self.kind == "hnsw":
                 removed = self._kill(labels)
@@ -466,18 +485,6 @@ class VectorIndex:
                 self.dim, base_ids(self._index, self.kind, self._labels, self._alive)
             )
         return self._overlay
-
-    def _hide_in_base(self, labels: IdArray) -> int:
-        """Stop a read-only base from returning ``labels``; returns how many it held live.
-
-        hnsw tombstones its positions (the alive mask is private memory); the other kinds hide
-        the ids with a search-time selector.
-        """
-        if self.kind == "hnsw":
-            hidden = self._kill(labels)
-            self._refresh_selector()
-            return hidden
-        return self._live_overlay().hide(labels)
 
     def _kill(self, labels: IdArray) -> int:
         """Tombstone the live hnsw positions holding ``labels``; return how many."""

@@ -15,6 +15,7 @@ into a new base.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import faiss
@@ -28,7 +29,11 @@ FloatArray = npt.NDArray[np.float32]
 class LiveOverlay:
     """The delta index and the hidden base ids of one read-only index.
 
-    base_ids: every id the base holds (any order); only hidden ids that the base really holds
+    An immutable value: every change returns a new overlay, and the index swaps its reference in
+    one assignment, so a search running in another thread keeps a consistent snapshot (FAISS
+    indexes must not change under a search).
+
+    base_ids: every id the base holds (sorted); only hidden ids that the base really holds
         count as removed from it.
     """
 
@@ -49,24 +54,32 @@ class LiveOverlay:
     def n_delta(self) -> int:
         return int(self.delta.ntotal)
 
-    def hide(self, ids: IdArray) -> int:
-        """Hide base entries of ``ids`` from search; returns how many were live in the base."""
+    def hiding(self, ids: IdArray) -> tuple[LiveOverlay, int]:
+        """An overlay that also hides the base entries of ``ids``, and how many of them were
+        live in the base."""
         in_base = np.isin(ids, self.base_ids) & ~np.isin(ids, self.hidden)
         newly = np.unique(ids[in_base])
-        if newly.size:
-            self.hidden = np.union1d(self.hidden, newly)
-            self._inner = faiss.IDSelectorBatch(self.hidden.size, faiss.swig_ptr(self.hidden))
-            self.selector = faiss.IDSelectorNot(self._inner)
-        return int(newly.size)
+        if newly.size == 0:
+            return self, 0
+        changed = copy.copy(self)
+        changed.hidden = np.union1d(self.hidden, newly)
+        changed._inner = faiss.IDSelectorBatch(changed.hidden.size, faiss.swig_ptr(changed.hidden))
+        changed.selector = faiss.IDSelectorNot(changed._inner)
+        return changed, int(newly.size)
 
-    def add(self, vectors: FloatArray, ids: IdArray) -> None:
-        """Put ``ids`` into the delta (replacing their earlier delta vectors)."""
-        self.delta.remove_ids(ids)
-        self.delta.add_with_ids(vectors, ids)
+    def adding(self, vectors: FloatArray, ids: IdArray) -> LiveOverlay:
+        """An overlay whose delta also holds ``ids`` (replacing their earlier delta vectors)."""
+        changed = copy.copy(self)
+        changed.delta = faiss.clone_index(self.delta)
+        changed.delta.remove_ids(ids)
+        changed.delta.add_with_ids(vectors, ids)
+        return changed
 
-    def remove(self, ids: IdArray) -> int:
-        """Drop ``ids`` from the delta; returns how many were there."""
-        return int(self.delta.remove_ids(ids))
+    def removing(self, ids: IdArray) -> tuple[LiveOverlay, int]:
+        """An overlay whose delta no longer holds ``ids``, and how many it held."""
+        changed = copy.copy(self)
+        changed.delta = faiss.clone_index(self.delta)
+        return changed, int(changed.delta.remove_ids(ids))
 
     def search(self, queries: FloatArray, k: int) -> tuple[IdArray, FloatArray]:
         """Exact top-``k`` of the delta: (m, min(k, n_delta)) ids and scores."""

@@ -24,6 +24,7 @@ from data.schema import TIMESTAMP, WEIGHT
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 from serving.artifacts import Artifacts, load_artifacts, load_history
+from serving.catalog_updates import CatalogChange, extend_artifacts
 from serving.factory import make_pipeline
 from serving.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
 from serving.online_state import OnlineState, observe_frame
@@ -103,8 +104,7 @@ class RecommenderService:
     # ---------------------------------------------------------------------------- lifecycle
     def _build(self, bundle: Path) -> _Served:
         # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
-        # index through the page cache. Live index changes would go to a private overlay
-        # (RetrievalStage.add_items); the service does not extend its catalogue yet.
+        # index through the page cache; items added live go to private overlays (add_items).
         artifacts = load_artifacts(bundle, mmap=True)
         state, cut = self._seed_state(artifacts)
         pipeline = make_pipeline(
@@ -198,6 +198,36 @@ class RecommenderService:
     def close(self) -> None:
         self.pipeline.close()
         self.feedback.close()
+
+    # ---------------------------------------------------------------------------- catalogue
+    def add_items(self, frame: pl.DataFrame, *, now: int | None = None) -> CatalogChange:
+        """Serve new (or changed) items from the next request on, without a retrain or restart.
+
+        ``frame``: ``item_id``, optional ``categories`` and ``created_at`` (see
+        ``serving/catalog_updates.py``); ``DataError`` names what is wrong and changes nothing.
+        The item tower embeds the items into the live index; feedback on them then reaches
+        histories and trending like any other. Not yet durable: a reload or restart serves the
+        bundle's own catalogue again, until a retrain includes the items.
+        """
+        with self._reload_lock:  # one catalogue change or reload at a time
+            served = self._served
+            artifacts, change = extend_artifacts(
+                served.pipeline.artifacts, frame, now=int(time.time()) if now is None else now
+            )
+            state = served.pipeline.state
+            state.n_items = len(artifacts.items)
+            pipeline = make_pipeline(
+                artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
+            )
+            with self._swap_lock:
+                self._served = replace(self._served, pipeline=pipeline)
+        logger.info(
+            "catalogue: %d items added, %d updated (%s)",
+            change.added,
+            change.updated,
+            ", ".join(change.sources) or "no source embeds items",
+        )
+        return change
 
     # ---------------------------------------------------------------------------- feedback
     def record_feedback(self, events: list[FeedbackEvent]) -> AppendResult:

@@ -246,20 +246,27 @@ class TwoTowerSource:
                 f"item_idx must lie in [0, {catalog.n_items}) for a catalog of "
                 f"{catalog.n_items} items, got values in [{items[0]}, {items[-1]}]"
             )
+        known = self.n_items
         self.features_ = self.features_.with_items(catalog, items)
-        # A re-embedded item may change the pooled history of any cached user.
-        self._user_cache = None
-        self._vectors_memo.clear()
-        grow = self.features_.n_items - self.n_items
+        if (items < known).any():
+            # A re-embedded item may change the pooled history of any cached user; a brand-new
+            # item is in nobody's history yet, so the warmed vectors stay valid.
+            self._user_cache = None
+            self._vectors_memo.clear()
+        grow = self.features_.n_items - known
         if grow:
             nan_rows = np.full((grow, self.item_vectors_.shape[1]), np.nan, dtype=np.float32)
             self.item_vectors_ = np.concatenate([self.item_vectors_, nan_rows])
             self.in_index_ = np.concatenate([self.in_index_, np.zeros(grow, dtype=bool)])
+        elif not self.item_vectors_.flags.writeable:  # memory-mapped: a private copy to edit
+            self.item_vectors_ = np.array(self.item_vectors_)
+            self.in_index_ = np.array(self.in_index_)
         if items.size == 0:
             return
         vectors = self._encode_items(items, self.trained_until_ if now is None else now)
-        self.index_.add(vectors, items)
+        # Vectors first: a concurrent search that finds a new item must be able to rescore it.
         self.item_vectors_[items] = vectors
+        self.index_.add(vectors, items)
         self.in_index_[items] = True
 
     def remove_items(self, item_idx: npt.ArrayLike) -> int:
