@@ -446,6 +446,7 @@ def analyse(result: SimulationResult) -> dict[str, Any]:
         "monitors": _monitor_summary(result),
         "retrains": result.retrains.to_dicts(),
         "catalog_coverage": result.catalog_coverage,
+        "new_item_coverage": result.new_item_coverage,
         "serving": _serving_summary(result),
         "timings": result.timings,
     }

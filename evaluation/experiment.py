@@ -653,6 +653,13 @@ class ArmRunner:
             else:
                 self.service.feedback.append(chunk)
 
+    def release(self, items: pl.DataFrame, now: int) -> None:
+        """Items the world released since the last call (``item_id``, ``categories``,
+        ``created_at``): online kinds serve them from now on through the service's live
+        catalogue (``RecommenderService.add_items``); frozen ones only after a retrain."""
+        if self.config.updates_online and items.height:
+            self.service.add_items(items, now=now)
+
     def wants_retrain(self, day: int, monitor_alert: bool) -> str | None:
         """The reason to retrain at the end of ``day`` (0-based), or ``None``."""
         kind = self.config.kind

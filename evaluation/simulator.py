@@ -25,8 +25,9 @@ One run, day by day over ``n_days`` after a ``pre_period_days`` history:
    clicked items) and on the prediction scores of the served items.
 
 New items: the world keeps releasing items during the experiment (a wave of new items). A bundle
-knows the catalogue of its training time, so an arm serves the new items only after a retrain
-(the service has no live catalogue extension; ``RetrievalStage.add_items`` is not wired to it).
+knows the catalogue of its training time. Online kinds add each tick's releases through the
+service's live catalogue (``RecommenderService.add_items``: embedded by the item tower into the
+live index); a frozen arm serves them only after a retrain.
 
 The A/B test is then read off the twins: a user assigned to arm ``a`` (salted hash) is observed in
 ``a``'s copy. Because every user also lives in every other arm's copy, the *true* effect on the
@@ -255,6 +256,8 @@ class SimulationResult:
     planning: dict[str, Any]
     timings: dict[str, float]
     catalog_coverage: dict[str, float] = field(default_factory=dict)
+    # Per arm: the share of the items released during the experiment that it showed anyone.
+    new_item_coverage: dict[str, float] = field(default_factory=dict)
 
     @property
     def arm_names(self) -> tuple[str, ...]:
@@ -281,6 +284,7 @@ class SimulationResult:
             "planning": self.planning,
             "timings": self.timings,
             "catalog_coverage": self.catalog_coverage,
+            "new_item_coverage": self.new_item_coverage,
         }
         (out / _RESULT_META).write_text(json.dumps(meta, sort_keys=True, default=float) + "\n")
         return out
@@ -301,6 +305,7 @@ class SimulationResult:
             planning=meta["planning"],
             timings=meta["timings"],
             catalog_coverage=meta["catalog_coverage"],
+            new_item_coverage=meta.get("new_item_coverage", {}),  # absent before 2026-12-03
             **values,
         )
 
@@ -464,6 +469,8 @@ class _Run:
         self.clock = clock
         self.tick_share = tick_share
         self.tick_seconds = SECONDS_PER_DAY // config.behaviour.ticks_per_day
+        # Every bundle starts with the catalogue released by the experiment's start.
+        self.released_until = history.start
         n_arms, n_users, n_days = len(universes), self.world.n_users, config.n_days
         self.user_ids = [f"u{i}" for i in range(n_users)]
         self.sessions = np.zeros((n_users, n_days), dtype=np.int32)
@@ -507,6 +514,7 @@ class _Run:
         sample = _rng(config.seed, STREAM_MONITOR, day, tick).permutation(users.size)[
             : config.monitors.score_sample_per_tick
         ]
+        self._release(tick_start)
         self.sessions[users, day] += 1
         # Feedback of this tick is delivered at its end: the logs' clock says so.
         self.clock.now = tick_start + self.tick_seconds
@@ -532,6 +540,15 @@ class _Run:
         ):
             self._record(a, users, day, outcome)
             universe.tracks["score"].add(scores)
+
+    def _release(self, now: int) -> None:
+        """Hand the items released since the last tick to every arm (online kinds add them)."""
+        released = self.history.items.filter(
+            (pl.col("created_at") > self.released_until) & (pl.col("created_at") <= now)
+        ).select("item_id", "categories", "created_at")
+        self.released_until = now
+        for universe in self.universes:
+            universe.runner.release(released, now)
 
     def _record(self, arm: int, users: npt.NDArray[np.int64], day: int, outcome: _Outcome) -> None:
         clicked = outcome.clicked >= 0
@@ -583,6 +600,7 @@ class _Run:
         }
         end = self.history.start + self.config.n_days * SECONDS_PER_DAY
         released = int((self.world.item_release < end).sum())
+        new = (self.world.item_release > self.history.start) & (self.world.item_release < end)
         return SimulationResult(
             config=self.config,
             user_ids=self.user_ids,
@@ -608,6 +626,10 @@ class _Run:
             timings=timings,
             catalog_coverage={
                 u.runner.name: float(u.shown.sum() / released) for u in self.universes
+            },
+            new_item_coverage={
+                u.runner.name: float(u.shown[new].sum() / new.sum()) if new.any() else math.nan
+                for u in self.universes
             },
         )
 

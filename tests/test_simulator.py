@@ -434,6 +434,19 @@ def test_feedback_went_down_the_service_path(tiny_run: tuple[SimulationResult, P
     assert interactions == result.pre_user_clicks.sum() + result.clicks[2, :, :2].sum()
 
 
+def test_online_arms_serve_items_released_during_the_experiment(
+    tiny_run: tuple[SimulationResult, Path],
+) -> None:
+    """Items the world releases after the bundles were trained: online kinds add them to their
+    live catalogue and show them; the frozen arm cannot (its log never names one)."""
+    result, work = tiny_run
+    assert result.new_item_coverage["frozen"] == 0.0
+    assert result.new_item_coverage["online"] > 0.0
+    trained = set(load_dataset(work / "bundles" / "base-0" / "data").items["item_id"].to_list())
+    with FeedbackLog(FeedbackLogConfig(path=work / "arms" / "frozen" / "feedback.db")) as log:
+        assert set(log.to_frame()["item_id"].to_list()) <= trained
+
+
 def test_result_round_trip(tiny_run: tuple[SimulationResult, Path], tmp_path: Path) -> None:
     result, _ = tiny_run
     loaded = SimulationResult.load(result.save(tmp_path / "raw"))
