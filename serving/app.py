@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import polars as pl
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +41,8 @@ from serving.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogC
 from serving.pipeline import BudgetConfig, RecommendRequest
 from serving.schemas import (
     MAX_K,
+    CatalogItemsIn,
+    CatalogItemsOut,
     ErrorOut,
     FeedbackIn,
     FeedbackOut,
@@ -261,6 +264,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     return app
 
 
+def _admin_refusal(settings: ServiceSettings, authorization: str | None) -> JSONResponse | None:
+    """The answer to an admin request without a valid bearer token (None: it may proceed)."""
+    if settings.admin_token is None:
+        return JSONResponse(status_code=403, content={"error": "admin endpoints are disabled"})
+    token = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not hmac.compare_digest(token, settings.admin_token):
+        return JSONResponse(
+            status_code=401,
+            content={"error": "missing or invalid bearer token"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (several workers): settings from ``RECSYS_*``."""
     return create_app(ServiceSettings())  # type: ignore[call-arg]  # filled from the environment
@@ -384,15 +401,9 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
         service: ServiceDep,
         authorization: Annotated[str | None, Header()] = None,
     ) -> Any:
-        if settings.admin_token is None:
-            return JSONResponse(status_code=403, content={"error": "admin endpoints are disabled"})
-        token = (authorization or "").removeprefix("Bearer ").strip()
-        if not authorization or not hmac.compare_digest(token, settings.admin_token):
-            return JSONResponse(
-                status_code=401,
-                content={"error": "missing or invalid bearer token"},
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        refused = _admin_refusal(settings, authorization)
+        if refused is not None:
+            return refused
         started = time.perf_counter()
         try:
             new, old = service.reload(body.bundle)
@@ -406,5 +417,40 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
             return JSONResponse(status_code=409, content={"error": f"bundle refused: {exc}"})
         logger.info("reload took %.1f s", time.perf_counter() - started)
         return ReloadOut(model_version=new, previous_model_version=old)
+
+    @router.post(
+        "/admin/items",
+        response_model=CatalogItemsOut,
+        responses={
+            401: {"model": ErrorOut},
+            403: {"model": ErrorOut},
+            422: {"model": ErrorOut},
+        },
+    )
+    def add_items(
+        body: CatalogItemsIn,
+        service: ServiceDep,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """Serve new (or changed) items from the next request on, without a retrain: embedded
+        by the item tower into the live index. Not kept across a reload or restart."""
+        refused = _admin_refusal(settings, authorization)
+        if refused is not None:
+            return refused
+        frame = pl.DataFrame(
+            [item.model_dump() for item in body.items],
+            schema={
+                "item_id": pl.String,
+                "categories": pl.List(pl.String),
+                "created_at": pl.Int64,
+            },
+        )
+        try:
+            change = service.add_items(frame)
+        except DataError as exc:
+            return JSONResponse(status_code=422, content={"error": str(exc)})
+        return CatalogItemsOut(
+            added=change.added, updated=change.updated, sources=list(change.sources)
+        )
 
     return router

@@ -105,6 +105,36 @@ class ReloadOut(BaseModel):
     previous_model_version: str
 
 
+MAX_ITEMS = 10_000
+MAX_CATEGORIES = 32
+
+
+class CatalogItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    categories: list[str] | None = Field(
+        default=None,
+        max_length=MAX_CATEGORIES,
+        description="Category names; those the bundle was not trained with are dropped.",
+    )
+    created_at: int | None = Field(
+        default=None, ge=0, le=2**62, description="Release time, seconds UTC."
+    )
+
+
+class CatalogItemsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[CatalogItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+class CatalogItemsOut(BaseModel):
+    added: int = Field(description="Ids new to the served catalogue.")
+    updated: int = Field(description="Known ids whose features were read again.")
+    sources: list[str] = Field(description="Retrieval sources that embedded the items.")
+
+
 class ErrorOut(BaseModel):
     error: str
     detail: Any = None

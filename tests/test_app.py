@@ -161,3 +161,26 @@ def test_admin_reload(client: TestClient, tiny_bundle: tuple[Path, Path], tmp_pa
     )
     assert refused.status_code == 409 and "checksum" in refused.json()["error"]
     assert client.post("/v1/recommend", json={"user_id": "u"}).status_code == 200
+
+
+def test_admin_items(client: TestClient) -> None:
+    """New items over HTTP: token required, bad items a 422 naming the problem, then served."""
+    body = {"items": [{"item_id": "live-1", "categories": ["c0"], "created_at": 1}]}
+    assert client.post("/admin/items", json=body).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    twice = {"items": [{"item_id": "x"}, {"item_id": "x"}]}
+    refused = client.post("/admin/items", json=twice, headers=auth)
+    assert refused.status_code == 422 and "distinct" in refused.json()["error"]
+    assert client.post("/admin/items", json={"items": []}, headers=auth).status_code == 422
+    added = client.post("/admin/items", json=body, headers=auth)
+    assert added.status_code == 200, added.text
+    assert added.json() == {"added": 1, "updated": 0, "sources": ["two_tower"]}
+    again = client.post("/admin/items", json=body, headers=auth)
+    assert again.json()["added"] == 0 and again.json()["updated"] == 1
+    similar = client.get("/v1/items/live-1/similar", params={"k": 3})
+    assert similar.status_code == 200 and len(similar.json()["items"]) == 3
+    click = {"event_id": "e1", "user_id": "newcomer", "item_id": "live-1", "type": "click"}
+    assert client.post("/v1/feedback", json={"events": [click]}).status_code == 202
+    answer = client.post("/v1/recommend", json={"user_id": "newcomer", "k": 5})
+    assert answer.status_code == 200 and answer.json()["degraded"] == []
+    assert "live-1" not in [item["item_id"] for item in answer.json()["items"]]  # seen
