@@ -114,8 +114,8 @@ class ItemCatalog:
 
     def updated(self, frame: pl.DataFrame, items: IdMap) -> ItemCatalog:
         """This catalogue over ``items`` (an extension of ``self.items``, as ``IdMap.extend``
-        makes), with the columns ``frame`` has read for the items it lists; every other value
-        is kept (a new item without a ``categories`` column has none).
+        makes), with the values ``frame`` gives for the items it lists. A value not given (no
+        such column, or null) keeps the item's current one: none for a new item.
 
         ``frame`` is shaped like ``items.parquet``; category codes stay those of this catalogue
         (a trained model's vocabulary: categories it does not know are dropped).
@@ -126,22 +126,21 @@ class ItemCatalog:
             )
         fresh = ItemCatalog.from_frame(frame, items, category_names=self.category_names)
         rows = items.index(frame[ITEM_ID].cast(pl.String), allow_unknown=True)
-        listed = np.zeros(len(items), dtype=bool)
-        listed[rows[rows >= 0]] = True
         grow = len(items) - self.n_items
         categories = sp.vstack(
             [self.categories, sp.csr_matrix((grow, self.n_categories), dtype=np.float32)]
         ).tocsr()
         primary = np.concatenate([self.primary_category, np.full(grow, -1, np.int32)])
         created_at = np.concatenate([self.created_at, np.full(grow, UNKNOWN_TIME, np.int64)])
-        if CATEGORIES in frame.columns:
-            keep = sp.diags((~listed).astype(np.float32))
-            take = sp.diags(listed.astype(np.float32))
+        given = _given_rows(frame, CATEGORIES, rows, len(items))
+        if given.any():
+            keep = sp.diags((~given).astype(np.float32))
+            take = sp.diags(given.astype(np.float32))
             categories = (keep @ categories + take @ fresh.categories).tocsr()
             categories.eliminate_zeros()
-            primary = np.where(listed, fresh.primary_category, primary)
-        if CREATED_AT in frame.columns:
-            created_at = np.where(listed, fresh.created_at, created_at)
+            primary = np.where(given, fresh.primary_category, primary)
+        given = _given_rows(frame, CREATED_AT, rows, len(items))
+        created_at = np.where(given, fresh.created_at, created_at)
         return ItemCatalog(
             items,
             self.category_names,
@@ -160,3 +159,14 @@ class ItemCatalog:
             np.full(n_items, -1, dtype=np.int32),
             np.full(n_items, UNKNOWN_TIME, dtype=np.int64),
         )
+
+
+def _given_rows(
+    frame: pl.DataFrame, column: str, rows: npt.NDArray[np.int32], n_items: int
+) -> npt.NDArray[np.bool_]:
+    """(n_items,) True for the items whose row of ``frame`` has a non-null ``column``."""
+    given = np.zeros(n_items, dtype=bool)
+    if column in frame.columns:
+        present = frame[column].is_not_null().to_numpy() & (rows >= 0)
+        given[rows[present]] = True
+    return given

@@ -44,7 +44,7 @@ def extend_artifacts(
     Categories unknown to the bundle are dropped (its models know a fixed vocabulary). ``now``
     is the time the item tower sees (an item's age feature).
     """
-    _check_frame(frame)
+    check_items_frame(frame)
     ids = frame[ITEM_ID]
     known = artifacts.items.index(ids, allow_unknown=True) >= 0
     items = artifacts.items.extend(ids)
@@ -59,7 +59,7 @@ def extend_artifacts(
     return extended, change
 
 
-def _check_frame(frame: pl.DataFrame) -> None:
+def check_items_frame(frame: pl.DataFrame) -> None:
     """Refuse what cannot be an items frame, naming the problem (the API answers 422 with it)."""
     if ITEM_ID not in frame.columns:
         raise DataError(f"the items need an {ITEM_ID!r} column, got {frame.columns}")

@@ -41,6 +41,7 @@ Concurrency
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sqlite3
@@ -75,7 +76,9 @@ DEFAULT_TYPE_WEIGHTS: Final[Mapping[str, float]] = MappingProxyType(
     }
 )
 
-SCHEMA_VERSION: Final[int] = 1  # stored in PRAGMA user_version; bump on incompatible change
+# Stored in PRAGMA user_version. 2 added the catalogue_updates table; a version-1 log is
+# upgraded in place when opened (the table is created, nothing else changes).
+SCHEMA_VERSION: Final[int] = 2
 
 # One row per accepted event. ``seq`` is AUTOINCREMENT (not a plain rowid) so that a number is
 # never handed out twice, even if old events are one day pruned: tailing readers rely on it.
@@ -89,6 +92,17 @@ CREATE TABLE feedback (
     timestamp   INTEGER NOT NULL,  -- when the event happened, seconds UTC (client's clock)
     weight      REAL    NOT NULL,
     received_at INTEGER NOT NULL   -- when the log accepted it, seconds UTC (server's clock)
+)
+"""
+# One row per item update the service acknowledged (POST /admin/items): replayed at start-up and
+# reload, so items served live survive until a retrain includes them. NULL = not given.
+_CREATE_CATALOGUE_TABLE: Final[str] = """
+CREATE TABLE IF NOT EXISTS catalogue_updates (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id     TEXT    NOT NULL,
+    categories  TEXT,              -- a JSON list of category names
+    created_at  INTEGER,           -- release time, seconds UTC
+    received_at INTEGER NOT NULL
 )
 """
 _LOG_COLUMNS: Final[tuple[str, ...]] = (
@@ -315,6 +329,53 @@ class FeedbackLog:
             last_seq=stored[-1][0] if stored else before,
         )
 
+    def append_items(self, frame: pl.DataFrame) -> int:
+        """Store catalogue updates durably, in one transaction; returns how many.
+
+        ``frame``: ``item_id`` and, optionally, ``categories`` (list of str) and ``created_at``
+        (int); a missing column or a null is stored as "not given". Validating the values is the
+        caller's job (``serving/catalog_updates.py``), which runs before this.
+        """
+        now = int(self._clock())
+        categories = (
+            frame["categories"].to_list() if "categories" in frame.columns else [None] * len(frame)
+        )
+        created = (
+            frame["created_at"].to_list() if "created_at" in frame.columns else [None] * len(frame)
+        )
+        rows = [
+            (item, None if names is None else json.dumps(list(names)), when, now)
+            for item, names, when in zip(frame[ITEM_ID].to_list(), categories, created, strict=True)
+        ]
+
+        def write(conn: sqlite3.Connection) -> None:
+            with _write_transaction(conn):
+                conn.executemany(
+                    "INSERT INTO catalogue_updates (item_id, categories, created_at, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._run(write)
+        return len(rows)
+
+    def item_updates(self) -> pl.DataFrame:
+        """Every stored catalogue update, oldest first: ``item_id``, ``categories`` (list of
+        str or null) and ``created_at`` (or null)."""
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT item_id, categories, created_at FROM catalogue_updates ORDER BY seq"
+            ).fetchall()
+        )
+        return pl.DataFrame(
+            [
+                (item, None if names is None else json.loads(names), when)
+                for item, names, when in rows
+            ],
+            schema={ITEM_ID: pl.String, "categories": pl.List(pl.String), "created_at": pl.Int64},
+            orient="row",
+        )
+
     # -- reading -------------------------------------------------------------------------------
 
     def read_since(self, seq: int, limit: int | None = None) -> tuple[list[FeedbackEvent], int]:
@@ -408,6 +469,8 @@ class FeedbackLog:
                     conn.execute(_CREATE_TABLE)
                 except sqlite3.OperationalError as exc:  # a "feedback" table of another schema
                     raise DataError(f"{self.path}: not a feedback log ({exc})") from exc
+            if version in (0, 1):
+                conn.execute(_CREATE_CATALOGUE_TABLE)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise DataError(

@@ -20,11 +20,11 @@ import polars as pl
 
 from data.dataset import load_dataset
 from data.errors import BundleError, DataError
-from data.schema import TIMESTAMP, WEIGHT
+from data.schema import ITEM_ID, TIMESTAMP, WEIGHT
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 from serving.artifacts import Artifacts, load_artifacts, load_history
-from serving.catalog_updates import CatalogChange, extend_artifacts
+from serving.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from serving.factory import make_pipeline
 from serving.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
 from serving.online_state import OnlineState, observe_frame
@@ -105,7 +105,7 @@ class RecommenderService:
     def _build(self, bundle: Path) -> _Served:
         # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
         # index through the page cache; items added live go to private overlays (add_items).
-        artifacts = load_artifacts(bundle, mmap=True)
+        artifacts = self._replay_items(load_artifacts(bundle, mmap=True))
         state, cut = self._seed_state(artifacts)
         pipeline = make_pipeline(
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
@@ -117,6 +117,27 @@ class RecommenderService:
         warmed = served.pipeline.warm()
         logger.info("warmed %d users in %.1f s", warmed, time.perf_counter() - started)
         return served
+
+    def _replay_items(self, artifacts: Artifacts) -> Artifacts:
+        """``artifacts`` with the logged catalogue updates applied (the last value given for
+        each item), before any feedback is replayed: events on those items then count.
+
+        Updates were checked before they were logged, so none should fail; one that does all
+        the same is reported and skipped: start-up never fails on the catalogue.
+        """
+        updates = self.feedback.item_updates()
+        if updates.height == 0:
+            return artifacts
+        latest = updates.group_by(ITEM_ID, maintain_order=True).agg(
+            pl.col("categories").drop_nulls().last(), pl.col("created_at").drop_nulls().last()
+        )
+        try:
+            extended, change = extend_artifacts(artifacts, latest, now=int(time.time()))
+        except DataError as exc:
+            logger.error("logged catalogue updates not applied: %s", exc)
+            return artifacts
+        logger.info("catalogue: %d logged items replayed (%d new)", latest.height, change.added)
+        return extended
 
     def _seed_state(self, artifacts: Artifacts) -> tuple[OnlineState, int]:
         """A state holding the seed history, and that history's newest event time.
@@ -205,11 +226,13 @@ class RecommenderService:
 
         ``frame``: ``item_id``, optional ``categories`` and ``created_at`` (see
         ``serving/catalog_updates.py``); ``DataError`` names what is wrong and changes nothing.
-        The item tower embeds the items into the live index; feedback on them then reaches
-        histories and trending like any other. Not yet durable: a reload or restart serves the
-        bundle's own catalogue again, until a retrain includes the items.
+        The update is logged durably first, like feedback, and replayed at start-up and reload
+        until a retrain includes the items. The item tower embeds the items into the live index;
+        feedback on them then reaches histories and trending like any other.
         """
+        check_items_frame(frame)
         with self._reload_lock:  # one catalogue change or reload at a time
+            self.feedback.append_items(frame)
             served = self._served
             artifacts, change = extend_artifacts(
                 served.pipeline.artifacts, frame, now=int(time.time()) if now is None else now

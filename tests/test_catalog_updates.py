@@ -137,3 +137,31 @@ def test_a_bad_update_is_refused_and_changes_nothing(
     with pytest.raises(DataError, match=problem):
         service.add_items(frame, now=NOW)
     assert service.pipeline is pipeline
+
+
+def test_added_items_and_their_feedback_survive_a_restart(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Logged before they are served, replayed at start-up before the feedback log: the item is
+    served again, with the last values given, and the clicks on it are back in the history."""
+    _, bundle = tiny_bundle
+    path = tmp_path / "feedback.sqlite3"
+    with FeedbackLog(FeedbackLogConfig(path=path)) as log:
+        first = RecommenderService(bundle, log, enforce_budgets=False)
+        first.add_items(pl.DataFrame({"item_id": ["kept-1"], "created_at": [NOW - 10]}), now=NOW)
+        names = first.pipeline.artifacts.catalog.category_names
+        first.add_items(pl.DataFrame({"item_id": ["kept-1"], "categories": [[names[0]]]}), now=NOW)
+        first.record_feedback([log.make_event("k-1", "keeper", "kept-1", "click", NOW)])
+        live_items = first.pipeline.artifacts.items
+        first.pipeline.close()
+    with FeedbackLog(FeedbackLogConfig(path=path)) as log:
+        second = RecommenderService(bundle, log, enforce_budgets=False)
+        artifacts = second.pipeline.artifacts
+        index = int(artifacts.items.index(["kept-1"])[0])
+        assert index == int(live_items.index(["kept-1"])[0])
+        assert artifacts.catalog.created_at[index] == NOW - 10  # not overwritten by the null
+        assert (
+            artifacts.catalog.category_names[artifacts.catalog.primary_category[index]] == names[0]
+        )
+        assert second.pipeline.state.batch(["keeper"], NOW + 1).recent_items[0, 0] == index
+        second.pipeline.close()

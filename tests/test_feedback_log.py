@@ -234,7 +234,7 @@ def test_foreign_files_are_refused_with_the_path(tmp_path: Path) -> None:
     with sqlite3.connect(newer) as raw:
         raw.execute("PRAGMA user_version = 99")
     raw.close()
-    with pytest.raises(DataError, match="schema version 99, this code reads version 1"):
+    with pytest.raises(DataError, match="schema version 99, this code reads version 2"):
         FeedbackLog(FeedbackLogConfig(path=newer))
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as raw:
@@ -375,3 +375,21 @@ def test_two_processes_append_to_one_file_and_lose_nothing(tmp_path: Path) -> No
     own = [event_id[0] for event_id in stored if not event_id.startswith("shared")]
     switches = sum(a != b for a, b in zip(own, own[1:], strict=False))
     assert switches > 1, "the two writers never interleaved: the test proved nothing"
+
+
+def test_a_version_1_log_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A log written before the catalogue table existed opens, keeps its events, and takes
+    catalogue updates."""
+    path = tmp_path / "old.sqlite3"
+    with FeedbackLog(FeedbackLogConfig(path=path)) as log:
+        log.append([FeedbackEvent("e1", "u", "i", "click", 1, 1.0)])
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE catalogue_updates")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    with FeedbackLog(FeedbackLogConfig(path=path)) as log:
+        assert log.count() == 1
+        log.append_items(pl.DataFrame({"item_id": ["new"], "created_at": [5]}))
+        updates = log.item_updates()
+    assert updates.to_dicts() == [{"item_id": "new", "categories": None, "created_at": 5}]
