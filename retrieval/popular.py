@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import NamedTuple, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -100,9 +100,9 @@ class PopularSource:
         self.name = name
         self._raw: npt.NDArray[np.float64]
         self._anchor = 0
-        # Items with a positive score, best first (ties: lower index), and their raw scores;
-        # built on first use, then kept current by observe().
-        self._ranking: tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]] | None = None
+        # Built on first use, then kept current by observe(); replaced as one value, so a
+        # concurrent retrieve reads a ranking and its decay that belong together.
+        self._ranking: _Ranking | None = None
 
     @property
     def n_items(self) -> int:
@@ -168,7 +168,7 @@ class PopularSource:
         if (t_ref - self._anchor) / half_life > _MAX_HALF_LIVES:
             # Keep undecayed scores inside float32 range (retrieve's output type).
             self._start(self.scores_, self.t_ref_)
-        order, ordered = self._global_ranking()
+        order, ordered, _ = self._global_ranking()
         touched, position = np.unique(items, return_inverse=True)
         gained = np.bincount(
             position,
@@ -180,9 +180,10 @@ class PopularSource:
             raw = np.concatenate([raw, np.zeros(int(touched[-1]) + 1 - raw.size)])
         before = raw[touched]
         after = before + gained
-        ranking = _moved(order, ordered, touched, before, after)
+        moved = _moved(order, ordered, touched, before, after)
         raw[touched] = after  # in place: retrieve reads the ranking, never these values
-        self._raw, self.t_ref_, self._ranking = raw, t_ref, ranking
+        self._raw, self.t_ref_ = raw, t_ref
+        self._ranking = _Ranking(*moved, self._decay())
         return self
 
     # ------------------------------------------------------------------------------ serving
@@ -196,19 +197,17 @@ class PopularSource:
         """
         self._check_fitted()
         k = check_k(k)
-        order, ordered = self._global_ranking()
-        decay = self._decay()
+        ranking = self._global_ranking()
         mask = align_exclude(exclude, len(users), self._raw.size)
-        out = ranked_topk(order, ordered, len(users), k, mask)
-        out.scores[...] = out.scores * np.float32(decay)
+        out = ranked_topk(ranking.order, ranking.raw_scores, len(users), k, mask)
+        out.scores[...] = out.scores * np.float32(ranking.decay)
         return out
 
-    def _global_ranking(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]:
-        """Items with a positive score, best first (ties: lower index), and their raw scores."""
+    def _global_ranking(self) -> _Ranking:
         if self._ranking is None:
             order = np.argsort(-self._raw, kind="stable").astype(np.int32)
             order = order[self._raw[order] > 0]
-            self._ranking = (order, self._raw[order])
+            self._ranking = _Ranking(order, self._raw[order], self._decay())
         return self._ranking
 
     def _start(self, scores: npt.NDArray[np.float64], t_ref: int) -> None:
@@ -237,6 +236,15 @@ class PopularSource:
         source = cls(from_mapping(PopularConfig, meta["config"], cls.__name__), name=meta["name"])
         source._start(arrays["scores"].astype(np.float64), int(meta["t_ref"]))
         return source
+
+
+class _Ranking(NamedTuple):
+    """Items with a positive score, best first (ties: lower index), their undecayed scores,
+    and the factor that decays those to ``t_ref_``."""
+
+    order: npt.NDArray[np.int32]
+    raw_scores: npt.NDArray[np.float64]
+    decay: float
 
 
 def _moved(
