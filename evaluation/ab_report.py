@@ -61,7 +61,7 @@ from evaluation.ab_stats import (
 from evaluation.assignment import assign_indices, hash_to_unit_interval
 from evaluation.drift import DriftReport, detection_delay
 from evaluation.experiment import AnalysisConfig
-from evaluation.group_sequential import group_sequential_test
+from evaluation.group_sequential import group_sequential_test, look_correlation
 from evaluation.simulator import SimulationResult
 
 __all__ = [
@@ -226,7 +226,14 @@ def aa_study(
         sequential = always_valid_inference(
             m_t - m_c, v_t / n_t + v_c / n_c, SequentialConfig(mixture_sd=mixture_sd, alpha=alpha)
         )
-        spending = group_sequential_test(m_t - m_c, v_t / n_t + v_c / n_c, alpha=alpha)
+        # Per-user values change between looks (CTR so far): not independent increments, so
+        # the boundaries come from the looks' own correlation, the same for every split.
+        spending = group_sequential_test(
+            m_t - m_c,
+            v_t / n_t + v_c / n_c,
+            alpha=alpha,
+            correlation=look_correlation((values, present)),
+        )
     counts = np.stack([n_c[:, -1], n_t[:, -1]], axis=1)
     srm = srm_p_values(counts, np.asarray(weights[:2], dtype=np.float64))
     replicates = groups.shape[0]
@@ -573,8 +580,12 @@ def _sequential(
     with np.errstate(invalid="ignore"):
         truth = np.where(seen, e_t - e_c, 0.0).sum(axis=0) / seen.sum(axis=0)
     first = int(inference.first_rejection)
+    in_c, in_t = assignment == c, assignment == t
     spending = group_sequential_test(
-        (m_t - m_c)[0], (s_t / n_t + s_c / n_c)[0], alpha=analysis.alpha
+        (m_t - m_c)[0],
+        (s_t / n_t + s_c / n_c)[0],
+        alpha=analysis.alpha,
+        correlation=look_correlation((v_c[in_c], seen[in_c]), (v_t[in_t], seen[in_t])),
     )
     spending_first = int(spending.first_rejection)
     z = _z(analysis.alpha)

@@ -17,6 +17,13 @@ The boundary recursion follows Armitage, McPherson & Rowe (1969): the B-value
 ``B(t) = Z(t) sqrt(t)`` is a Brownian motion in the information fraction, so the density of the
 paths that have not yet stopped is carried from look to look on a grid, convolved with the
 Gaussian increment and cut at the boundary.
+
+That Brownian motion needs independent increments, which a mean of per-user values that change
+between looks does not have (each user's CTR so far: a user's early and late values differ).
+Its looks are less correlated than ``sqrt(t_j / t_k)``, and the canonical boundaries then let a
+true null cross too often: 0.068 instead of 0.05 over 2000 A/A re-randomisations of a simulated
+population, 30 daily looks. :func:`look_correlation` measures the looks' correlation from the
+per-user data and :func:`correlated_boundaries` solves the boundaries for it by simulation.
 """
 
 from __future__ import annotations
@@ -87,6 +94,84 @@ def boundaries(
     return out
 
 
+def correlated_boundaries(
+    fractions: npt.ArrayLike,
+    correlation: npt.ArrayLike,
+    alpha: float = 0.05,
+    kind: SpendingKind = "obrien_fleming",
+    *,
+    paths: int = 200_000,
+    seed: int = 0,
+) -> FloatArray:
+    """Two-sided z boundaries of looks whose z statistics have ``correlation`` (K x K).
+
+    :func:`boundaries` assumes independent increments: corr(Z_j, Z_k) = sqrt(t_j / t_k). A mean
+    of per-user values that change between looks (each user's CTR so far) breaks that: its looks
+    are less correlated, so canonical boundaries give the null more chances to cross (an A/A FPR
+    of ~0.07 at alpha 0.05 over 30 daily looks). Here the null paths are drawn from the actual
+    correlation (``paths`` seeded normal draws) and each boundary is set so the share of paths
+    crossing first at that look is the alpha spent there; the Monte Carlo error of the overall
+    rate is ~sqrt(alpha / paths) (0.0005 by default). ``fractions`` still decide the spending.
+    """
+    t = np.asarray(fractions, dtype=np.float64)
+    r = np.asarray(correlation, dtype=np.float64)
+    if r.shape != (t.size, t.size):
+        raise DataError(f"correlation has shape {r.shape}, expected {(t.size, t.size)}")
+    boundaries(t, alpha, kind)  # the same checks of alpha and fractions
+    spend = np.diff(spent_alpha(np.concatenate([[0.0], t]), alpha, kind))
+    # A tiny ridge keeps the factorisation of a nearly singular (very smooth) sequence stable.
+    factor = np.linalg.cholesky(r + 1e-9 * np.eye(t.size))
+    z = np.abs(np.random.default_rng(seed).standard_normal((paths, t.size)) @ factor.T)
+    alive = np.ones(paths, dtype=bool)
+    out = np.full(t.size, np.inf)
+    for k, budget in enumerate(spend):
+        crossing = int(round(budget * paths))  # paths allowed to stop first at this look
+        candidates = z[alive, k]
+        if crossing <= 0 or candidates.size == 0:
+            continue
+        if crossing >= candidates.size:
+            out[k] = 0.0
+        else:
+            out[k] = float(np.partition(candidates, candidates.size - crossing)[-crossing])
+        alive[alive] = candidates < out[k]
+    return out
+
+
+def look_correlation(
+    *groups: tuple[npt.ArrayLike, npt.ArrayLike],
+) -> FloatArray:
+    """(D, D) correlation between looks of the z statistic of a difference of per-user means.
+
+    Each group is (values, present), both (U, D): a user's metric as read at each look and
+    whether the user counts yet (presence only grows). For a group, the mean at look t averages
+    the n_t users present; those present at s <= t carry their values along, so
+    cov(mean_s, mean_t) = c_st / n_t, with c_st the covariance of the values at s and t over the
+    users present at s. The groups' covariances add (the difference of independent means).
+    With values that never change, this is the canonical sqrt(n_s / n_t).
+    """
+    covariance: FloatArray | None = None
+    for values, present in groups:
+        x = np.asarray(values, dtype=np.float64)
+        seen = np.asarray(present, dtype=bool)
+        n_looks = x.shape[1]
+        counts = seen.sum(axis=0)
+        block = np.zeros((n_looks, n_looks))
+        for look in range(n_looks):
+            users = seen[:, look]
+            if counts[look] < 2:
+                continue
+            centred = x[users] - x[users].mean(axis=0)
+            per_user = centred[:, look] @ centred[:, look:] / (counts[look] - 1)
+            block[look, look:] = per_user / counts[look:]
+        covariance = block if covariance is None else covariance + block
+    if covariance is None:
+        raise DataError("look_correlation needs at least one group")
+    covariance = np.triu(covariance) + np.triu(covariance, 1).T
+    scale = np.sqrt(np.diag(covariance))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return covariance / np.outer(scale, scale)
+
+
 def _trapezoid_weights(grid: FloatArray) -> FloatArray:
     if grid.size == 1:
         return np.ones(1)  # a point mass
@@ -141,6 +226,7 @@ def group_sequential_test(
     alpha: float = 0.05,
     kind: SpendingKind = "obrien_fleming",
     fractions: npt.ArrayLike | None = None,
+    correlation: npt.ArrayLike | None = None,
 ) -> GroupSequentialResult:
     """Test ``difference`` (treatment - control, ``(..., looks)``) with its ``variance`` per look.
 
@@ -150,6 +236,10 @@ def group_sequential_test(
     look that adds less than ``MIN_LOOK_GAIN`` of the information is not a look (a boundary for
     it would be solved from a degenerate increment); neither is a look with a non-finite or
     non-positive variance (too few users yet). Such looks never reject; their intervals are NaN.
+
+    ``correlation``: (looks, looks) correlation of the z statistics between looks, when it is
+    not that of independent increments (per-user values that change between looks: see
+    :func:`look_correlation`); the boundaries are then :func:`correlated_boundaries`.
     """
     d = np.asarray(difference, dtype=np.float64)
     v = np.asarray(variance, dtype=np.float64)
@@ -167,7 +257,11 @@ def group_sequential_test(
         observed = np.asarray(fractions, dtype=np.float64)
     usable = _distinct_looks(observed, finite)
     critical = np.full(d.shape[-1], np.inf)
-    critical[usable] = boundaries(observed[usable], alpha, kind)
+    if correlation is None:
+        critical[usable] = boundaries(observed[usable], alpha, kind)
+    else:
+        among = np.asarray(correlation, dtype=np.float64)[np.ix_(usable, usable)]
+        critical[usable] = correlated_boundaries(observed[usable], among, alpha, kind)
     std_error = np.sqrt(np.where(usable, v, np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
         z = d / std_error

@@ -10,7 +10,9 @@ from data.errors import ConfigError, DataError
 from evaluation.group_sequential import (
     _distinct_looks,
     boundaries,
+    correlated_boundaries,
     group_sequential_test,
+    look_correlation,
     spent_alpha,
 )
 
@@ -86,3 +88,59 @@ def test_bad_inputs_are_named() -> None:
         group_sequential_test([0.1, 0.2], [0.1])
     with pytest.raises(DataError, match="finite positive variance"):
         group_sequential_test([0.1], [np.nan])
+
+
+def canonical_correlation(fractions: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """corr(Z_j, Z_k) = (t_min / t_max) ** power; 0.5 is independent increments."""
+    return (
+        np.minimum.outer(fractions, fractions) / np.maximum.outer(fractions, fractions)
+    ) ** power
+
+
+def null_crossing_rate(critical: np.ndarray, correlation: np.ndarray, seed: int) -> float:
+    paths = np.random.default_rng(seed).standard_normal((400_000, critical.size))
+    z = paths @ np.linalg.cholesky(correlation).T
+    return float((np.abs(z) >= critical).any(axis=1).mean())
+
+
+def test_correlated_boundaries_match_the_canonical_ones_for_independent_increments() -> None:
+    fractions = np.linspace(0.1, 1.0, 10)
+    found = correlated_boundaries(fractions, canonical_correlation(fractions))
+    np.testing.assert_allclose(found[2:], boundaries(fractions)[2:], atol=0.03)
+
+
+def test_correlated_boundaries_hold_alpha_where_the_canonical_ones_do_not() -> None:
+    """Looks less correlated than independent increments (per-user values that change): the
+    canonical boundaries reject a true null too often; boundaries from the correlation do not
+    (checked on fresh null paths, not those the boundaries were solved on)."""
+    fractions = np.arange(1, 31) / 30
+    correlation = canonical_correlation(fractions, power=1.0)
+    canonical = null_crossing_rate(boundaries(fractions), correlation, seed=11)
+    corrected = null_crossing_rate(
+        correlated_boundaries(fractions, correlation), correlation, seed=11
+    )
+    assert canonical > 0.058
+    assert corrected == pytest.approx(0.05, abs=0.002)
+
+
+def test_look_correlation_known_answers() -> None:
+    rng = np.random.default_rng(5)
+    users, looks = 40_000, 6
+    # Fixed values, users joining over the looks: the canonical sqrt(n_s / n_t).
+    joins = rng.integers(0, looks, users)
+    present = np.arange(looks)[None, :] >= joins[:, None]
+    fixed = np.broadcast_to(rng.normal(size=(users, 1)), (users, looks))
+    counts = present.sum(axis=0)
+    expected = np.sqrt(np.minimum.outer(counts, counts) / np.maximum.outer(counts, counts))
+    np.testing.assert_allclose(look_correlation((fixed, present)), expected, atol=0.02)
+    # Everyone present, values summing independent increments: also canonical, sqrt(s / t).
+    sums = rng.normal(size=(users, looks)).cumsum(axis=1)
+    everyone = np.ones((users, looks), dtype=bool)
+    steps = np.arange(1, looks + 1)
+    np.testing.assert_allclose(
+        look_correlation((sums, everyone)), canonical_correlation(steps), atol=0.02
+    )
+    # Two groups add their covariances: the same population twice gives the same correlation.
+    np.testing.assert_allclose(
+        look_correlation((sums, everyone), (sums, everyone)), look_correlation((sums, everyone))
+    )
