@@ -119,8 +119,7 @@ def correlated_boundaries(
         raise DataError(f"correlation has shape {r.shape}, expected {(t.size, t.size)}")
     boundaries(t, alpha, kind)  # the same checks of alpha and fractions
     spend = np.diff(spent_alpha(np.concatenate([[0.0], t]), alpha, kind))
-    # A tiny ridge keeps the factorisation of a nearly singular (very smooth) sequence stable.
-    factor = np.linalg.cholesky(r + 1e-9 * np.eye(t.size))
+    factor = np.linalg.cholesky(_nearest_correlation(r))
     z = np.abs(np.random.default_rng(seed).standard_normal((paths, t.size)) @ factor.T)
     alive = np.ones(paths, dtype=bool)
     out = np.full(t.size, np.inf)
@@ -135,6 +134,17 @@ def correlated_boundaries(
             out[k] = float(np.partition(candidates, candidates.size - crossing)[-crossing])
         alive[alive] = candidates < out[k]
     return out
+
+
+def _nearest_correlation(r: FloatArray) -> FloatArray:
+    """``r`` made safely positive definite: an estimated correlation (each entry from its own set
+    of users) need not be, so negative eigenvalues are clipped to a small positive floor and the
+    diagonal is rescaled to 1."""
+    symmetric = (r + r.T) / 2
+    values, vectors = np.linalg.eigh(symmetric)
+    fixed = (vectors * np.maximum(values, 1e-9)) @ vectors.T
+    scale = np.sqrt(np.diag(fixed))
+    return fixed / np.outer(scale, scale) + 1e-12 * np.eye(r.shape[0])
 
 
 def look_correlation(

@@ -144,3 +144,11 @@ def test_look_correlation_known_answers() -> None:
     np.testing.assert_allclose(
         look_correlation((sums, everyone), (sums, everyone)), look_correlation((sums, everyone))
     )
+
+
+def test_an_estimated_correlation_that_is_not_positive_definite_still_gives_boundaries() -> None:
+    fractions = np.array([0.3, 0.6, 1.0])
+    inconsistent = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.9], [0.1, 0.9, 1.0]])
+    assert np.linalg.eigvalsh(inconsistent).min() < 0
+    found = correlated_boundaries(fractions, inconsistent)
+    assert np.all(np.isfinite(found[1:])) and np.all(found > 1.9)
