@@ -40,7 +40,8 @@ def extend_artifacts(
     """``artifacts`` serving the items of ``frame`` too, and what changed.
 
     frame: ``items.parquet``-shaped: ``item_id`` (str, required, distinct), optional
-    ``categories`` (list of str, or ``|``-separated) and ``created_at`` (int seconds UTC).
+    ``categories`` (list of str) and ``created_at`` (int seconds UTC); nulls keep the item's
+    current value.
     Categories unknown to the bundle are dropped (its models know a fixed vocabulary). ``now``
     is the time the item tower sees (an item's age feature).
     """
@@ -78,5 +79,7 @@ def check_items_frame(frame: pl.DataFrame) -> None:
     if ids.n_unique() != frame.height:
         duplicated = ids.filter(ids.is_duplicated()).unique().head(3).to_list()
         raise DataError(f"item ids must be distinct within one update, got {duplicated} twice")
+    if CATEGORIES in frame.columns and frame[CATEGORIES].dtype != pl.List(pl.String):
+        raise DataError(f"categories must be lists of strings, got {frame[CATEGORIES].dtype}")
     if CREATED_AT in frame.columns and not frame[CREATED_AT].dtype.is_integer():
         raise DataError(f"created_at must be integer seconds UTC, got {frame[CREATED_AT].dtype}")

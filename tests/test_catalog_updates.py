@@ -127,6 +127,7 @@ def test_a_known_item_is_re_read_not_duplicated(service: RecommenderService) -> 
         (pl.DataFrame({"item_id": ["x"], "price": [3.0]}), "unknown item columns"),
         (pl.DataFrame({"item_id": ["x"], "created_at": ["yesterday"]}), "created_at"),
         (pl.DataFrame({"item_id": [1]}), "string"),
+        (pl.DataFrame({"item_id": ["x"], "categories": ["a|b"]}), "lists of strings"),
         (pl.DataFrame({"item_id": []}, schema={"item_id": pl.String}), "no items"),
     ],
 )
