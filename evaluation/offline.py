@@ -221,6 +221,7 @@ def _stage_pipelines(artifacts: Artifacts, state: OnlineState) -> dict[str, Pipe
     """
     pipelines = {"retrieval_order": Pipeline(artifacts, state, enforce_budgets=False)}
     if artifacts.ranking is not None:
+        artifacts.ranking.warm()  # LightGBM compiles its trees, as the service does
         pipelines["ranked"] = Pipeline(
             artifacts, state, ranker=artifacts.ranking, enforce_budgets=False
         )

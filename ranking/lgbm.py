@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from ranking.compiled_forest import CompiledForest, compile_forest
 from ranking.training_set import TrainingSet, write_curves
 
 MODEL_FILE = "model.txt"
@@ -54,6 +55,9 @@ class LightGBMConfig:
     predict_threads: threads per ``predict`` call; 1 is fastest for a single request's few
         hundred rows (thread start-up costs more than it saves) and lets a server run one
         request per core.
+    compiled: serve from machine code compiled from the trees (``ranking/compiled_forest.py``)
+        once :meth:`LightGBMRanker.warm` has run: the same scores, ~10-20x less CPU per row.
+        Off, or if compiling fails, LightGBM scores every row.
     deterministic: same data + seed -> the same model (LightGBM's ``deterministic`` with
         row-wise histograms forced, as its docs require); a little slower.
     seed: LightGBM's master seed (feature sub-sampling).
@@ -70,6 +74,7 @@ class LightGBMConfig:
     truncation_level: int = 20
     num_threads: int = 0
     predict_threads: int = 1
+    compiled: bool = True
     deterministic: bool = True
     seed: int = 0
 
@@ -122,6 +127,7 @@ class LightGBMRanker:
         best_iteration_: number of trees kept.
         curves_:         {"train": [...], "valid": [...]} NDCG@eval_at per round.
         importance_:     {feature: total gain of its splits in the kept trees}.
+        compiled_:       the booster compiled for serving (:meth:`warm`), or ``None``.
     """
 
     booster_: lgb.Booster
@@ -132,6 +138,8 @@ class LightGBMRanker:
 
     def __init__(self, config: LightGBMConfig | None = None) -> None:
         self.config = config if config is not None else LightGBMConfig()
+        self.compiled_: CompiledForest | None = None
+        self._compile_tried = False
 
     def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> Self:
         """Boost on ``train``; early-stop on ``valid`` NDCG@eval_at (None: ``max_rounds``)."""
@@ -169,6 +177,7 @@ class LightGBMRanker:
         # Rebuild from the text model holding only the kept trees: the in-memory model is then
         # exactly what save() writes and load() reads, and the training data is released.
         self.booster_ = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+        self.compiled_, self._compile_tried = None, False
         self.best_iteration_ = int(best)
         self.feature_names_ = train.names
         gains = self.booster_.feature_importance(importance_type="gain")
@@ -187,8 +196,19 @@ class LightGBMRanker:
             )
         if rows.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
+        forest = self.compiled_
+        if forest is not None:
+            return forest.predict(rows).astype(np.float32)
         scores = self.booster_.predict(rows, num_threads=self.config.predict_threads)
         return np.asarray(scores, dtype=np.float32)
+
+    def warm(self) -> None:
+        """Get ready to serve: compile the trees (``config.compiled``; seconds for a large model
+        the first time on a machine, then cached). Idempotent."""
+        self._check_fitted()
+        if self.config.compiled and not self._compile_tried:
+            self._compile_tried = True
+            self.compiled_ = compile_forest(self.booster_, threads=self.config.predict_threads)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "booster_"):

@@ -127,6 +127,8 @@ class Ranker(Protocol):
 
     def predict(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
+    def warm(self) -> None: ...
+
     def save(self, directory: Path) -> None: ...
 
 
@@ -223,6 +225,13 @@ class RankingStage:
         scores = np.full(matrix.valid.shape, -np.inf, dtype=np.float32)
         scores[matrix.valid] = self.ranker_.predict(matrix.rows())
         return scores
+
+    def warm(self) -> None:
+        """Get ready to serve: what the ranker does before its first request (LightGBM compiles
+        its trees). The service, offline evaluation and the simulator call it once a bundle is
+        loaded; the stage also scores without it, only more slowly."""
+        self._check_fitted()
+        self.ranker_.warm()
 
     def with_catalog(self, catalog: ItemCatalog) -> RankingStage:
         """A stage with the same ranker whose feature store describes ``catalog``'s items (new

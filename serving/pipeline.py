@@ -81,6 +81,9 @@ class BudgetConfig:
 class Ranker(Protocol):
     """Scores merged candidates; (n, m) float32, higher is better, -inf at padding."""
 
+    def warm(self) -> None:
+        """Get ready to serve (called once, before traffic)."""
+
     def score(
         self,
         retrieval: RetrievalStage,
@@ -173,6 +176,8 @@ class Pipeline:
         (lazy initialisation in the libraries, first touches of memory-mapped pages), which
         would otherwise time out the first real requests.
         """
+        if self.ranker is not None:
+            self.ranker.warm()
         user_ids = self.state.user_ids()
         now = int(self.clock())
         for start in range(0, len(user_ids), batch_size):

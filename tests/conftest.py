@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cli.main import main
+from ranking.compiled_forest import CACHE_ENV
 
 TINY_CONFIG = """
 [retrieval]
@@ -38,6 +40,16 @@ max_rounds = 30
 num_threads = 1
 min_data_in_leaf = 10
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_ranker_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Compiled rankers go to a directory of this test session, not the user's cache (the
+    server processes that tests start inherit the variable)."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -82,12 +82,18 @@ def test_unknown_user_gets_the_cold_start_path(artifacts: Artifacts, state: Onli
 
 
 class SlowRanker:
+    def warm(self) -> None:
+        pass
+
     def score(self, *args: Any) -> np.ndarray:
         time.sleep(0.2)
         raise AssertionError("too late to matter")
 
 
 class BrokenRanker:
+    def warm(self) -> None:
+        pass
+
     def score(self, *args: Any) -> np.ndarray:
         raise RuntimeError("model file is garbage")
 
