@@ -70,6 +70,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 4: p99 <= 5 ms on 2 cores; ranker NDCG@10 vs each source's own order",
     ),
     Benchmark(
+        "compiled_ranker",
+        "benchmarks.bench_compiled_ranker",
+        "LightGBM ranker: LightGBM vs compiled trees, 500 candidates",
+        "issue 5 (serving CPU): the same scores for less CPU per request",
+    ),
+    Benchmark(
         "load",
         "benchmarks.bench_load",
         "HTTP service under load (1M-item catalogue, 500 candidates, k=20)",

@@ -34,6 +34,7 @@ _BINARY_SEARCH_MIN_IDS = 4_096
 # How many offending ids an error message quotes: enough to recognise the problem, short enough
 # to read on one line.
 _MAX_QUOTED_IDS = 5
+_FEW_IDS = 256  # id_list reads up to this many ids one by one
 
 IdsLike = pl.Series | Sequence[str] | npt.NDArray[np.object_] | npt.NDArray[np.str_]
 
@@ -180,6 +181,22 @@ class IdMap:
 
         Raises ``DataError`` if an index is outside ``[0, len(self))``.
         """
+        return self._ids.gather(self._checked(indices))
+
+    def id_list(self, indices: npt.ArrayLike) -> list[str]:
+        """``to_ids`` as a Python list: what a response is built from.
+
+        A request's few dozen ids are read one by one: ~0.5 us each, where a polars gather
+        costs ~0.1-0.5 ms a call whatever its size (its query engine starts, on another
+        thread when called from one). Larger lists use the gather.
+        """
+        array = self._checked(indices)
+        if array.size > _FEW_IDS:
+            return self._ids.gather(array).to_list()
+        ids = self._ids
+        return [ids[i] for i in array.tolist()]
+
+    def _checked(self, indices: npt.ArrayLike) -> npt.NDArray[np.int64]:
         array = np.asarray(indices)
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise DataError(f"indices must be integers, got dtype {array.dtype}")
@@ -190,7 +207,7 @@ class IdMap:
                 f"{int(bad.sum())} indices are outside [0, {len(self)}), "
                 f"e.g. {array[bad][:_MAX_QUOTED_IDS].tolist()}"
             )
-        return self._ids.gather(array)
+        return array
 
     def extend(self, ids: IdsLike) -> IdMap:
         """A new map with the unknown ``ids`` appended (sorted) after the existing ones.

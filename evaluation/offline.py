@@ -333,7 +333,7 @@ def _oracle(
         return None
     world = World.load(data_dir / "world")
     world_users = np.array([int(u[1:]) for u in user_ids], dtype=np.int64)
-    seen_ids = [artifacts.items.to_ids(seen[r].indices).to_list() for r in range(seen.shape[0])]
+    seen_ids = [artifacts.items.id_list(seen[r].indices) for r in range(seen.shape[0])]
     exclude = [np.array([int(i[1:]) for i in ids], dtype=np.int64) for ids in seen_ids]
     items, _ = world.true_top_k(world_users, k, t, exclude=exclude)
     names = pl.Series([f"i{i}" if i >= 0 else "" for i in items.ravel()])

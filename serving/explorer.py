@@ -237,7 +237,7 @@ class _Describer:
         self.catalog: ItemCatalog = pipeline.artifacts.catalog
 
     def ids(self, idx: npt.NDArray[np.integer]) -> list[str]:
-        return self.items_map.to_ids(idx).to_list() if idx.size else []
+        return self.items_map.id_list(idx)
 
     def categories(self, idx: npt.NDArray[np.integer]) -> list[list[str]]:
         """Category names of each item (in catalogue order); [] for items it does not cover."""

@@ -346,7 +346,7 @@ class Pipeline:
         keep = (items != PAD_ITEM) & (np.arange(items.shape[1])[None, :] < k)
         rows, columns = np.nonzero(keep)
         chosen = items[rows, columns]
-        ids = self.artifacts.items.to_ids(chosen).to_list() if chosen.size else []
+        ids = self.artifacts.items.id_list(chosen)
         sources = _source_lists(merged, rows, chosen)
         chosen_scores = scores[rows, columns].tolist()
         bounds = np.searchsorted(rows, np.arange(len(requests) + 1)).tolist()
@@ -381,7 +381,7 @@ class Pipeline:
         return {
             "candidates": int((merged.item_idx[row] >= 0).sum()),
             "sources": list(merged.sources),
-            "ranked_top": self.artifacts.items.to_ids(ranked[ranked >= 0]).to_list(),
+            "ranked_top": self.artifacts.items.id_list(ranked[ranked >= 0]),
             "rules": explanations[row] if row < len(explanations) else [],
         }
 

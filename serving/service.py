@@ -314,7 +314,7 @@ class RecommenderService:
     def _similar(
         pipeline: Pipeline, ids: np.ndarray, scores: np.ndarray, source: str
     ) -> list[SimilarItem]:
-        names = pipeline.artifacts.items.to_ids(ids).to_list() if ids.size else []
+        names = pipeline.artifacts.items.id_list(ids)
         return [SimilarItem(n, float(s), source) for n, s in zip(names, scores, strict=True)]
 
     def feedback_lag_seconds(self) -> float:

@@ -63,6 +63,16 @@ def test_to_ids_rejects_out_of_range_indices() -> None:
         id_map.to_ids([-1])
     with pytest.raises(DataError, match="integers"):
         id_map.to_ids([0.5])
+    for bad in ([0, 2], [-1], [0.5]):
+        with pytest.raises(DataError):
+            id_map.id_list(bad)
+
+
+def test_id_list_reads_few_and_many_ids_alike() -> None:
+    id_map = IdMap.from_ids([f"i{n}" for n in range(1000)])
+    for size in (0, 1, 256, 257, 900):  # both sides of the one-by-one / gather switch
+        indices = np.random.default_rng(size).integers(0, 1000, size)
+        assert id_map.id_list(indices) == id_map.to_ids(indices).to_list()
 
 
 def test_bad_ids_are_rejected() -> None:
@@ -116,6 +126,7 @@ def test_index_and_to_ids_are_inverse(ids: list[str]) -> None:
     indices = id_map.index(ids)
     assert indices.min() >= 0 and indices.max() < len(id_map)
     assert id_map.to_ids(indices).to_list() == ids
+    assert id_map.id_list(indices) == ids
     everything = np.arange(len(id_map))
     assert np.array_equal(id_map.index(id_map.to_ids(everything)), everything)
 
