@@ -35,7 +35,8 @@ from serving.artifacts import train_bundle
 # The ranker is pinned to 31-leaf trees at learning rate 0.05: this sparse world (3 events per
 # item) gives early stopping little to keep, and at the defaults (15 leaves, 0.1) it kept a single
 # tree, a ranker that costs nothing to serve. Pinned, it keeps 163 trees of 31 leaves: more than
-# the defaults train on the default dataset (50 of 15), so the figures err on the slow side.
+# the defaults train on the default dataset (50 of 15), so the figures err on the slow side. The
+# service scores it with the compiled trees (ranking/compiled_forest.py), as it would any ranker.
 FAST_TRAINING = {
     "retrieval": {
         "n_candidates": 500,
