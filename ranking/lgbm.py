@@ -85,6 +85,11 @@ class LightGBMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"LightGBMConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("compiled", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"LightGBMConfig.{name} must be true or false, got {getattr(self, name)!r}"
+                )
         if isinstance(self.num_threads, bool) or self.num_threads < 0:
             raise ConfigError(f"LightGBMConfig.num_threads must be >= 0, got {self.num_threads!r}")
         if not 0 < self.learning_rate <= 1:

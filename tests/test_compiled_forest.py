@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from data.errors import ConfigError
 from ranking import compiled_forest
 from ranking.compiled_forest import CompiledForest, compile_forest, probe_rows, split_thresholds
 from ranking.lgbm import LightGBMConfig, LightGBMRanker
+from ranking.stage import ranking_config_from_mapping
 from ranking.training_set import TrainingSet
 
 N_FEATURES = 6
@@ -157,6 +159,12 @@ def test_compiled_false_keeps_lightgbm() -> None:
     ranker = LightGBMRanker(replace(CONFIG, compiled=False)).fit(_groups(0))
     ranker.warm()
     assert ranker.compiled_ is None
+
+
+def test_the_setting_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="compiled must be true or false"):
+        ranking_config_from_mapping({"lightgbm": {"compiled": "yes"}})
+    assert ranking_config_from_mapping({"lightgbm": {"compiled": False}}).lightgbm.compiled is False
 
 
 def test_save_load_keeps_the_setting_and_load_does_not_compile(tmp_path: Path) -> None:
