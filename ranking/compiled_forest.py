@@ -7,7 +7,9 @@ the compiled code compares the same float64 values with the same thresholds.
 
 Compiling costs ~30 ms a tree (seconds for a large model), once per model and machine: the
 object code is cached on disk, keyed by the model text, the compiler's versions and the host
-CPU, so a restart or a second worker loads it in milliseconds. Every compiled forest is checked
+CPU, so a restart or a second worker loads it in milliseconds. Each entry carries its digest
+(LLVM would abort the process on a damaged file), and the cache keeps the 32 most recently used
+models. Every compiled forest is checked
 against LightGBM on probe rows built from the model's own split thresholds (values at, just
 below and just above each, and missing) before it is used; a mismatch or any failure to compile
 leaves the caller on LightGBM, with a warning.
@@ -15,10 +17,12 @@ leaves the caller on LightGBM, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -37,6 +41,10 @@ CACHE_SUBDIR = "compiled-rankers"
 # row sent down another branch differs by a leaf value, many orders of magnitude more.
 SCORE_TOLERANCE = 1e-9
 PROBE_ROWS = 256
+# Compiled models kept (the most recently used): each retrain adds one (~7 KB to ~0.5 MB), and a
+# cache that only grows would fill a disk over a year of daily retrains.
+CACHE_ENTRIES = 32
+_ENTRY = re.compile(r"[0-9a-f]{32}\.o")
 LIGHTGBM_ZERO = float(np.float32(1e-35))  # LightGBM's kZeroThreshold, a float32 constant
 
 _compile_lock = threading.Lock()  # LLVM's process-wide state is set up by the first compile
@@ -112,20 +120,57 @@ def _compile(
         model = lleaves.Model(model_file=str(model_file))
         key = _cache_key(model_text, importlib.metadata.version("lleaves"), llvm)
         cached = directory / f"{key}.o"
-        if cached.is_file():
+        if _verified(cached):
             model.compile(cache=str(cached))
+            _touch(cached)
         elif _writable(directory):
-            # Written under a unique name, then renamed: a worker compiling the same model at
-            # the same moment, or a crash mid-write, never leaves a half-written file to load.
-            partial = directory / f"{key}.{uuid.uuid4().hex}.partial"
-            try:
-                model.compile(cache=str(partial))
-                os.replace(partial, cached)
-            finally:
-                partial.unlink(missing_ok=True)
+            _compile_into_cache(model, cached)
+            prune_cache(directory, CACHE_ENTRIES)
         else:
             model.compile()
     return CompiledForest(model, n_features, threads)
+
+
+def _compile_into_cache(model: Any, cached: Path) -> None:
+    """Compile ``model``, leaving its object code at ``cached`` and the code's digest next to it.
+
+    Written under unique names, then renamed, digest first: a worker compiling the same model
+    at the same moment, or a crash mid-write, never leaves a file that passes
+    :func:`_verified` with other bytes than the compiler wrote.
+    """
+    partial = cached.with_name(f"{cached.stem}.{uuid.uuid4().hex}.partial")
+    partial_digest = partial.with_suffix(".digest-partial")
+    try:
+        model.compile(cache=str(partial))
+        partial_digest.write_text(_digest(partial))
+        os.replace(partial_digest, _digest_file(cached))
+        os.replace(partial, cached)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial_digest.unlink(missing_ok=True)
+
+
+def _verified(cached: Path) -> bool:
+    """``cached`` holds the bytes its digest names. LLVM aborts the whole process on a
+    damaged object file, so nothing else is ever handed to it; a damaged entry is deleted
+    (and compiled again)."""
+    digest_file = _digest_file(cached)
+    try:
+        good = cached.is_file() and digest_file.read_text() == _digest(cached)
+    except OSError:
+        good = False
+    if not good and cached.exists():
+        logger.warning("compiled ranker cache entry %s is damaged; compiling again", cached)
+        cached.unlink(missing_ok=True)
+    return good
+
+
+def _digest_file(cached: Path) -> Path:
+    return cached.with_suffix(".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _cache_key(model_text: str, lleaves_version: str, llvm: Any) -> str:
@@ -145,6 +190,32 @@ def _cache_key(model_text: str, lleaves_version: str, llvm: Any) -> str:
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
+
+
+def prune_cache(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently used compiled models in ``directory`` (by
+    modification time: a cache hit touches its file); returns what was deleted. Files this
+    module did not name are left alone."""
+    entries = [path for path in directory.iterdir() if _ENTRY.fullmatch(path.name)]
+    entries.sort(key=_mtime, reverse=True)
+    removed = entries[keep:]
+    for path in removed:
+        path.unlink(missing_ok=True)  # another worker may have pruned it first
+        _digest_file(path).unlink(missing_ok=True)
+    return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned by another worker meanwhile: oldest
+        return 0.0
+
+
+def _touch(path: Path) -> None:
+    # A read-only cache still serves; it only loses its recency order.
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def _writable(directory: Path) -> bool:

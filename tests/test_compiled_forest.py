@@ -17,7 +17,14 @@ from hypothesis.extra.numpy import arrays
 
 from data.errors import ConfigError
 from ranking import compiled_forest
-from ranking.compiled_forest import CompiledForest, compile_forest, probe_rows, split_thresholds
+from ranking.compiled_forest import (
+    CACHE_ENTRIES,
+    CompiledForest,
+    compile_forest,
+    probe_rows,
+    prune_cache,
+    split_thresholds,
+)
 from ranking.lgbm import LightGBMConfig, LightGBMRanker
 from ranking.stage import ranking_config_from_mapping
 from ranking.training_set import TrainingSet
@@ -96,7 +103,7 @@ def test_compiled_scores_equal_lightgbm_on_any_rows(
 def test_the_cache_is_written_once_and_reused(ranker: LightGBMRanker, tmp_path: Path) -> None:
     first = compile_forest(ranker.booster_, cache_dir=tmp_path)
     cached = sorted(os.listdir(tmp_path))
-    assert first is not None and len(cached) == 1 and cached[0].endswith(".o")
+    assert first is not None and [Path(name).suffix for name in cached] == [".o", ".sha256"]
     again = compile_forest(ranker.booster_, cache_dir=tmp_path)
     assert again is not None and sorted(os.listdir(tmp_path)) == cached
     rows = probe_rows(ranker.booster_, 100, seed=5)
@@ -104,7 +111,59 @@ def test_the_cache_is_written_once_and_reused(ranker: LightGBMRanker, tmp_path: 
     # Another model gets its own entry: never the first model's code.
     other = LightGBMRanker(replace(CONFIG, seed=3, feature_fraction=0.5)).fit(_groups(2))
     assert compile_forest(other.booster_, cache_dir=tmp_path) is not None
-    assert len(os.listdir(tmp_path)) == 2
+    assert len(list(tmp_path.glob("*.o"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "digest lost"])
+def test_a_damaged_cache_entry_is_compiled_again(
+    ranker: LightGBMRanker, tmp_path: Path, damage: str
+) -> None:
+    # LLVM aborts the process on a damaged object file: it must never be handed one.
+    assert compile_forest(ranker.booster_, cache_dir=tmp_path) is not None
+    (entry,) = tmp_path.glob("*.o")
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:100])
+    elif damage == "garbage":
+        entry.write_bytes(b"garbage" * 100)
+    else:
+        entry.with_suffix(".sha256").unlink()
+    forest = compile_forest(ranker.booster_, cache_dir=tmp_path)
+    assert forest is not None
+    rows = probe_rows(ranker.booster_, 200, seed=9)
+    np.testing.assert_allclose(
+        forest.predict(rows), ranker.booster_.predict(rows, num_threads=1), rtol=0, atol=1e-9
+    )
+    assert compile_forest(ranker.booster_, cache_dir=tmp_path) is not None  # repaired entry
+
+
+def test_the_cache_keeps_the_most_recently_used_models(
+    ranker: LightGBMRanker, tmp_path: Path
+) -> None:
+    old = []
+    for n in range(CACHE_ENTRIES + 5):  # older entries, oldest first
+        path = tmp_path / f"{n:032x}.o"
+        path.write_bytes(b"stale")
+        os.utime(path, (1_000_000 + n, 1_000_000 + n))
+        old.append(path)
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("not ours")
+    assert compile_forest(ranker.booster_, cache_dir=tmp_path) is not None
+    kept = {p.name for p in tmp_path.iterdir() if p.suffix != ".sha256"}
+    assert len(kept) == CACHE_ENTRIES + 1  # the entries plus the file that is not ours
+    assert "notes.txt" in kept
+    # The new model and the most recent old entries stay; the oldest six go.
+    assert {p.name for p in old[:6]}.isdisjoint(kept)
+    assert {p.name for p in old[6:]} <= kept
+    # A cache hit makes its entry the most recent: it survives the next prune.
+    (newest,) = kept - {p.name for p in old} - {"notes.txt"}
+    os.utime(tmp_path / newest, (1, 1))
+    assert compile_forest(ranker.booster_, cache_dir=tmp_path) is not None
+    assert prune_cache(tmp_path, 1)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        newest,
+        Path(newest).with_suffix(".sha256").name,
+        "notes.txt",
+    }
 
 
 def test_an_unwritable_cache_only_costs_the_cache(ranker: LightGBMRanker, tmp_path: Path) -> None:
