@@ -26,12 +26,18 @@ import re
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: workers may compile the same model twice
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +126,32 @@ def _compile(
         model = lleaves.Model(model_file=str(model_file))
         key = _cache_key(model_text, importlib.metadata.version("lleaves"), llvm)
         cached = directory / f"{key}.o"
-        if _verified(cached):
-            model.compile(cache=str(cached))
-            _touch(cached)
-        elif _writable(directory):
-            _compile_into_cache(model, cached)
-            prune_cache(directory, CACHE_ENTRIES)
-        else:
+        if not _writable(directory):
             model.compile()
+        else:
+            # One process compiles a model; the service's other workers, starting with it,
+            # wait for that and load the result instead of all compiling it at once.
+            with _exclusive(cached.with_suffix(".lock")):
+                if _verified(cached):
+                    model.compile(cache=str(cached))
+                    _touch(cached)
+                else:
+                    _compile_into_cache(model, cached)
+                    prune_cache(directory, CACHE_ENTRIES)
     return CompiledForest(model, n_features, threads)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (POSIX ``flock``; a no-op without it)."""
+    with open(lock_file, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _compile_into_cache(model: Any, cached: Path) -> None:
@@ -202,6 +225,7 @@ def prune_cache(directory: Path, keep: int) -> list[Path]:
     for path in removed:
         path.unlink(missing_ok=True)  # another worker may have pruned it first
         _digest_file(path).unlink(missing_ok=True)
+        path.with_suffix(".lock").unlink(missing_ok=True)
     return removed
 
 

@@ -103,7 +103,7 @@ def test_compiled_scores_equal_lightgbm_on_any_rows(
 def test_the_cache_is_written_once_and_reused(ranker: LightGBMRanker, tmp_path: Path) -> None:
     first = compile_forest(ranker.booster_, cache_dir=tmp_path)
     cached = sorted(os.listdir(tmp_path))
-    assert first is not None and [Path(name).suffix for name in cached] == [".o", ".sha256"]
+    assert first is not None and [Path(name).suffix for name in cached] == [".lock", ".o", ".sha256"]
     again = compile_forest(ranker.booster_, cache_dir=tmp_path)
     assert again is not None and sorted(os.listdir(tmp_path)) == cached
     rows = probe_rows(ranker.booster_, 100, seed=5)
@@ -148,7 +148,7 @@ def test_the_cache_keeps_the_most_recently_used_models(
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("not ours")
     assert compile_forest(ranker.booster_, cache_dir=tmp_path) is not None
-    kept = {p.name for p in tmp_path.iterdir() if p.suffix != ".sha256"}
+    kept = {p.name for p in tmp_path.iterdir() if p.suffix not in (".sha256", ".lock")}
     assert len(kept) == CACHE_ENTRIES + 1  # the entries plus the file that is not ours
     assert "notes.txt" in kept
     # The new model and the most recent old entries stay; the oldest six go.
@@ -162,6 +162,7 @@ def test_the_cache_keeps_the_most_recently_used_models(
     assert {p.name for p in tmp_path.iterdir()} == {
         newest,
         Path(newest).with_suffix(".sha256").name,
+        Path(newest).with_suffix(".lock").name,
         "notes.txt",
     }
 
