@@ -183,7 +183,9 @@ def _verified(cached: Path) -> bool:
     except OSError:
         good = False
     if not good and cached.exists():
-        logger.warning("compiled ranker cache entry %s is damaged; compiling again", cached)
+        logger.warning(
+            "compiled ranker cache entry %s is damaged or has no digest; compiling again", cached
+        )
         cached.unlink(missing_ok=True)
     return good
 
