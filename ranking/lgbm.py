@@ -56,7 +56,8 @@ class LightGBMConfig:
         hundred rows (thread start-up costs more than it saves) and lets a server run one
         request per core.
     compiled: serve from machine code compiled from the trees (``ranking/compiled_forest.py``)
-        once :meth:`LightGBMRanker.warm` has run: the same scores, ~10-20x less CPU per row.
+        once :meth:`LightGBMRanker.warm` has run: the same scores, 6-12x less CPU per request
+        (docs/benchmarks.md).
         Off, or if compiling fails, LightGBM scores every row.
     deterministic: same data + seed -> the same model (LightGBM's ``deterministic`` with
         row-wise histograms forced, as its docs require); a little slower.

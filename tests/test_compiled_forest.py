@@ -103,7 +103,8 @@ def test_compiled_scores_equal_lightgbm_on_any_rows(
 def test_the_cache_is_written_once_and_reused(ranker: LightGBMRanker, tmp_path: Path) -> None:
     first = compile_forest(ranker.booster_, cache_dir=tmp_path)
     cached = sorted(os.listdir(tmp_path))
-    assert first is not None and [Path(name).suffix for name in cached] == [".lock", ".o", ".sha256"]
+    assert first is not None
+    assert [Path(name).suffix for name in cached] == [".lock", ".o", ".sha256"]
     again = compile_forest(ranker.booster_, cache_dir=tmp_path)
     assert again is not None and sorted(os.listdir(tmp_path)) == cached
     rows = probe_rows(ranker.booster_, 100, seed=5)
@@ -199,6 +200,8 @@ def test_a_compiled_forest_that_disagrees_is_not_used(
     with caplog.at_level(logging.WARNING):
         assert compile_forest(ranker.booster_, cache_dir=tmp_path) is None
     assert "differs from LightGBM" in caplog.text
+    monkeypatch.setattr(CompiledForest, "predict", lambda self, rows: honest(self, rows) * np.nan)
+    assert compile_forest(ranker.booster_, cache_dir=tmp_path) is None
 
 
 def test_warm_compiles_once_and_predictions_do_not_change(tmp_path: Path) -> None:
