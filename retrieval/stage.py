@@ -7,8 +7,9 @@ directory (one sub-directory per source plus ``stage.json``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -65,12 +66,19 @@ class RetrievalConfig:
     quotas: new items each source may contribute before the round-robin fill.
     n_candidates: merged list length handed to the ranker (the funnel's width).
     history_length: recent events per user kept in the user state (H of UserBatch).
+    fetch_per_quota: each source fetches ``ceil(quota * fetch_per_quota)`` candidates (at most
+        ``n_candidates``): its quota, plus as many again for the fill when the sources overlap.
+        ``None`` (or any value past ``n_candidates / quota``): every source fetches
+        ``n_candidates``, as bundles trained before this setting do. On the default dataset 2
+        ranks as well as 500 from every source (pipeline NDCG@10 0.2354 vs 0.2353, merged
+        recall@500 0.9280 vs 0.9282) and the merge sorts 1000 slots per user instead of 2500.
     """
 
     sources: tuple[str, ...] = ("two_tower", "als", "covisit", "popular", "coldstart")
     quotas: Mapping[str, int] = field(default_factory=_default_quotas)
     n_candidates: int = 500
     history_length: int = 50
+    fetch_per_quota: float | None = 2.0
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sources if s not in SOURCE_KINDS]
@@ -86,6 +94,19 @@ class RetrievalConfig:
         missing = [s for s in self.sources if s not in self.quotas]
         if missing:
             raise ConfigError(f"[retrieval.quotas] no quota for source(s) {missing}")
+        factor = self.fetch_per_quota
+        number = isinstance(factor, int | float) and not isinstance(factor, bool)
+        if factor is not None and not (number and factor >= 1):
+            raise ConfigError(
+                f"[retrieval] fetch_per_quota must be >= 1 (a source fetches at least its "
+                f"quota), got {factor!r}"
+            )
+
+    def fetch_depth(self, source: str) -> int:
+        """How many candidates ``source`` fetches for each user."""
+        if self.fetch_per_quota is None:
+            return self.n_candidates
+        return min(self.n_candidates, math.ceil(self.quotas[source] * self.fetch_per_quota))
 
 
 def retrieval_config_from_mapping(
@@ -98,12 +119,7 @@ def retrieval_config_from_mapping(
     quotas = values.pop("quotas", None)
     stage = from_mapping(RetrievalConfig, values, "retrieval")
     if quotas is not None:
-        stage = RetrievalConfig(
-            sources=stage.sources,
-            quotas={**_default_quotas(), **quotas},
-            n_candidates=stage.n_candidates,
-            history_length=stage.history_length,
-        )
+        stage = replace(stage, quotas={**_default_quotas(), **quotas})
     configs = {
         kind: from_mapping(SOURCE_KINDS[kind][1], per_source[kind], f"retrieval.{kind}")
         for kind in stage.sources
@@ -190,7 +206,8 @@ class RetrievalStage:
         for name, source in self.sources_.items():
             if should_stop is not None and should_stop():
                 raise RetrievalAbandonedError(f"stopped before source {name!r}: the caller gave up")
-            per_source[name] = source.retrieve(users, self.config.n_candidates, exclude=exclude)
+            depth = self.config.fetch_depth(name)
+            per_source[name] = source.retrieve(users, depth, exclude=exclude)
         return merge_candidates(per_source, quotas, self.config.n_candidates)
 
     def observe(
@@ -260,6 +277,9 @@ class RetrievalStage:
             raise BundleError(f"{directory}: {STAGE_FILE} is missing (not a retrieval stage)")
         meta = json.loads(path.read_text())
         config_values = dict(meta["config"])
+        # A bundle from before the setting fetched n_candidates from every source; its ranker
+        # learned from those lists, so it keeps them.
+        config_values.setdefault("fetch_per_quota", None)
         stage = cls(
             from_mapping(RetrievalConfig, config_values, "retrieval"),
             {

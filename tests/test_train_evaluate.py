@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from cli.main import main
-from data.errors import BundleError
-from retrieval.stage import RetrievalStage
+from data.errors import BundleError, ConfigError
+from retrieval.base import UserBatch
+from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
 from serving.artifacts import load_artifacts
 from serving.bundle import verify_bundle
 
@@ -112,3 +116,62 @@ def test_corrupt_bundle_is_refused(tiny_bundle: tuple[Path, Path], tmp_path: Pat
         load_artifacts(copy)
     code = main(["evaluate", "--data", str(tiny_bundle[0]), "--bundle", str(copy)])
     assert code == 1
+
+
+def _users() -> UserBatch:
+    return UserBatch(
+        np.array([0, 1, -1], dtype=np.int32),
+        np.array([[0, 1, -1], [2, -1, -1], [3, 4, 5]], dtype=np.int32),
+        np.zeros((3, 3), dtype=np.int64),
+        np.full(3, 10**9, dtype=np.int64),
+    )
+
+
+def test_each_source_fetches_its_quota_times_fetch_per_quota(
+    tiny_bundle: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage = load_artifacts(tiny_bundle[1]).retrieval
+    config = stage.config
+    assert config.fetch_per_quota == 2.0  # the tiny bundle was trained with the default
+    asked: dict[str, int] = {}
+    for name, source in stage.sources_.items():
+        original = source.retrieve
+
+        def recording(
+            users: UserBatch, k: int, *, name: str = name, original: Any = original, **kw: Any
+        ) -> Any:
+            asked[name] = k
+            return original(users, k, **kw)
+
+        monkeypatch.setattr(source, "retrieve", recording)
+    merged = stage.retrieve(_users())
+    expected = {
+        name: min(config.n_candidates, math.ceil(2.0 * config.quotas[name]))
+        for name in stage.sources_
+    }
+    assert asked == expected
+    assert merged.item_idx.shape == (3, config.n_candidates)
+
+
+def test_fetch_per_quota_config() -> None:
+    config, _, _ = retrieval_config_from_mapping({"quotas": {"als": 10}, "fetch_per_quota": 3})
+    assert config.fetch_depth("als") == 30
+    assert config.fetch_depth("two_tower") == config.n_candidates  # 3 x 250 capped at 500
+    assert replace(config, fetch_per_quota=None).fetch_depth("als") == config.n_candidates
+    for bad in (0.5, "2", True):
+        with pytest.raises(ConfigError, match="fetch_per_quota must be >= 1"):
+            retrieval_config_from_mapping({"fetch_per_quota": bad})
+
+
+def test_a_bundle_from_before_the_setting_keeps_fetching_n_candidates(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    stage = load_artifacts(tiny_bundle[1]).retrieval
+    stage.save(tmp_path / "stage")
+    meta_file = tmp_path / "stage" / "stage.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["fetch_per_quota"]
+    meta_file.write_text(json.dumps(meta))
+    old = RetrievalStage.load(tmp_path / "stage")
+    assert old.config.fetch_per_quota is None
+    assert {old.config.fetch_depth(s) for s in old.sources_} == {old.config.n_candidates}
