@@ -221,11 +221,23 @@ def sparse_topk(matrix: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None) ->
     Entries that are not stored are not candidates (a row with three entries gets three items and
     padding), nor are non-finite or excluded ones. Ties go to the lower item index.
     """
-    n_rows = matrix.shape[0]
-    out = Candidates.empty(n_rows, k)
     coo = matrix.tocoo()
-    rows, items = coo.row.astype(np.int64), coo.col.astype(np.int32)
-    scores = coo.data.astype(np.float32)
+    return entries_topk(coo.row, coo.col, coo.data, matrix.shape[0], k, exclude)
+
+
+def entries_topk(
+    rows: npt.NDArray[np.integer],
+    items: npt.NDArray[np.integer],
+    scores: npt.NDArray[np.floating],
+    n_rows: int,
+    k: int,
+    exclude: sp.csr_matrix | None,
+) -> Candidates:
+    """:func:`sparse_topk` of the entries ``(rows[j], items[j]) = scores[j]`` (no duplicate
+    pairs), for a caller that has them as arrays already."""
+    out = Candidates.empty(n_rows, k)
+    rows, items = rows.astype(np.int64, copy=False), items.astype(np.int32, copy=False)
+    scores = scores.astype(np.float32, copy=False)
     keep = np.isfinite(scores)
     if exclude is not None:
         keep &= ~pair_excluded(exclude, rows, items)
@@ -356,6 +368,7 @@ __all__ = [
     "pair_excluded",
     "ranked_topk",
     "read_state",
+    "entries_topk",
     "sparse_topk",
     "write_state",
 ]

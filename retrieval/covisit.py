@@ -41,6 +41,7 @@ from retrieval._topk import (
     align_exclude,
     check_k,
     concatenated_ranges,
+    entries_topk,
     read_state,
     sparse_topk,
     write_state,
@@ -273,16 +274,12 @@ class CoVisitationSource:
         k = check_k(k)
         n = len(users)
         rows, items, weights = self._history(users)
-        scores = self._expand(rows, items, weights, n)
-        seen = sp.csr_matrix(
-            (np.ones(rows.size, np.float32), (rows, items)), shape=(n, self.n_items)
-        )
-        seen.sum_duplicates()
-        seen.data[:] = 1.0
+        keys, sums = self._expand(rows, items, weights)
+        # A user's own recent items are not candidates for them.
+        fresh = ~np.isin(keys, rows.astype(np.int64) * self.n_items + items)
+        keys, sums = keys[fresh], sums[fresh]
         mask = align_exclude(exclude, n, self.n_items)
-        # Both are binary, so the sum's structure is the union.
-        mask = seen if mask is None else (mask + seen).tocsr()
-        return sparse_topk(scores, k, mask)
+        return entries_topk(keys // self.n_items, keys % self.n_items, sums, n, k, mask)
 
     def neighbors(self, item_idx: npt.ArrayLike, k: int) -> Candidates:
         """The ``k`` items most co-visited with each of ``item_idx`` (m,): "similar items".
@@ -312,13 +309,13 @@ class CoVisitationSource:
         rows: npt.NDArray[np.intp],
         items: npt.NDArray[np.int32],
         weights: npt.NDArray[np.float64],
-        n_rows: int,
-    ) -> sp.csr_matrix:
-        """(n_rows, n_items) CSR of sum over history entries of ``weight * neighbors_[item, :]``.
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """The weighted history times ``neighbors_`` as sorted ``row * n_items + item`` keys and
+        their scores (sum over history entries of ``weight * neighbors_[item, :]``).
 
-        The weighted history times ``neighbors_``, by expanding only the history items'
-        neighbour lists and summing per (row, item): scipy's sparse product allocates a work
-        array as wide as the catalogue on every call (milliseconds at 1M items, per request).
+        Only the history items' neighbour lists are expanded and summed per (row, item):
+        scipy's sparse product allocates a work array as wide as the catalogue on every call
+        (milliseconds at 1M items, per request), and the top-k reads the entries as arrays.
         """
         neighbors = self.neighbors_
         starts = neighbors.indptr[items]
@@ -329,12 +326,7 @@ class CoVisitationSource:
         values = neighbors.data[entries].astype(np.float64) * weights[owner]
         unique_keys, slot = np.unique(keys, return_inverse=True)
         sums = np.bincount(slot, weights=values, minlength=unique_keys.size)
-        key_rows = unique_keys // self.n_items
-        indptr = np.searchsorted(key_rows, np.arange(n_rows + 1)).astype(np.int64)
-        return sp.csr_matrix(
-            (sums.astype(np.float32), (unique_keys % self.n_items).astype(np.int32), indptr),
-            shape=(n_rows, self.n_items),
-        )
+        return unique_keys, sums.astype(np.float64, copy=False)  # (float64 already: for typing)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "neighbors_"):

@@ -217,3 +217,31 @@ def test_history_longer_than_the_contract_default_is_fine() -> None:
     users = UserBatch.from_interactions(log, np.arange(6), history_length=2 * HISTORY)
     out = CoVisitationSource().fit(log).retrieve(users, 5)
     assert out.item_idx.shape == (6, 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 6))
+def test_retrieve_equals_the_dense_reference(seed: int, k: int) -> None:
+    """Scores = decayed history x neighbour rows; history and excluded items never appear."""
+    rng = np.random.default_rng(seed)
+    n_items = 6
+    source = CoVisitationSource(CoVisitationConfig(history_decay=0.5))
+    # Distinct random counts: ties (the reference breaks them its own way) have probability 0.
+    stored = rng.random((n_items, n_items)) < 0.5
+    dense = np.where(stored, rng.random((n_items, n_items)) + 0.1, 0).astype(np.float32)
+    np.fill_diagonal(dense, 0)
+    source.neighbors_ = sp.csr_matrix(dense)
+    recent = [list(rng.choice(n_items, rng.integers(0, 4), replace=False)) for _ in range(4)]
+    users = history(recent)
+    exclude = sp.csr_matrix(rng.random((4, n_items)) < 0.2, dtype=np.float32)
+    out = source.retrieve(users, k, exclude=exclude)
+    for row, items in enumerate(recent):
+        scores = sum((0.5**p * dense[item] for p, item in enumerate(items)), np.zeros(n_items))
+        candidate = (scores != 0) | (source.neighbors_[items].getnnz(axis=0) > 0)
+        candidate[items] = False
+        candidate &= exclude[row].toarray()[0] == 0
+        expected = Candidates.from_scores(
+            np.where(candidate, scores, -np.inf)[None, :].astype(np.float32), k
+        )
+        np.testing.assert_array_equal(out.item_idx[row], expected.item_idx[0])
+        np.testing.assert_allclose(out.scores[row], expected.scores[0])
