@@ -74,6 +74,9 @@ class ServiceSettings(BaseSettings):
     retrieval_budget_ms: float = 10.0
     ranking_budget_ms: float = 20.0
     reranking_budget_ms: float = 5.0
+    # Stages on worker threads, the answer never waits past a budget, at ~1-3 ms a request
+    # (serving/pipeline.py); the default checks the deadlines on the batch's own thread.
+    preemptive_budgets: bool = False
     # Concurrent recommend requests answered by one pipeline call at most (dynamic batching,
     # serving/batcher.py); 1 answers every request alone.
     max_batch: int = Field(default=8, ge=1, le=256)
@@ -213,6 +216,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             retrieval_ms=settings.retrieval_budget_ms,
             ranking_ms=settings.ranking_budget_ms,
             reranking_ms=settings.reranking_budget_ms,
+            preemptive=settings.preemptive_budgets,
         )
         service = await run_in_threadpool(
             RecommenderService, settings.bundle, feedback, history=settings.data, budgets=budgets

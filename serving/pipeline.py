@@ -11,9 +11,21 @@ replaced by its fallback and the response says so in ``degraded``:
     ranking   -> the retrieval (merge) order
     reranking -> the ranked top-k minus already-seen items
 
-Budgets are enforced by running the stage in a worker thread and waiting at most its budget; the
-heavy work (FAISS, numpy, LightGBM, torch) releases the GIL, so the wait is real. A late stage's
-result is discarded. Offline callers (evaluation, simulation) pass ``enforce_budgets=False``.
+Budgets are deadlines, enforced in one of two ways (``BudgetConfig.preemptive``):
+
+- cooperative (the default): the stage runs on the calling thread and the deadline is checked
+  where the stage can stop (retrieval between its sources) and when it returns; a stage past its
+  deadline is replaced by its fallback. Production services enforce in-process deadlines this
+  way (gRPC deadlines, Go contexts): a thread cannot be stopped safely, only asked to stop. It
+  costs nothing, but a stage stuck inside one step holds its request until the step returns.
+- preemptive: the stage runs in a worker thread and the caller waits at most its budget, so a
+  stuck stage cannot hold the answer (its late result is discarded). The price is two thread
+  handoffs per stage: on the 2-vCPU reference VM a request costs ~1 ms more under load and ~3 ms
+  more when the machine is idle (waking a halted vCPU; docs/benchmarks.md). Choose it when a
+  stage can block, e.g. a retrieval source that calls another service.
+
+Offline callers (evaluation, simulation) pass ``enforce_budgets=False``: every stage runs to the
+end, so results do not depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -54,7 +66,10 @@ class BudgetConfig:
     retrieval_ms: float = 10.0
     ranking_ms: float = 20.0
     reranking_ms: float = 5.0
-    # Worker threads that run stages under a deadline; 2 matches the 2-core reference machine.
+    # Run each stage in a worker thread and stop waiting at its deadline (see the module
+    # docstring); False checks the deadline on the calling thread.
+    preemptive: bool = False
+    # Worker threads that run stages when preemptive; 2 matches the 2-core reference machine.
     workers: int = 2
     # A call answering n requests at once (dynamic batching) gets each budget times
     # 1 + batch_growth * (n - 1): the batch shares the fixed cost, so every request's share of
@@ -65,6 +80,10 @@ class BudgetConfig:
         for name in ("retrieval_ms", "ranking_ms", "reranking_ms"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"[pipeline] {name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.preemptive, bool):
+            raise ConfigError(
+                f"[pipeline] preemptive must be true or false, got {self.preemptive!r}"
+            )
         if self.workers < 1:
             raise ConfigError(f"[pipeline] workers must be >= 1, got {self.workers}")
         if not 0 <= self.batch_growth <= 1:
@@ -76,6 +95,10 @@ class BudgetConfig:
         """The stage's budget in ms for one call answering ``batch_size`` requests."""
         base = float(getattr(self, f"{stage}_ms"))
         return base * (1 + self.batch_growth * (max(batch_size, 1) - 1))
+
+
+# The final items, their scores and, per request, what each rule did.
+Reranked = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]
 
 
 class Ranker(Protocol):
@@ -107,7 +130,7 @@ class Reranker(Protocol):
         now: npt.NDArray[np.int64],
         user_ids: Sequence[str],
         explain: bool = False,
-    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]: ...
+    ) -> Reranked: ...
 
 
 @dataclass(frozen=True)
@@ -133,6 +156,10 @@ class Recommendation:
     explanation: dict[str, Any] | None = None
 
 
+class StageOverBudgetError(Exception):
+    """A stage did not answer within its budget (the pipeline serves the stage's fallback)."""
+
+
 class Pipeline:
     """Composes the stages of one bundle; see the module docstring."""
 
@@ -156,7 +183,7 @@ class Pipeline:
         self.clock = clock
         self._executor = (
             ThreadPoolExecutor(self.budgets.workers, thread_name_prefix="pipeline-stage")
-            if enforce_budgets
+            if enforce_budgets and self.budgets.preemptive
             else None
         )
 
@@ -212,10 +239,10 @@ class Pipeline:
         degraded: list[str] = []
         timings: dict[str, float] = {}
 
-        # Past its budget the pipeline stops waiting for retrieval; the deadline tells the
-        # abandoned work to stop too, between sources, so it does not compete with later requests.
+        # Retrieval checks its deadline between sources and stops there: cooperative, that ends
+        # the stage; preemptive, the abandoned work stops instead of competing with later requests.
         deadline = time.perf_counter() + self.budgets.for_stage("retrieval", n) / 1000
-        expired = (lambda: time.perf_counter() > deadline) if self._executor else None
+        expired = (lambda: time.perf_counter() > deadline) if self.enforce_budgets else None
         merged = self._stage(
             "retrieval",
             lambda: self.artifacts.retrieval.retrieve(users, exclude=blocked, should_stop=expired),
@@ -242,12 +269,12 @@ class Pipeline:
         ranked_scores = np.take_along_axis(scores, order, axis=1)
         k_max = max(r.k for r in requests)
 
-        explanations: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        no_notes: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         if self.reranker is not None:
             reranker = self.reranker
 
-            def rerank() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-                items, final_scores, notes = reranker.rerank(
+            def rerank() -> Reranked:
+                return reranker.rerank(
                     ranked_items,
                     ranked_scores,
                     k=k_max,
@@ -257,21 +284,18 @@ class Pipeline:
                     user_ids=[r.user_id for r in requests],
                     explain=any(r.explain for r in requests),
                 )
-                explanations[:] = notes
-                return items, final_scores
 
-            final_items, final_scores = self._stage(
-                "reranking",
-                rerank,
-                lambda: top_k_minus_blocked(ranked_items, ranked_scores, blocked, k_max),
-                degraded,
-                timings,
-                n,
+            def unfiltered() -> Reranked:
+                return (*top_k_minus_blocked(ranked_items, ranked_scores, blocked, k_max), no_notes)
+
+            final_items, final_scores, explanations = self._stage(
+                "reranking", rerank, unfiltered, degraded, timings, n
             )
         else:
             final_items, final_scores = top_k_minus_blocked(
                 ranked_items, ranked_scores, blocked, k_max
             )
+            explanations = no_notes
             timings["reranking"] = 0.0
         timings["total"] = (time.perf_counter() - started) * 1000
         return self._responses(
@@ -292,23 +316,34 @@ class Pipeline:
         record it and use ``fallback``."""
         start = time.perf_counter()
         try:
-            if self._executor is None:
-                result = run()
+            if self.enforce_budgets:
+                result = self._within_budget(run, self.budgets.for_stage(name, batch_size) / 1000)
             else:
-                future = self._executor.submit(run)
-                try:
-                    budget_ms = self.budgets.for_stage(name, batch_size)
-                    result = future.result(timeout=budget_ms / 1000)
-                except (FutureTimeout, RetrievalAbandonedError):  # the deadline passed either way
-                    future.cancel()
-                    degraded.append(f"{name}:timeout")
-                    result = fallback()
+                result = run()
+        except (StageOverBudgetError, RetrievalAbandonedError):  # the deadline passed either way
+            degraded.append(f"{name}:timeout")
+            result = fallback()
         except Exception:  # a failing stage degrades the answer, it never fails the request
             logger.exception("stage %s failed; serving its fallback", name)
             degraded.append(f"{name}:error")
             result = fallback()
         timings[name] = (time.perf_counter() - start) * 1000
         return result
+
+    def _within_budget(self, run: Callable[[], T], budget_s: float) -> T:
+        """``run()``, or :class:`StageOverBudgetError` if it cannot answer within ``budget_s``."""
+        if self._executor is None:  # cooperative: a result that comes late is not used either
+            start = time.perf_counter()
+            result = run()
+            if time.perf_counter() - start > budget_s:
+                raise StageOverBudgetError
+            return result
+        future = self._executor.submit(run)
+        try:
+            return future.result(timeout=budget_s)
+        except FutureTimeout:
+            future.cancel()
+            raise StageOverBudgetError from None
 
     def _fallback_candidates(self, users: UserBatch, blocked: sp.csr_matrix) -> MergedCandidates:
         stage = self.artifacts.retrieval

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -120,6 +122,33 @@ def test_health_readiness_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert "recsys_http_requests_total" in text and "recsys_stage_latency_seconds_bucket" in text
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_slow_or_failing_stages_answer_200_degraded(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault contract over HTTP: a stage past its budget (500 ms here) or raising gives a
+    full 200 answer from its fallback, flagged in ``degraded`` and counted in the metrics."""
+    pipeline = client.app.state.service.pipeline  # type: ignore[attr-defined]
+    retrieve, ranker = pipeline.artifacts.retrieval.retrieve, pipeline.ranker
+
+    def slow_retrieve(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.6)
+        return retrieve(*args, **kwargs)
+
+    def failing_score(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("ranker shard unreachable")
+
+    monkeypatch.setattr(pipeline.artifacts.retrieval, "retrieve", slow_retrieve)
+    monkeypatch.setattr(ranker, "score", failing_score)
+    answer = client.post("/v1/recommend", json={"user_id": a_user(client), "k": 6})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["degraded"] == ["retrieval:timeout", "ranking:error"]
+    assert len(body["items"]) == 6 and all(item["sources"] == ["popular"] for item in body["items"])
+    text = client.get("/metrics").text
+    for stage in ("retrieval", "ranking"):
+        assert f'recsys_degraded_responses_total{{stage="{stage}"}} 1.0' in text
 
 
 def request_count(client: TestClient, route: str, status: int) -> float:

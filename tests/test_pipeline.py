@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from data.dataset import load_dataset
+from data.errors import ConfigError
 from data.interactions import Interactions
 from retrieval.merge import MergedCandidates
 from serving.artifacts import Artifacts, load_artifacts
@@ -82,12 +84,14 @@ def test_unknown_user_gets_the_cold_start_path(artifacts: Artifacts, state: Onli
 
 
 class SlowRanker:
+    """Answers correctly, ten times past a 20 ms ranking budget."""
+
     def warm(self) -> None:
         pass
 
-    def score(self, *args: Any) -> np.ndarray:
+    def score(self, retrieval: Any, users: Any, merged: Any, now: Any) -> np.ndarray:
         time.sleep(0.2)
-        raise AssertionError("too late to matter")
+        return np.zeros(merged.item_idx.shape, np.float32)
 
 
 class BrokenRanker:
@@ -98,15 +102,21 @@ class BrokenRanker:
         raise RuntimeError("model file is garbage")
 
 
+@pytest.mark.parametrize("preemptive", [False, True], ids=["cooperative", "preemptive"])
 def test_slow_or_failing_stages_degrade(
-    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch
+    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch, preemptive: bool
 ) -> None:
     user = users(artifacts, 1)[0]
     request = [RecommendRequest(user, k=10, now=10**9)]
-    budgets = BudgetConfig(retrieval_ms=50, ranking_ms=20, reranking_ms=20)
+    budgets = BudgetConfig(retrieval_ms=50, ranking_ms=20, reranking_ms=20, preemptive=preemptive)
     slow = Pipeline(artifacts, state, ranker=SlowRanker(), budgets=budgets).recommend(request)[0]
     assert slow.degraded == ["ranking:timeout"] and len(slow.item_ids) == 10
-    assert slow.timings_ms["ranking"] < 150
+    # Preemptive: the answer stops waiting at the budget. Cooperative: the late scores are
+    # still replaced by the fallback (the retrieval order), after the stage returns.
+    if preemptive:
+        assert slow.timings_ms["ranking"] < 150
+    else:
+        assert slow.timings_ms["ranking"] >= 200
     broken = Pipeline(artifacts, state, ranker=BrokenRanker(), budgets=budgets).recommend(request)[
         0
     ]
@@ -128,8 +138,9 @@ def test_slow_or_failing_stages_degrade(
     assert answer.degraded == ["retrieval:error"] and len(answer.item_ids) == 10
 
 
+@pytest.mark.parametrize("preemptive", [False, True], ids=["cooperative", "preemptive"])
 def test_abandoned_retrieval_stops_before_its_next_source(
-    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch
+    artifacts: Artifacts, state: OnlineState, monkeypatch: pytest.MonkeyPatch, preemptive: bool
 ) -> None:
     sources = artifacts.retrieval.sources_
     first, *rest = sources
@@ -151,7 +162,8 @@ def test_abandoned_retrieval_stops_before_its_next_source(
     monkeypatch.setattr(slow, "retrieve", slow_retrieve)
     for name in rest:
         monkeypatch.setattr(sources[name], "retrieve", recording(name))
-    pipeline = Pipeline(artifacts, state, budgets=BudgetConfig(retrieval_ms=50))
+    budgets = BudgetConfig(retrieval_ms=50, preemptive=preemptive)
+    pipeline = Pipeline(artifacts, state, budgets=budgets)
     answer = pipeline.recommend([RecommendRequest(users(artifacts, 1)[0], k=5, now=10**9)])[0]
     assert answer.degraded == ["retrieval:timeout"] and len(answer.item_ids) == 5
     time.sleep(0.3)  # the abandoned stage has long finished its slow source
@@ -186,3 +198,31 @@ def test_source_lists_find_each_items_column_in_its_own_row() -> None:
     chosen = np.array([3, 7, 5, 7, 9, 42], dtype=np.int32)  # 42: brought in by a rule (a pin)
     assert _source_lists(merged, rows, chosen) == [["a", "b"], ["a"], [], ["b"], ["a"], []]
     assert _source_lists(merged, rows[:0], chosen[:0]) == []
+
+
+@pytest.mark.parametrize("preemptive", [False, True], ids=["cooperative", "preemptive"])
+def test_stages_run_on_the_callers_thread_unless_preemptive(
+    artifacts: Artifacts, state: OnlineState, preemptive: bool
+) -> None:
+    threads: list[int] = []
+
+    class RecordingRanker:
+        def warm(self) -> None:
+            pass
+
+        def score(self, retrieval: Any, users: Any, merged: Any, now: Any) -> np.ndarray:
+            threads.append(threading.get_ident())
+            return np.zeros(merged.item_idx.shape, np.float32)
+
+    pipeline = Pipeline(
+        artifacts, state, ranker=RecordingRanker(), budgets=BudgetConfig(preemptive=preemptive)
+    )
+    answer = pipeline.recommend([RecommendRequest(users(artifacts, 1)[0], k=5, now=10**9)])[0]
+    pipeline.close()
+    assert answer.degraded == [] and len(answer.item_ids) == 5
+    assert (threads == [threading.get_ident()]) is not preemptive
+
+
+def test_preemptive_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="preemptive"):
+        BudgetConfig(preemptive="yes")  # type: ignore[arg-type]
