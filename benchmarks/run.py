@@ -76,6 +76,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 5 (serving CPU): the same scores for less CPU per request",
     ),
     Benchmark(
+        "budgets",
+        "benchmarks.bench_budgets",
+        "Enforcing stage budgets: cooperative vs preemptive (one request, in-process)",
+        "issue 5 (serving CPU): what each way of enforcing the budgets adds to a request",
+    ),
+    Benchmark(
         "load",
         "benchmarks.bench_load",
         "HTTP service under load (1M-item catalogue, 500 candidates, k=20)",

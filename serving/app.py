@@ -74,8 +74,8 @@ class ServiceSettings(BaseSettings):
     retrieval_budget_ms: float = 10.0
     ranking_budget_ms: float = 20.0
     reranking_budget_ms: float = 5.0
-    # Stages on worker threads, the answer never waits past a budget, at ~1-3 ms a request
-    # (serving/pipeline.py); the default checks the deadlines on the batch's own thread.
+    # Stages on worker threads: the answer never waits past a budget, for 0.3-3.8 ms more a
+    # request (serving/pipeline.py); the default checks the deadlines on the batch's own thread.
     preemptive_budgets: bool = False
     # Concurrent recommend requests answered by one pipeline call at most (dynamic batching,
     # serving/batcher.py); 1 answers every request alone.

@@ -20,8 +20,8 @@ Budgets are deadlines, enforced in one of two ways (``BudgetConfig.preemptive``)
   costs nothing, but a stage stuck inside one step holds its request until the step returns.
 - preemptive: the stage runs in a worker thread and the caller waits at most its budget, so a
   stuck stage cannot hold the answer (its late result is discarded). The price is two thread
-  handoffs per stage: on the 2-vCPU reference VM a request costs ~1 ms more under load and ~3 ms
-  more when the machine is idle (waking a halted vCPU; docs/benchmarks.md). Choose it when a
+  handoffs per stage, each of which may wake a halted vCPU: on the 2-vCPU reference VM a request
+  cost 0.3-3.8 ms more, depending on the host's moment (docs/benchmarks.md). Choose it when a
   stage can block, e.g. a retrieval source that calls another service.
 
 Offline callers (evaluation, simulation) pass ``enforce_budgets=False``: every stage runs to the
