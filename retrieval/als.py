@@ -76,6 +76,7 @@ from retrieval._topk import (
 )
 from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
 from retrieval.index import IndexConfig, VectorIndex, search_past_exclusions
+from retrieval.user_cache import UserVectorCache, history_digest
 
 FoldIn = Literal["unknown", "always", "never"]
 IndexMode = Literal["auto", "exact", "ann"]
@@ -236,6 +237,7 @@ class ALSSource:
         self._vectors_memo: LastBatchMemo[tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]] = (
             LastBatchMemo()
         )
+        self._fold_in_cache: UserVectorCache | None = None
 
     @property
     def n_users(self) -> int:
@@ -265,6 +267,7 @@ class ALSSource:
         )
         self._gram = None
         self._vectors_memo.clear()
+        self._fold_in_cache = None
         return self
 
     # ------------------------------------------------------------------------------ user vectors
@@ -300,12 +303,20 @@ class ALSSource:
         else:
             refold = (~known & events.any(axis=1)) | (known & new.any(axis=1))
         rows = np.flatnonzero(refold)
-        if rows.size:
-            # Events counted on top of the training row: all history of an unknown user, only
-            # the post-training events of a known one (the rest is in user_items_ already).
-            extra = np.where(known[rows, None], new[rows], events[rows])
+        if rows.size == 0:
+            return vectors, has_vector
+        # Events counted on top of the training row: all history of an unknown user, only the
+        # post-training events of a known one (the rest is in user_items_ already). A known
+        # user's fold-in is a function of these events alone: cached under their digest.
+        extra = np.where(known[rows, None], new[rows], events[rows])
+        user_idx, recent = users.user_idx[rows], users.recent_items[rows]
+        digests = history_digest(np.where(extra, recent, PAD_ITEM))
+        cached, hit = self._vector_cache().lookup(np.where(known[rows], user_idx, -1), digests)
+        vectors[rows[hit]] = cached[hit]
+        miss = np.flatnonzero(~hit)
+        if miss.size:
             owner, items, weights = self._fold_in_events(
-                users.user_idx[rows], known[rows], users.recent_items[rows], extra
+                user_idx[miss], known[rows[miss]], recent[miss], extra[miss]
             )
             solved, solvable = solve_users(
                 self._item_gram(),
@@ -314,11 +325,20 @@ class ALSSource:
                 items,
                 self.config.alpha * weights,
                 self.config.regularization,
-                rows.size,
+                miss.size,
             )
-            vectors[rows] = solved
-            has_vector[rows] = solvable
+            vectors[rows[miss]] = solved
+            has_vector[rows[miss]] = solvable
+            keep = miss[solvable & known[rows[miss]]]
+            self._vector_cache().store(user_idx[keep], digests[keep], vectors[rows[keep]])
         return vectors, has_vector
+
+    def _vector_cache(self) -> UserVectorCache:
+        cache = self._fold_in_cache
+        if cache is None:  # two threads may both build one: either is right, one is kept
+            cache = UserVectorCache(self.n_users, self.config.factors)
+            self._fold_in_cache = cache
+        return cache
 
     def _fold_in_events(
         self,
@@ -363,9 +383,12 @@ class ALSSource:
     # ------------------------------------------------------------------------------ serving
     def warm(self, users: UserBatch) -> None:
         """Sum the fold-in's Gram matrix now (~1 s for a million items), not in the first
-        request that needs it. Folded-in vectors depend on each request's events: not kept."""
+        request that needs it, and fold ``users`` in now into the cross-request cache (e.g. the
+        snapshot's users at start-up), so their first requests skip the solve."""
         self._check_fitted()
         self._item_gram()
+        if self.config.fold_in != "never":
+            self._compute_user_vectors(users)
 
     def retrieve(
         self, users: UserBatch, k: int, *, exclude: sp.csr_matrix | None = None

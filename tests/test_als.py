@@ -331,6 +331,7 @@ def test_blocked_solves_equal_one_block(
     one_block = source.user_vectors(batch)
     monkeypatch.setattr(als, "FOLD_IN_BLOCK_ELEMENTS", 1)  # every user a block of their own
     source._vectors_memo.clear()
+    source._fold_in_cache = None
     np.testing.assert_allclose(source.user_vectors(batch), one_block, rtol=1e-6, atol=1e-7)
 
 
@@ -352,3 +353,52 @@ def test_the_gram_matrix_is_summed_once_per_model(monkeypatch: pytest.MonkeyPatc
     source.fit(log)  # new factors, new Gram matrix
     source.user_vectors(session(-1, [1, 4], after))
     assert len(calls) == 2
+
+
+def test_fold_ins_are_cached_by_the_events_they_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    log, _ = clustered_log()
+    source = ALSSource(CONFIG).fit(log)
+    after = int(log.timestamp.max()) + 60
+    solved: list[int] = []
+    real = als.solve_users
+
+    def counted(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        solved.append(int(args[-1]))  # users solved in this call
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(als, "solve_users", counted)
+
+    def vectors(user: int, items: list[int]) -> np.ndarray:
+        source._vectors_memo.clear()  # only the cross-request cache may answer
+        return source.user_vectors(session(user, items, after))[0]
+
+    first = vectors(0, [1, 4, 7])
+    assert solved == [1]
+    np.testing.assert_array_equal(vectors(0, [1, 4, 7]), first)  # same events: no solve
+    assert solved == [1]
+    moved = vectors(0, [1, 4, 7, 10])  # one more event: solved again, and right
+    assert solved == [1, 1]
+    source._fold_in_cache = None
+    np.testing.assert_array_equal(vectors(0, [1, 4, 7, 10]), moved)
+    assert not np.array_equal(moved, first)
+    vectors(-1, [1, 4])  # an unknown user has no model row: solved on every request
+    vectors(-1, [1, 4])
+    assert solved == [1, 1, 1, 1, 1]
+
+
+def test_warm_folds_in_the_users_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    log, _ = clustered_log()
+    source = ALSSource(CONFIG).fit(log)
+    after = int(log.timestamp.max()) + 60
+    histories = [[1, 4, 7], [2, 5], [0, 3, 6]]
+    batch = UserBatch(
+        np.arange(3, dtype=np.int32),
+        np.concatenate([session(0, h, after).recent_items for h in histories]),
+        np.concatenate([session(0, h, after).recent_times for h in histories]),
+        np.full(3, after, np.int64),
+    )
+    expected = ALSSource(CONFIG).fit(log).user_vectors(batch)  # same seed, same model
+    source.warm(batch)
+    monkeypatch.setattr(als, "solve_users", None)  # any solve now would fail
+    source._vectors_memo.clear()
+    np.testing.assert_array_equal(source.user_vectors(batch), expected)

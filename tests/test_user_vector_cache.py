@@ -14,7 +14,7 @@ from retrieval.als import ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.two_tower.model import encode_users
 from retrieval.two_tower.source import TwoTowerSource
-from retrieval.two_tower.user_cache import UserVectorCache, history_digest
+from retrieval.user_cache import UserVectorCache, history_digest
 from serving.artifacts import load_artifacts
 from serving.factory import make_pipeline, online_state_for
 

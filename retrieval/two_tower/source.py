@@ -43,7 +43,7 @@ from retrieval.two_tower.model import (
     torch_threads,
 )
 from retrieval.two_tower.train import CURVES_JSON, TrainingCurves, train_two_tower
-from retrieval.two_tower.user_cache import UserVectorCache, history_digest
+from retrieval.user_cache import UserVectorCache, history_digest
 
 WEIGHTS_FILE = "model.pt"
 INDEX_DIR = "index"
