@@ -166,6 +166,9 @@ class ColdStartSource:
         n = len(users)
         mask = align_exclude(exclude, n, self.n_items)
         shares = self._category_shares(users)
+        if shares is None:  # the usual batch (known users): everyone gets the fallback
+            order, ordered = self._fallback_ranking()
+            return ranked_topk(order, ordered, n, k, mask)
         personal = np.flatnonzero(shares.getnnz(axis=1) > 0)
         generic = np.setdiff1d(np.arange(n), personal)
         out = Candidates.empty(n, k)
@@ -194,13 +197,14 @@ class ColdStartSource:
             out.item_idx[personal], out.scores[personal] = rows.item_idx, rows.scores
         return out
 
-    def _category_shares(self, users: UserBatch) -> sp.csr_matrix:
-        """(n, n_categories) CSR: each unknown user's category mass, rows summing to 1 (or 0)."""
+    def _category_shares(self, users: UserBatch) -> sp.csr_matrix | None:
+        """(n, n_categories) CSR: each unknown user's category mass, rows summing to 1 (or 0);
+        ``None`` when no unknown user in the batch has a history (every row would be 0)."""
         known = (users.user_idx >= 0) & (users.user_idx < self.n_users_)
         items = users.recent_items
         rows, cols = np.nonzero((items >= 0) & (items < self.n_items) & ~known[:, None])
         if rows.size == 0:  # the usual request (a known user): skip the sparse algebra
-            return sp.csr_matrix((len(users), self.categories_.shape[1]), dtype=np.float32)
+            return None
         history = sp.csr_matrix(
             (np.ones(rows.size, np.float32), (rows, items[rows, cols])),
             shape=(len(users), self.n_items),
