@@ -205,7 +205,12 @@ def per_row_mask(items: IntArray, per_row: PerRowItems | None) -> BoolArray:
     """
     if per_row is None:
         return np.zeros(items.shape, dtype=bool)
-    if sp.issparse(per_row):
+    if isinstance(per_row, sp.csr_matrix | sp.csr_array):
+        # Read straight from the CSR arrays: scipy's COO conversion costs ~0.25 ms a request.
+        stored = np.diff(per_row.indptr)
+        rows = np.repeat(np.arange(stored.size, dtype=np.int64), stored)
+        cols = per_row.indices[: rows.size].astype(np.int64)
+    elif sp.issparse(per_row):
         coo = sp.coo_matrix(per_row)
         rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
     else:

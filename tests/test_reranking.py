@@ -39,7 +39,7 @@ from reranking.engine import (
     _in_longest_increasing,
     top_k_minus_seen,
 )
-from reranking.rules import ItemSideInfo, RerankRequest
+from reranking.rules import ItemSideInfo, RerankRequest, per_row_mask
 
 PROPERTY = settings(max_examples=60, deadline=None)
 DAY = 86_400
@@ -803,3 +803,21 @@ def test_moves_are_the_fewest_that_explain_a_reordering(values: list[int]) -> No
             if values[j] < values[i]:
                 best[i] = max(best[i], best[j] + 1)
     assert mask.sum() == max(best, default=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), w=st.integers(0, 12))
+def test_per_row_mask_reads_csr_coo_and_lists_alike(seed: int, n: int, w: int) -> None:
+    """Membership from a CSR (read from its arrays), a COO and plain per-row lists agree, and
+    equals a direct per-row set lookup."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(-1, 15, size=(n, w))
+    lists = [rng.choice(15, size=rng.integers(0, 6), replace=False) for _ in range(n)]
+    rows = np.repeat(np.arange(n), [len(a) for a in lists])
+    cols = np.concatenate(lists) if rows.size else np.zeros(0, np.int64)
+    csr = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, 15))
+    expected = np.array(
+        [[item >= 0 and item in set(lists[r]) for item in items[r]] for r in range(n)], bool
+    ).reshape(n, w)
+    for per_row in (csr, csr.tocoo(), lists):
+        np.testing.assert_array_equal(per_row_mask(items, per_row), expected)
