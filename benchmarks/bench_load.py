@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--interactions", type=int, default=3_000_000)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--step-seconds", type=float, default=20.0)
-    parser.add_argument("--rates", type=float, nargs="+", default=[150, 200, 300, 400, 600])
+    parser.add_argument("--rates", type=float, nargs="+", default=[120, 140, 160, 200, 300, 400])
     parser.add_argument(
         "--lower-rates",
         type=float,

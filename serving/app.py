@@ -8,6 +8,7 @@ Contract: ``INTERFACE.md``. Bad input gets a 4xx JSON error; no input makes the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -205,6 +206,20 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
+def freeze_long_lived_objects(*, collect: bool) -> None:
+    """Take every object alive now out of the cycle collector's walks (``gc.freeze``).
+
+    A loaded bundle is long-lived: ~220k tracked objects for the 1M-item load bundle, which a full
+    collection walks in ~100-150 ms with the GIL held, a stall for every request in flight. Frozen,
+    they are skipped (a full collection then took 0.0 ms); reference counting still frees them
+    when a reload drops the bundle (which leaves 2 objects in cycles behind). ``collect`` first
+    clears today's garbage: start-up only, as it is the 100 ms stall that this avoids later.
+    """
+    if collect:
+        gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the app; the bundle is loaded when the lifespan starts (``/readyz`` says when)."""
     metrics = Metrics()
@@ -223,12 +238,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
         app.state.service = service
         app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)
+        freeze_long_lived_objects(collect=True)
         logger.info("serving bundle %s (%s)", settings.bundle, service.pipeline.model_version)
         try:
             yield
         finally:
             app.state.batcher.close()
             service.close()
+            gc.unfreeze()  # the process may go on (tests, an embedding program)
 
     app = FastAPI(
         title="recsys-funnel",
@@ -421,6 +438,7 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
                 service.pipeline.model_version,
             )
             return JSONResponse(status_code=409, content={"error": f"bundle refused: {exc}"})
+        freeze_long_lived_objects(collect=False)  # no 100 ms collection while serving
         logger.info("reload took %.1f s", time.perf_counter() - started)
         return ReloadOut(model_version=new, previous_model_version=old)
 

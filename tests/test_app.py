@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Iterator
@@ -190,6 +191,27 @@ def test_admin_reload(client: TestClient, tiny_bundle: tuple[Path, Path], tmp_pa
     )
     assert refused.status_code == 409 and "checksum" in refused.json()["error"]
     assert client.post("/v1/recommend", json={"user_id": "u"}).status_code == 200
+
+
+def test_the_loaded_bundle_is_kept_out_of_garbage_collections(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, bundle = tiny_bundle
+    settings = ServiceSettings(
+        bundle=bundle, feedback_db=tmp_path / "feedback.sqlite3", admin_token=TOKEN
+    )
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+
+        def collected(obj: object) -> bool:  # get_objects() lists all but the frozen ones
+            return any(tracked is obj for tracked in gc.get_objects())
+
+        assert gc.get_freeze_count() > 0 and not collected(service.pipeline)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        reload = client.post("/admin/reload", json={"bundle": str(bundle)}, headers=auth)
+        assert reload.status_code == 200, reload.text
+        assert not collected(service.pipeline)  # the reloaded bundle's pipeline is frozen too
+    assert gc.get_freeze_count() == 0
 
 
 def test_admin_items(client: TestClient) -> None:
