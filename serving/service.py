@@ -209,9 +209,9 @@ class RecommenderService:
                 fresh = self._replay_log(fresh)
                 previous, self._served = self._served, fresh
         # No previous.close(): requests that picked up the old pipeline before the swap are still
-        # running on it, and closing shuts its stage executor under them (their stages fail and
-        # the answer degrades). The last of them drops the last reference; its stage threads
-        # exit when the executor is garbage-collected.
+        # running on it, and with preemptive budgets closing would shut its stage executor under
+        # them (their stages fail and the answer degrades). The last of them drops the last
+        # reference; its stage threads exit when the executor is freed.
         old, new = previous.pipeline.model_version, fresh.pipeline.model_version
         logger.info("reloaded bundle %s (%s -> %s)", bundle, old, new)
         return new, old
