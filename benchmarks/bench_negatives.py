@@ -7,6 +7,7 @@ negatives per positive (10M) uniformly and popularity-weighted, and report the m
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import numpy as np
@@ -46,12 +47,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     for strategy in ("uniform", "popularity"):
         rng = np.random.default_rng(1)
-        median, _ = median_seconds(
-            lambda strategy=strategy, rng=rng: sample_negatives(
-                users, items, args.items, args.ratio, strategy=strategy, item_counts=counts, rng=rng
-            ),
-            args.repeats,
+        sample = functools.partial(
+            sample_negatives,
+            users,
+            items,
+            args.items,
+            args.ratio,
+            strategy=strategy,
+            item_counts=counts,
+            rng=rng,
         )
+        median, _ = median_seconds(sample, args.repeats)
         figures[f"{strategy}_seconds_median"] = median
         figures[f"{strategy}_negatives_per_second"] = users.size * args.ratio / median
     figures["peak_rss_mb"] = peak_rss_mb()

@@ -24,7 +24,7 @@ import numpy as np
 try:  # the server's event loop (a dependency on Linux/macOS): less CPU taken from the server
     import uvloop
 except ImportError:  # pragma: no cover - Windows
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]  # checked before use
 
 
 class HTTPConnectionPool:
@@ -61,7 +61,8 @@ class HTTPConnectionPool:
                     )
                 except (ConnectionError, asyncio.IncompleteReadError) as exc:
                     writer.close()
-                    if fresh or getattr(exc, "partial", b""):
+                    partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+                    if fresh or partial:
                         raise
                     continue
                 except BaseException:
