@@ -81,6 +81,25 @@ class ServiceSettings(BaseSettings):
     # Concurrent recommend requests answered by one pipeline call at most (dynamic batching,
     # serving/batcher.py); 1 answers every request alone.
     max_batch: int = Field(default=8, ge=1, le=256)
+    # A recommend request the pipeline has not answered within this time (queued behind an
+    # overloaded or stuck batch) is answered with the popular fallback, "pipeline:timeout" in
+    # `degraded`, and withdrawn from the queue. Default: two full batches at their budgets (the
+    # one running, then the request's own): 315 ms with the default budgets and max_batch, far
+    # above a loaded request's p99 (~25 ms on the 2-core reference machine).
+    request_deadline_ms: float | None = Field(default=None, gt=0)
+
+    def budgets(self) -> BudgetConfig:
+        return BudgetConfig(
+            retrieval_ms=self.retrieval_budget_ms,
+            ranking_ms=self.ranking_budget_ms,
+            reranking_ms=self.reranking_budget_ms,
+            preemptive=self.preemptive_budgets,
+        )
+
+    def request_deadline_s(self) -> float:
+        if self.request_deadline_ms is not None:
+            return self.request_deadline_ms / 1000
+        return 2 * self.budgets().for_call(self.max_batch) / 1000
 
 
 class Metrics:
@@ -227,14 +246,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         feedback = FeedbackLog(FeedbackLogConfig(path=settings.feedback_db))
-        budgets = BudgetConfig(
-            retrieval_ms=settings.retrieval_budget_ms,
-            ranking_ms=settings.ranking_budget_ms,
-            reranking_ms=settings.reranking_budget_ms,
-            preemptive=settings.preemptive_budgets,
-        )
         service = await run_in_threadpool(
-            RecommenderService, settings.bundle, feedback, history=settings.data, budgets=budgets
+            RecommenderService,
+            settings.bundle,
+            feedback,
+            history=settings.data,
+            budgets=settings.budgets(),
         )
         app.state.service = service
         app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)
@@ -325,9 +342,12 @@ BatcherDep = Annotated[RequestBatcher, Depends(_batcher)]
 def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
     router = APIRouter()
     errors: dict[int | str, dict[str, Any]] = {422: {"model": ErrorOut}}
+    deadline_s = settings.request_deadline_s()
 
     @router.post("/v1/recommend", response_model=RecommendOut, responses=errors)
-    async def recommend(body: RecommendIn, batcher: BatcherDep) -> RecommendOut:
+    async def recommend(
+        body: RecommendIn, batcher: BatcherDep, service: ServiceDep
+    ) -> RecommendOut:
         # Answered on the batcher's thread, together with whatever requests arrived meanwhile;
         # the event loop only waits (no worker thread per request).
         request = RecommendRequest(
@@ -336,7 +356,11 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
             exclude_item_ids=tuple(body.exclude_item_ids),
             explain=body.explain,
         )
-        answer = await asyncio.wrap_future(batcher.submit(request))
+        pending = asyncio.wrap_future(batcher.submit(request))
+        try:
+            answer = await asyncio.wait_for(pending, deadline_s)
+        except TimeoutError:  # the wait's cancellation withdrew the request if still queued
+            answer = service.pipeline.fallback([request], "pipeline:timeout")[0]
         for stage in ("retrieval", "ranking", "reranking"):
             metrics.stage_latency.labels(stage=stage).observe(
                 answer.timings_ms.get(stage, 0.0) / 1000

@@ -43,7 +43,8 @@ class RequestBatcher:
         self._thread.start()
 
     def submit(self, request: RecommendRequest) -> Future[Recommendation]:
-        """A future of the answer to ``request``."""
+        """A future of the answer to ``request``; cancelling it before its batch starts
+        withdraws the request."""
         if not self._thread.is_alive():
             raise RuntimeError("the request batcher is closed")
         answer: Future[Recommendation] = Future()
@@ -76,6 +77,12 @@ class RequestBatcher:
                 return
 
     def _answer(self, batch: list[tuple[RecommendRequest, Future[Recommendation]]]) -> None:
+        # A caller that stopped waiting (its deadline passed while the request queued) has
+        # cancelled its future: skip it, so an overloaded service does not compute answers nobody
+        # reads. The others are marked running: from here on a cancel fails.
+        batch = [(req, answer) for req, answer in batch if answer.set_running_or_notify_cancel()]
+        if not batch:
+            return
         requests = [request for request, _ in batch]
         try:
             answers = self.pipeline().recommend(requests)

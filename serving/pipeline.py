@@ -96,6 +96,11 @@ class BudgetConfig:
         base = float(getattr(self, f"{stage}_ms"))
         return base * (1 + self.batch_growth * (max(batch_size, 1) - 1))
 
+    def for_call(self, batch_size: int = 1) -> float:
+        """Every stage's budget in ms for one call answering ``batch_size`` requests: the
+        longest such a call takes while its stages keep to their budgets."""
+        return sum(self.for_stage(stage, batch_size) for stage in STAGES)
+
 
 # The final items, their scores and, per request, what each rule did.
 Reranked = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]
@@ -229,13 +234,7 @@ class Pipeline:
             return []
         started = time.perf_counter()
         n = len(requests)
-        wall_now = int(self.clock())
-        now = np.array([r.now if r.now is not None else wall_now for r in requests], dtype=np.int64)
-        users = self.state.batch([r.user_id for r in requests], now)
-        n_items = len(self.artifacts.items)
-        seen = users.seen_matrix(n_items)
-        exclude = [self._exclusions(r.exclude_item_ids) for r in requests]
-        blocked = _add_rows(seen, exclude, n_items)
+        now, users, seen, exclude, blocked = self._batch_state(requests)
         degraded: list[str] = []
         timings: dict[str, float] = {}
 
@@ -302,7 +301,51 @@ class Pipeline:
             requests, merged, order, final_items, final_scores, degraded, timings, explanations
         )
 
+    def fallback(self, requests: Sequence[RecommendRequest], reason: str) -> list[Recommendation]:
+        """Answer without the funnel: the retrieval fallback (popular / trending) minus what each
+        user has seen or excluded, in its own order, with ``reason`` in ``degraded``.
+
+        For a caller that cannot wait for :meth:`recommend` (the service's request deadline);
+        it costs well under a millisecond and shares nothing with a running ``recommend`` but the
+        read-only state.
+        """
+        if not requests:
+            return []
+        started = time.perf_counter()
+        _, users, _, _, blocked = self._batch_state(requests)
+        merged = self._fallback_candidates(users, blocked)
+        order = np.broadcast_to(np.arange(merged.item_idx.shape[1]), merged.item_idx.shape)
+        items, scores = top_k_minus_blocked(
+            merged.item_idx,
+            _merge_order_scores(merged.item_idx),
+            blocked,
+            max(r.k for r in requests),
+        )
+        timings = dict.fromkeys(STAGES, 0.0)
+        timings["total"] = (time.perf_counter() - started) * 1000
+        notes: list[list[dict[str, Any]]] = [[] for _ in requests]
+        return self._responses(requests, merged, order, items, scores, [reason], timings, notes)
+
     # ------------------------------------------------------------------------------ internals
+    def _batch_state(
+        self, requests: Sequence[RecommendRequest]
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        UserBatch,
+        sp.csr_matrix,
+        list[npt.NDArray[np.int32]],
+        sp.csr_matrix,
+    ]:
+        """``(now, users, seen, exclude, blocked)`` of a batch: each request's time, the users'
+        online state, the items they have seen, the items each request excludes, and both."""
+        wall_now = int(self.clock())
+        now = np.array([r.now if r.now is not None else wall_now for r in requests], dtype=np.int64)
+        users = self.state.batch([r.user_id for r in requests], now)
+        n_items = len(self.artifacts.items)
+        seen = users.seen_matrix(n_items)
+        exclude = [self._exclusions(r.exclude_item_ids) for r in requests]
+        return now, users, seen, exclude, _add_rows(seen, exclude, n_items)
+
     def _stage(
         self,
         name: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ def client(tiny_bundle: tuple[Path, Path], tmp_path: Path) -> Iterator[TestClien
         retrieval_budget_ms=500,
         ranking_budget_ms=500,
         reranking_budget_ms=500,
+        request_deadline_ms=10_000,
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client
@@ -152,6 +154,41 @@ def test_slow_or_failing_stages_answer_200_degraded(
         assert f'recsys_degraded_responses_total{{stage="{stage}"}} 1.0' in text
 
 
+def test_a_request_past_its_deadline_gets_the_fallback(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch stuck inside a step (cooperative budgets cannot stop it) does not hold the
+    requests: past the deadline each gets popular items minus its seen ones, a 200."""
+    data, bundle = tiny_bundle
+    settings = ServiceSettings(
+        bundle=bundle, data=data, feedback_db=tmp_path / "fb.sqlite3", request_deadline_ms=100
+    )
+    with TestClient(create_app(settings)) as client:
+        pipeline = client.app.state.service.pipeline  # type: ignore[attr-defined]
+        unstuck = threading.Event()
+        score = pipeline.ranker.score
+
+        def stuck_score(*args: Any, **kwargs: Any) -> Any:
+            unstuck.wait(timeout=30)
+            return score(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline.ranker, "score", stuck_score)
+        user = a_user(client)
+        seen = set(pipeline.state.batch([user], 10**9).recent_items[0].tolist())
+        try:
+            started = time.perf_counter()
+            answer = client.post("/v1/recommend", json={"user_id": user, "k": 5})
+            waited = time.perf_counter() - started
+        finally:
+            unstuck.set()
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["degraded"] == ["pipeline:timeout"] and waited < 5
+        items = [item["item_id"] for item in body["items"]]
+        assert len(items) == 5 and all(item["sources"] == ["popular"] for item in body["items"])
+        assert not {pipeline.artifacts.items.index([i])[0] for i in items} & seen
+
+
 def request_count(client: TestClient, route: str, status: int) -> float:
     prefix = f'recsys_http_requests_total{{route="{route}",status="{status}"}} '
     lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
@@ -235,3 +272,14 @@ def test_admin_items(client: TestClient) -> None:
     answer = client.post("/v1/recommend", json={"user_id": "newcomer", "k": 5})
     assert answer.status_code == 200 and answer.json()["degraded"] == []
     assert "live-1" not in [item["item_id"] for item in answer.json()["items"]]  # seen
+
+
+def test_the_request_deadline_defaults_to_two_full_batches_at_their_budgets(
+    tmp_path: Path,
+) -> None:
+    # The batch running when a request arrives, then the request's own, every stage at its
+    # budget (x 4.5 for 8 requests): only a stuck or overloaded service gets past it.
+    assert ServiceSettings(bundle=tmp_path).request_deadline_s() == pytest.approx(2 * 35 * 4.5e-3)
+    slow = ServiceSettings(bundle=tmp_path, retrieval_budget_ms=100, max_batch=1)
+    assert slow.request_deadline_s() == pytest.approx(2 * 125e-3)
+    assert ServiceSettings(bundle=tmp_path, request_deadline_ms=40).request_deadline_s() == 0.04

@@ -44,6 +44,20 @@ def test_requests_that_wait_are_answered_together_up_to_max_batch() -> None:
     assert pipeline.batches == [["u0"], ["u1", "u2", "u3"], ["u4", "u5"]]
 
 
+def test_a_request_withdrawn_while_queued_is_not_computed() -> None:
+    pipeline = RecordingPipeline()
+    batcher = RequestBatcher(lambda: pipeline, max_batch=4)  # type: ignore[arg-type, return-value]
+    running = batcher.submit(RecommendRequest("u0"))
+    assert pipeline.entered.wait(timeout=10)
+    withdrawn = batcher.submit(RecommendRequest("gone"))
+    kept = batcher.submit(RecommendRequest("u1"))
+    assert withdrawn.cancel() and not running.cancel()  # a running request cannot be withdrawn
+    pipeline.release.set()
+    assert kept.result(timeout=10).item_ids == ["u1"] and running.result(timeout=10)
+    batcher.close()
+    assert pipeline.batches == [["u0"], ["u1"]]
+
+
 def test_close_answers_what_is_queued_then_refuses() -> None:
     pipeline = RecordingPipeline()
     pipeline.release.set()

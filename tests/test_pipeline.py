@@ -226,3 +226,19 @@ def test_stages_run_on_the_callers_thread_unless_preemptive(
 def test_preemptive_must_be_a_boolean() -> None:
     with pytest.raises(ConfigError, match="preemptive"):
         BudgetConfig(preemptive="yes")  # type: ignore[arg-type]
+
+
+def test_the_fallback_answer_is_popular_items_minus_seen_and_excluded(
+    artifacts: Artifacts, state: OnlineState
+) -> None:
+    pipeline = Pipeline(artifacts, state, enforce_budgets=False)
+    user = users(artifacts, 1)[0]
+    first = pipeline.fallback([RecommendRequest(user, k=6, now=10**9)], "pipeline:timeout")[0]
+    excluded = first.item_ids[:2]
+    request = RecommendRequest(user, k=6, now=10**9, exclude_item_ids=tuple(excluded))
+    answer = pipeline.fallback([request], "pipeline:timeout")[0]
+    assert answer.degraded == ["pipeline:timeout"] and len(answer.item_ids) == 6
+    assert answer.item_ids[:4] == first.item_ids[2:]  # the same order, the excluded removed
+    assert all(sources == ["popular"] for sources in answer.sources)
+    seen = set(state.batch([user], 10**9).recent_items[0].tolist()) - {-1}
+    assert not set(artifacts.items.index(answer.item_ids).tolist()) & seen
