@@ -32,10 +32,11 @@ from retrieval.index import (
     recall_at_k,
 )
 
-KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "hnsw", "ivf_pq", "sq8")
+KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8")
 # Search-time knob swept per kind (no rebuild): recall and p99 at each value.
 SWEEPS: dict[str, tuple[str, tuple[int, ...]]] = {
     "ivf_flat": ("nprobe", (16, 32, 64, 128, 256)),
+    "ivf_fp16": ("nprobe", (16, 32, 64, 128, 256)),
     "sq8": ("nprobe", (16, 32, 64, 128, 256)),
     "ivf_pq": ("nprobe", (16, 32, 64, 128, 256)),
     "hnsw": ("ef_search", (64, 128, 256, 512)),

@@ -177,10 +177,11 @@ class ALSConfig:
         return self.index == "ann" or (self.index == "auto" and n_items >= self.index_min_items)
 
     def index_config(self) -> IndexConfig:
-        """The :class:`IndexConfig` of the item index: inverted lists of exact float32 vectors
-        (the scores of a probed item are exact), seeded like the factors."""
+        """The :class:`IndexConfig` of the item index: inverted lists of half-precision
+        vectors (the found items are scored again from the float32 factors), seeded like the
+        factors."""
         return IndexConfig(
-            kind="ivf_flat",
+            kind="ivf_fp16",
             nlist=self.index_nlist,
             nprobe=self.index_nprobe,
             seed=self.random_state,
@@ -431,8 +432,11 @@ class ALSSource:
         everyone = rows.size == len(vectors)
         queries = lift_queries(vectors if everyone else vectors[rows])
         row_mask = mask if everyone or mask is None else mask[rows]
-        found, scores, keep = search_past_exclusions(index, queries, k, row_mask)
-        scores = np.where(keep, scores, -np.inf)
+        found, _, keep = search_past_exclusions(index, queries, index.refine_depth(k), row_mask)
+        # Scored again from the float32 factors: the index may hold them in half precision.
+        searched = vectors if everyone else vectors[rows]
+        exact = np.einsum("nd,nfd->nf", searched, self.item_factors_[np.where(keep, found, 0)])
+        scores = np.where(keep, exact, -np.inf).astype(np.float32)
         # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
         tie = np.where(keep, found, self.n_items)
         packed = (descending_key(scores) << int(self.n_items).bit_length()) | tie

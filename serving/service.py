@@ -298,9 +298,12 @@ class RecommenderService:
         if isinstance(tower, TwoTowerSource):
             vector = tower.item_vectors(index)
             if np.isfinite(vector).all():
-                ids, scores = tower.index_.search(vector, k + 1)
-                keep = (ids[0] >= 0) & (ids[0] != index[0])
-                return self._similar(pipeline, ids[0][keep][:k], scores[0][keep][:k], "two_tower")
+                ids, _ = tower.index_.search(vector, tower.index_.refine_depth(k + 1))
+                found = ids[0][(ids[0] >= 0) & (ids[0] != index[0])]
+                # Scored from the float32 vectors (the index may hold half precision), best first.
+                scores = tower.item_vectors(found) @ vector[0]
+                best = np.argsort(-scores, kind="stable")[:k]
+                return self._similar(pipeline, found[best], scores[best], "two_tower")
         covisit = sources.get("covisit")
         if covisit is not None and hasattr(covisit, "neighbors"):
             found = covisit.neighbors(index, k)

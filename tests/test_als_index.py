@@ -88,9 +88,11 @@ def test_exclusions_past_the_first_search_width(
     # Row 0 is an unknown user without a history: no vector, not searched, all padding.
     users = UserBatch.from_interactions(log, np.array([-1, 0, 1, 2]), history_length=HISTORY)
     k = 5
-    top = exact.retrieve(users, 20).item_idx
-    # Row 1 excludes its 12 best items: more than the first search (k + k = 10) can get past.
-    pairs = [(1, item) for item in top[1, :12]] + [(2, top[2, 0]), (2, top[2, 3])]
+    depth = indexed.index_.refine_depth(k)  # k, or more where the index scores approximately
+    top = exact.retrieve(users, depth + 20).item_idx
+    # Row 1 excludes its best depth + 3 items: more than the first search (2 x depth) gets past.
+    skipped = depth + 3
+    pairs = [(1, item) for item in top[1, :skipped]] + [(2, top[2, 0]), (2, top[2, 3])]
     pairs += [(0, item) for item in range(20)]
     rows, items = zip(*pairs, strict=True)
     exclude = sp.csr_matrix((np.ones(len(pairs)), (rows, items)), shape=(4, N_ITEMS))
@@ -103,9 +105,10 @@ def test_exclusions_past_the_first_search_width(
 
     monkeypatch.setattr(indexed.index_, "search", recorded)
     got = indexed.retrieve(users, k, exclude=exclude)
-    assert widths == [(3, 2 * k), (1, k + 12)]  # only row 1 is searched again, as wide as needed
+    # Only row 1 is searched again, as wide as it needs.
+    assert widths == [(3, 2 * depth), (1, depth + skipped)]
     np.testing.assert_array_equal(got.item_idx, exact.retrieve(users, k, exclude=exclude).item_idx)
-    np.testing.assert_array_equal(got.item_idx[1], top[1, 12:17])
+    np.testing.assert_array_equal(got.item_idx[1], top[1, skipped : skipped + k])
     assert (got.item_idx[0] == PAD_ITEM).all()
 
 

@@ -23,7 +23,7 @@ from retrieval.index import (
     recall_at_k,
 )
 
-KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "hnsw", "ivf_pq", "sq8")
+KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8")
 N, DIM, CLUSTERS = 5000, 16, 50
 # Generous search knobs (small data, cheap to over-probe); 6-bit PQ needs only 64 training
 # points per sub-quantizer centroid set, so 5000 vectors train it without FAISS's warning.
@@ -78,7 +78,7 @@ def assert_valid_result(ids: np.ndarray, scores: np.ndarray, m: int, k: int) -> 
 
 def test_config_defaults_and_auto_sizes() -> None:
     config = IndexConfig()
-    assert config.kind == "ivf_flat" and config.threads is None
+    assert config.kind == "ivf_fp16" and config.threads is None
     assert config.resolved_nlist(1_000_000) == 4000  # 4 * sqrt(n)
     assert config.resolved_nlist(5000) == 128  # capped: 39 training points per centroid
     assert config.resolved_nlist(10) == 1
@@ -131,8 +131,17 @@ def test_search_returns_the_contract_shapes(kind: str, built, data) -> None:
 
 def test_compressed_kinds_are_smaller(built) -> None:
     size = {kind: index.serialized_bytes() for kind, index in built.items()}
-    assert size["ivf_pq"] < size["sq8"] < size["ivf_flat"] < size["hnsw"]
+    assert size["ivf_pq"] < size["sq8"] < size["ivf_fp16"] < size["ivf_flat"] < size["hnsw"]
     assert size["flat"] >= N * (4 * DIM + 8)  # float32 vectors + int64 ids
+
+
+def test_half_precision_lists_find_what_float32_lists_find(built, data) -> None:
+    _, _, queries = data
+    found16, scores16 = built["ivf_fp16"].search(queries, 50)
+    found32, scores32 = built["ivf_flat"].search(queries, 50)
+    overlap = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(found16, found32, strict=True)])
+    assert overlap >= 0.98
+    np.testing.assert_allclose(scores16[:, 0], scores32[:, 0], atol=2e-3)  # fp16: ~3 digits
 
 
 def test_flat_equals_brute_force(built, data) -> None:
@@ -148,7 +157,8 @@ def test_flat_equals_brute_force(built, data) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "floor"), [("ivf_flat", 0.9), ("sq8", 0.9), ("hnsw", 0.9), ("ivf_pq", 0.5)]
+    ("kind", "floor"),
+    [("ivf_flat", 0.9), ("ivf_fp16", 0.9), ("sq8", 0.9), ("hnsw", 0.9), ("ivf_pq", 0.5)],
 )
 def test_ann_recall_on_clustered_data(kind: str, floor: float, built, data) -> None:
     vectors, ids, queries = data

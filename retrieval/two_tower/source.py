@@ -212,7 +212,8 @@ class TwoTowerSource:
         if k == 0 or len(self.index_) == 0 or n == 0:
             return out
         vectors = self._batch_vectors(users)
-        found, _, keep = search_past_exclusions(self.index_, vectors, k, mask)
+        depth = self.index_.refine_depth(k)  # deep enough to keep the exact top k (below)
+        found, _, keep = search_past_exclusions(self.index_, vectors, depth, mask)
         items = np.where(keep, found, 0)
         # Exact re-scoring: an approximate (quantized) index's own scores are estimates.
         scores = np.einsum("nd,nfd->nf", vectors, self.item_vectors_[items])
