@@ -221,22 +221,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 )
                 return result
 
-            if held:  # up from 100/s through every rate the service still serves
-                for rate in args.rates:
-                    result = step(rate)
-                    if holds(result):
-                        sustained = max(sustained, rate)
-                    if not serves(result):
-                        break
+            # Up from 100/s through every rate the service still serves; then, if 100/s missed
+            # the target, down until a rate holds it.
+            for rate in args.rates if serves(steady) else []:
+                result = step(rate)
+                if holds(result):
+                    sustained = max(sustained, rate)
+                if not serves(result):
+                    break
+                served = max(served, rate)
+            for rate in [] if held else args.lower_rates:
+                result = step(rate)
+                if serves(result):
                     served = max(served, rate)
-            else:  # down until a rate holds the target
-                for rate in args.lower_rates:
-                    result = step(rate)
-                    if serves(result):
-                        served = max(served, rate)
-                    if holds(result):
-                        sustained = rate
-                        break
+                if holds(result):
+                    sustained = rate
+                    break
             figures["max_sustained_rps_p99_30ms"] = sustained
             figures["max_served_rps"] = served
         finally:
