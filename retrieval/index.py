@@ -22,16 +22,17 @@ sq8       ``IVF{nlist},SQ8``      d + 8         4x smaller than ivf_flat, small 
 
 Why the inverted-file kinds: they meet the retrieval target with room to spare (1M x 64 on 2
 cores, ``benchmarks/bench_index.py``, 2026-12-04: recall@100 0.973 for both ``ivf_flat`` and
-``ivf_fp16``, top-500 single-query p99 1.46 and 0.79 ms, against >= 0.95 and <= 5 ms); they build in ~10 s where HNSW takes ~65 s;
-``nprobe`` trades recall for latency at query time without a rebuild; and they support add *and*
-remove natively (1000 items in ~10 ms), which the online item updates need. Why ``ivf_fp16`` is
-the default: a search streams every probed vector from memory, and half-precision vectors halve
-those bytes: on the 1M-item load bundle a top-500 search took 0.56 ms instead of 0.92 ms, with
-99.9% of the same top 500 (the scores differ in the fourth significant digit; the sources re-score
-their candidates exactly from the float32 vectors). ``ivf_flat`` keeps float32 in the lists.
-``sq8`` is the choice when memory binds: 3.6x smaller, a little faster, recall 0.966. ``sq8`` and
-``ivf_pq`` score compressed vectors more coarsely; 16-byte PQ codes lose much recall on
-high-intrinsic-dimension vectors (0.67 on the benchmark).
+``ivf_fp16``, top-500 single-query p99 1.46 and 0.79 ms, against >= 0.95 and <= 5 ms); they
+build in ~10-30 s where HNSW takes ~65 s; ``nprobe`` trades recall for latency at query time
+without a rebuild; and they support add *and* remove natively (1000 items in ~10 ms), which the
+online item updates need. Why ``ivf_fp16`` is the default: a search streams every probed vector
+from memory, and half-precision vectors halve those bytes: on the 1M-item load bundle a top-500
+search took 0.56 ms instead of 0.92 ms, with 99.9% of the same top 500 (the scores differ in the
+fourth significant digit; the sources re-score their candidates exactly from the float32
+vectors). ``ivf_flat`` keeps float32 in the lists. ``sq8`` is the choice when memory binds: 3.6x
+smaller, a little faster, recall 0.966. ``sq8`` and ``ivf_pq`` score compressed vectors more
+coarsely; 16-byte PQ codes lose much recall on high-intrinsic-dimension vectors (0.67 on the
+benchmark).
 
 Ids: the IVF kinds store our ids in their inverted lists, and ``flat`` wraps the flat index in
 ``IndexIDMap`` (not ``IndexIDMap2``: its reverse map only serves ``reconstruct``, which this
