@@ -361,10 +361,11 @@ def _api_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
             answer = await asyncio.wait_for(pending, deadline_s)
         except TimeoutError:  # the wait's cancellation withdrew the request if still queued
             answer = service.pipeline.fallback([request], "pipeline:timeout")[0]
-        for stage in ("retrieval", "ranking", "reranking"):
-            metrics.stage_latency.labels(stage=stage).observe(
-                answer.timings_ms.get(stage, 0.0) / 1000
-            )
+        else:  # a shed request ran no stage: its zeros would flatter the latency histograms
+            for stage in ("retrieval", "ranking", "reranking"):
+                metrics.stage_latency.labels(stage=stage).observe(
+                    answer.timings_ms.get(stage, 0.0) / 1000
+                )
         for flag in answer.degraded:
             metrics.degraded.labels(stage=flag.split(":")[0]).inc()
         return RecommendOut(
