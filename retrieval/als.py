@@ -66,7 +66,6 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._sorting import descending_key
 from retrieval._topk import (
     align_exclude,
     check_k,
@@ -75,7 +74,7 @@ from retrieval._topk import (
     write_state,
 )
 from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
-from retrieval.index import IndexConfig, VectorIndex, search_past_exclusions
+from retrieval.index import IndexConfig, VectorIndex, search_exact_topk
 from retrieval.user_cache import UserVectorCache, history_digest
 
 FoldIn = Literal["unknown", "always", "never"]
@@ -430,22 +429,13 @@ class ALSSource:
             return out
         # Rows without a vector are left out of the search (their row stays padding).
         everyone = rows.size == len(vectors)
-        queries = lift_queries(vectors if everyone else vectors[rows])
-        row_mask = mask if everyone or mask is None else mask[rows]
-        found, _, keep = search_past_exclusions(index, queries, index.refine_depth(k), row_mask)
-        # Scored again from the float32 factors: the index may hold them in half precision.
         searched = vectors if everyone else vectors[rows]
-        exact = np.einsum("nd,nfd->nf", searched, self.item_factors_[np.where(keep, found, 0)])
-        scores = np.where(keep, exact, -np.inf).astype(np.float32)
-        # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
-        tie = np.where(keep, found, self.n_items)
-        packed = (descending_key(scores) << int(self.n_items).bit_length()) | tie
-        order = np.argsort(packed, axis=1, kind="stable")[:, :k]
-        top_items = np.take_along_axis(found, order, axis=1)
-        top_scores = np.take_along_axis(scores, order, axis=1)
-        width = order.shape[1]
-        out.item_idx[rows, :width] = np.where(np.isfinite(top_scores), top_items, PAD_ITEM)
-        out.scores[rows, :width] = top_scores
+        row_mask = mask if everyone or mask is None else mask[rows]
+        top_items, top_scores = search_exact_topk(
+            index, lift_queries(searched), searched, self.item_factors_, k, row_mask
+        )
+        width = top_items.shape[1]
+        out.item_idx[rows, :width], out.scores[rows, :width] = top_items, top_scores
         return out
 
     def score(self, users: UserBatch, item_idx: npt.ArrayLike) -> npt.NDArray[np.float32]:

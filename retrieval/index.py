@@ -68,7 +68,9 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.errors import BundleError, ConfigError, DataError
+from retrieval._sorting import descending_key
 from retrieval._topk import excluded_mask
+from retrieval.base import PAD_ITEM
 from retrieval.index_overlay import LiveOverlay, base_ids, merge_results
 
 IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8"]
@@ -799,3 +801,33 @@ def search_past_exclusions(
     padded[short], padded_scores[short] = again, again_scores
     keep = (padded >= 0) & ~excluded_mask(mask, padded)
     return padded, padded_scores, keep
+
+
+def search_exact_topk(
+    index: VectorIndex,
+    queries: npt.NDArray[np.float32],
+    query_vectors: npt.NDArray[np.float32],
+    item_vectors: npt.NDArray[np.float32],
+    k: int,
+    mask: sp.csr_matrix | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Each row's top ``k`` non-excluded items, found through ``index`` and scored exactly as
+    ``query_vectors[r] . item_vectors[item]``: ``(items, scores)`` of width <= ``k``, padded with
+    ``PAD_ITEM`` / ``-inf`` where a row has fewer.
+
+    The index is asked for :meth:`VectorIndex.refine_depth` results, so an index that stores
+    compressed vectors still yields the exact top ``k``. Ties go to the lower item. ``queries``
+    is what the index is searched with (a source may transform its vectors for the index, as ALS
+    lifts them); ``item_vectors`` is indexed by item. Used by the two-tower and ALS sources.
+    """
+    found, _, keep = search_past_exclusions(index, queries, index.refine_depth(k), mask)
+    exact = np.einsum("nd,nfd->nf", query_vectors, item_vectors[np.where(keep, found, 0)])
+    scores = np.where(keep, exact, -np.inf).astype(np.float32)
+    # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
+    n_items = item_vectors.shape[0]
+    tie = np.where(keep, found, n_items).astype(np.int64)
+    packed = (descending_key(scores) << int(n_items).bit_length()) | tie
+    order = np.argsort(packed, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_items = np.take_along_axis(found, order, axis=1)
+    return np.where(np.isfinite(top_scores), top_items, PAD_ITEM), top_scores

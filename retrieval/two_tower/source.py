@@ -30,10 +30,9 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._sorting import descending_key
 from retrieval._topk import align_exclude, check_k, read_state, write_state
-from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
-from retrieval.index import IndexConfig, VectorIndex, search_past_exclusions
+from retrieval.base import Candidates, LastBatchMemo, UserBatch
+from retrieval.index import IndexConfig, VectorIndex, search_exact_topk
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
     TowerFeatures,
@@ -212,21 +211,11 @@ class TwoTowerSource:
         if k == 0 or len(self.index_) == 0 or n == 0:
             return out
         vectors = self._batch_vectors(users)
-        depth = self.index_.refine_depth(k)  # deep enough to keep the exact top k (below)
-        found, _, keep = search_past_exclusions(self.index_, vectors, depth, mask)
-        items = np.where(keep, found, 0)
-        # Exact re-scoring: an approximate (quantized) index's own scores are estimates.
-        scores = np.einsum("nd,nfd->nf", vectors, self.item_vectors_[items])
-        scores = np.where(keep, scores, -np.inf).astype(np.float32)
-        # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
-        tie = np.where(keep, found, self.n_items).astype(np.int64)
-        packed = (descending_key(scores) << int(self.n_items).bit_length()) | tie
-        order = np.argsort(packed, axis=1, kind="stable")[:, :k]
-        top_items = np.take_along_axis(found, order, axis=1)
-        top_scores = np.take_along_axis(scores, order, axis=1)
-        width = order.shape[1]
-        out.item_idx[:, :width] = np.where(np.isfinite(top_scores), top_items, PAD_ITEM)
-        out.scores[:, :width] = top_scores
+        top_items, top_scores = search_exact_topk(
+            self.index_, vectors, vectors, self.item_vectors_, k, mask
+        )
+        width = top_items.shape[1]
+        out.item_idx[:, :width], out.scores[:, :width] = top_items, top_scores
         return out
 
     # ------------------------------------------------------------------------------ catalogue
