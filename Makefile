@@ -49,7 +49,7 @@ bench: install
 
 lint: install-test
 	$(BIN)/ruff check .
-	$(BIN)/mypy data retrieval ranking reranking serving evaluation cli benchmarks
+	$(BIN)/mypy data retrieval ranking reranking pipeline serving evaluation experiments cli benchmarks
 
 clean:
 	rm -rf $(QUICKSTART_DIR) .pytest_cache build *.egg-info

@@ -34,9 +34,9 @@ import numpy as np
 
 from benchmarks.common import write_result, write_synthetic_dataset
 from data.synthetic import WorldConfig
-from serving.artifacts import load_artifacts, train_bundle
-from serving.factory import make_pipeline, online_state_for
-from serving.pipeline import BudgetConfig, Pipeline, RecommendRequest
+from pipeline.artifacts import load_artifacts, train_bundle
+from pipeline.factory import make_pipeline, online_state_for
+from pipeline.funnel import BudgetConfig, Pipeline, RecommendRequest
 
 MODES = ("none", "cooperative", "preemptive")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import median_seconds, peak_rss_mb, write_result
-from serving.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig, SynchronousMode
+from pipeline.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig, SynchronousMode
 
 
 def file_system(path: Path) -> str:

@@ -28,8 +28,8 @@ import httpx
 from benchmarks.common import write_result, write_synthetic_dataset
 from data.dataset import load_dataset
 from data.synthetic import WorldConfig
-from serving.artifacts import train_bundle
-from serving.pipeline import BudgetConfig
+from pipeline.artifacts import train_bundle
+from pipeline.funnel import BudgetConfig
 
 # Training settings for the big catalogue: a real model of the serving shape (1M-item index, every
 # source, a ranker), trained quickly: this benchmark measures serving, not model quality. One

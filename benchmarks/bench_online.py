@@ -22,8 +22,8 @@ from data.catalog import ItemCatalog
 from data.dataset import load_dataset
 from data.interactions import Interactions
 from data.synthetic import WorldConfig
-from serving.artifacts import load_artifacts, train_bundle
-from serving.online_state import OnlineState
+from pipeline.artifacts import load_artifacts, train_bundle
+from pipeline.online_state import OnlineState
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -42,8 +42,8 @@ from data.prepare import prepare_dataset
 from data.splits import SplitConfig
 from data.synthetic import WorldConfig, generate
 from evaluation.batch_recommend import recommend_batch
-from serving.artifacts import load_artifacts, load_config_file, train_bundle
-from serving.factory import make_pipeline, online_state_for
+from pipeline.artifacts import load_artifacts, load_config_file, train_bundle
+from pipeline.factory import make_pipeline, online_state_for
 
 TARGET_SECONDS = 300.0
 MANIFEST = "manifest.json"

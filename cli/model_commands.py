@@ -13,7 +13,7 @@ from rich.table import Table
 
 from data.errors import DataError
 from evaluation.offline import OfflineConfig, evaluate_offline, write_report
-from serving.artifacts import load_artifacts, load_config_file, train_bundle
+from pipeline.artifacts import load_artifacts, load_config_file, train_bundle
 
 DEFAULT_CUTOFFS = (50, 100, 200, 500)
 
@@ -117,7 +117,7 @@ def run_evaluation(
 def _recommend(args: argparse.Namespace) -> int:
     from data.importer import scan_table
     from evaluation.batch_recommend import recommend_batch
-    from serving.factory import make_pipeline, online_state_for
+    from pipeline.factory import make_pipeline, online_state_for
 
     if args.k <= 0:
         raise DataError(f"--k must be positive, got {args.k}")

@@ -16,8 +16,8 @@ from cli.serve_command import run_server
 from data.dataset import MANIFEST_NAME, dataset_summary
 from data.prepare import prepare_dataset
 from data.splits import SplitConfig
-from serving.artifacts import train_bundle
-from serving.bundle import MANIFEST_NAME as BUNDLE_MANIFEST
+from pipeline.artifacts import train_bundle
+from pipeline.bundle import MANIFEST_NAME as BUNDLE_MANIFEST
 
 DEFAULT_OUT = Path(".quickstart")
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from serving.bundle import verify_bundle
+from pipeline.bundle import verify_bundle
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # One line per record, the same for uvicorn's own loggers and the project's (serving.*, ...):

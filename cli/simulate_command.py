@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evaluation.ab_report import analyse, write_report
-from evaluation.experiment import load_experiment_config
-from evaluation.simulator import SimulationResult, simulate
+from experiments.ab_report import analyse, write_report
+from experiments.experiment import load_experiment_config
+from experiments.simulator import SimulationResult, simulate
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, offline reports, baselines, A/B simulation and statistics."""
+"""Offline evaluation: metrics, protocols, baselines, bootstrap intervals, segments, reports."""

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from serving.pipeline import Pipeline, RecommendRequest
+from pipeline.funnel import Pipeline, RecommendRequest
 
 OUTPUT_SCHEMA = {"user_id": pl.String, "item_id": pl.String, "rank": pl.Int32, "score": pl.Float32}
 

@@ -49,13 +49,13 @@ from evaluation.segments import (
     segment_metrics,
     training_event_counts,
 )
+from pipeline.artifacts import Artifacts, load_artifacts
+from pipeline.factory import make_pipeline
+from pipeline.funnel import Pipeline, RecommendRequest
+from pipeline.online_state import OnlineState, observe_frame
+from pipeline.rules_adapter import RuleReranker
 from reranking.config import RerankerConfig
 from retrieval.base import PAD_ITEM
-from serving.artifacts import Artifacts, load_artifacts
-from serving.factory import make_pipeline
-from serving.online_state import OnlineState, observe_frame
-from serving.pipeline import Pipeline, RecommendRequest
-from serving.rules_adapter import RuleReranker
 
 PIPELINE = "pipeline"
 PER_USER_METRICS = ("ndcg", "recall", "mrr", "precision", "map", "hit_rate")

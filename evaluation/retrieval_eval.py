@@ -16,8 +16,8 @@ import scipy.sparse as sp
 from data.interactions import Interactions
 from data.schema import ITEM_ID, USER_ID
 from evaluation.metrics import mean, recall_at_k
+from pipeline.artifacts import Artifacts
 from retrieval.base import PAD_ITEM, UserBatch
-from serving.artifacts import Artifacts
 
 MERGED = "merged"
 

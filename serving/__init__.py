@@ -1,1 +1,1 @@
-"""Serving: the Pipeline, bundle loading, feedback log and online state, FastAPI app."""
+"""Serving over HTTP: the FastAPI app and its routes, request batching, the explorer page."""

@@ -1,4 +1,4 @@
-"""The HTTP service (FastAPI): a thin shell over :class:`serving.service.RecommenderService`.
+"""The HTTP service (FastAPI): a thin shell over :class:`pipeline.service.RecommenderService`.
 
 Settings come in through :class:`ServiceSettings` (environment ``RECSYS_*`` or arguments), never
 read at import time; the bundle is loaded once in the lifespan and injected into the routes.
@@ -36,10 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.errors import BundleError, DataError
+from pipeline.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogConfig
+from pipeline.funnel import BudgetConfig, RecommendRequest
+from pipeline.service import RecommenderService, UnknownItemError
 from serving.batcher import RequestBatcher
 from serving.explorer import explorer_router
-from serving.feedback_log import FeedbackLog, FeedbackLogBusyError, FeedbackLogConfig
-from serving.pipeline import BudgetConfig, RecommendRequest
 from serving.schemas import (
     MAX_K,
     CatalogItemsIn,
@@ -56,7 +57,6 @@ from serving.schemas import (
     SimilarOut,
     TimingsOut,
 )
-from serving.service import RecommenderService, UnknownItemError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ServiceSettings(BaseSettings):
     ranking_budget_ms: float = 20.0
     reranking_budget_ms: float = 5.0
     # Stages on worker threads: the answer never waits past a budget, for 0.3-3.8 ms more a
-    # request (serving/pipeline.py); the default checks the deadlines on the batch's own thread.
+    # request (pipeline/funnel.py); the default checks the deadlines on the batch's own thread.
     preemptive_budgets: bool = False
     # Concurrent recommend requests answered by one pipeline call at most (dynamic batching,
     # serving/batcher.py); 1 answers every request alone.

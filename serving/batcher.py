@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from serving.pipeline import Pipeline, Recommendation, RecommendRequest
+from pipeline.funnel import Pipeline, Recommendation, RecommendRequest
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pydantic import BaseModel, Field
 
 from data.catalog import ItemCatalog
 from data.errors import ConfigError
+from pipeline.funnel import Pipeline, Recommendation, RecommendRequest
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.merge import MergedCandidates
-from serving.pipeline import Pipeline, Recommendation, RecommendRequest
 from serving.schemas import MAX_ID_LENGTH, MAX_K, ErrorOut
 
 STATIC_DIR = Path(__file__).parent / "static"

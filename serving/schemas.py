@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.feedback_log import DEFAULT_TYPE_WEIGHTS
+from pipeline.feedback_log import DEFAULT_TYPE_WEIGHTS
 
 # Ids are opaque strings; 256 characters is far beyond any real id and keeps memory bounded.
 MAX_ID_LENGTH = 256

@@ -21,7 +21,7 @@ import itertools
 import sys
 import time
 
-from serving.feedback_log import FeedbackLog, FeedbackLogConfig
+from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
 
 
 def main(argv: list[str]) -> int:

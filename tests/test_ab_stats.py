@@ -1,4 +1,4 @@
-"""Tests for evaluation.ab_stats: known answers, scipy agreement and simulated error rates.
+"""Tests for experiments.ab_stats: known answers, scipy agreement and simulated error rates.
 
 Every simulation draws all replicates at once as ``(replicates, users)`` matrices from a fixed
 seed, so the rates asserted below are deterministic; the bounds still leave Monte-Carlo slack so
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from data.errors import ConfigError, DataError
-from evaluation.ab_stats import (
+from experiments.ab_stats import (
     ArmEstimate,
     Guardrail,
     SequentialConfig,

@@ -1,4 +1,4 @@
-"""Tests for evaluation.assignment: stable, uniform, salt-dependent user-level assignment."""
+"""Tests for pipeline.assignment: stable, uniform, salt-dependent user-level assignment."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from data.errors import ConfigError, DataError
-from evaluation.assignment import assign, assign_indices, hash_to_unit_interval
+from pipeline.assignment import assign, assign_indices, hash_to_unit_interval
 
 PROPERTY = settings(max_examples=60, deadline=None)
 HALF_HALF = {"control": 0.5, "treatment": 0.5}

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from cli.main import main
-from serving.artifacts import load_artifacts, load_history
+from pipeline.artifacts import load_artifacts, load_history
 
 
 def test_recommend_all_and_unknown_users(tiny_bundle: tuple[Path, Path], tmp_path: Path) -> None:

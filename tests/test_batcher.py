@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from data.errors import ConfigError
-from serving.artifacts import load_artifacts
+from pipeline.artifacts import load_artifacts
+from pipeline.factory import make_pipeline, online_state_for
+from pipeline.funnel import BudgetConfig, Recommendation, RecommendRequest
 from serving.batcher import RequestBatcher
-from serving.factory import make_pipeline, online_state_for
-from serving.pipeline import BudgetConfig, Recommendation, RecommendRequest
 
 
 class RecordingPipeline:

@@ -17,11 +17,11 @@ import polars as pl
 import pytest
 
 from data.errors import DataError
+from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
+from pipeline.funnel import Pipeline, RecommendRequest
+from pipeline.rules_adapter import RuleReranker
+from pipeline.service import RecommenderService
 from reranking.config import RerankerConfig
-from serving.feedback_log import FeedbackLog, FeedbackLogConfig
-from serving.pipeline import Pipeline, RecommendRequest
-from serving.rules_adapter import RuleReranker
-from serving.service import RecommenderService
 
 # The wall clock: after every event of the tiny world, and feedback must not be from the future.
 NOW = int(time.time())

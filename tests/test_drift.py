@@ -1,4 +1,4 @@
-"""Tests for evaluation.drift: PSI and KS known answers, and the monitor's alerts and delays."""
+"""Tests for experiments.drift: PSI and KS known answers, and the monitor's alerts and delays."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import stats
 
 from data.errors import ConfigError, DataError, NotFittedError
-from evaluation.drift import (
+from experiments.drift import (
     DriftConfig,
     DriftMonitor,
     bin_proportions,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from data.errors import ConfigError, DataError
 from data.schema import INTERACTION_SCHEMA
-from serving.feedback_log import (
+from pipeline.feedback_log import (
     LOG_SCHEMA,
     FeedbackEvent,
     FeedbackLog,

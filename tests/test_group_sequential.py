@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from data.errors import ConfigError, DataError
-from evaluation.group_sequential import (
+from experiments.group_sequential import (
     _distinct_looks,
     boundaries,
     correlated_boundaries,

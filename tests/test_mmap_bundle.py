@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from data.errors import BundleError
+from pipeline.artifacts import RETRIEVAL_DIR, Artifacts, load_artifacts
+from pipeline.factory import online_state_for
 from retrieval import _topk
 from retrieval.als import ALSSource
 from retrieval.two_tower.source import INDEX_DIR, WEIGHTS_FILE, TwoTowerSource
-from serving.artifacts import RETRIEVAL_DIR, Artifacts, load_artifacts
-from serving.factory import online_state_for
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads the process's mappings in /proc"

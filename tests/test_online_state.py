@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from data.idmap import IdMap
+from pipeline.online_state import OnlineState
 from retrieval.base import PAD_ITEM, UserBatch
-from serving.online_state import OnlineState
 
 # (user, item, time) events over four users and ten items, for the property tests.
 EVENTS = st.lists(

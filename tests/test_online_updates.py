@@ -16,8 +16,8 @@ import pytest
 from data.catalog import ItemCatalog
 from data.dataset import load_dataset
 from data.interactions import Interactions
-from serving.artifacts import load_artifacts
-from serving.online_state import OnlineState
+from pipeline.artifacts import load_artifacts
+from pipeline.online_state import OnlineState
 
 
 def share_of_category(items: np.ndarray, category: np.ndarray, target: int) -> float:

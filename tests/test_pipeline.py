@@ -14,16 +14,16 @@ import pytest
 from data.dataset import load_dataset
 from data.errors import ConfigError
 from data.interactions import Interactions
-from retrieval.merge import MergedCandidates
-from serving.artifacts import Artifacts, load_artifacts
-from serving.online_state import OnlineState
-from serving.pipeline import (
+from pipeline.artifacts import Artifacts, load_artifacts
+from pipeline.funnel import (
     BudgetConfig,
     Pipeline,
     RecommendRequest,
     _source_lists,
     top_k_minus_blocked,
 )
+from pipeline.online_state import OnlineState
+from retrieval.merge import MergedCandidates
 
 
 @pytest.fixture

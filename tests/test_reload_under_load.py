@@ -23,7 +23,7 @@ import httpx
 import polars as pl
 import pytest
 
-from serving.bundle import MANIFEST_NAME, write_manifest
+from pipeline.bundle import MANIFEST_NAME, write_manifest
 from tests.test_serve_process import free_port, serve_command, wait_ready
 
 TOKEN = "reload-test-token"

@@ -22,9 +22,9 @@ import pytest
 
 from cli.main import main
 from evaluation.batch_recommend import recommend_batch
-from serving.artifacts import load_artifacts
-from serving.factory import make_pipeline, online_state_for
-from serving.pipeline import Recommendation, RecommendRequest
+from pipeline.artifacts import load_artifacts
+from pipeline.factory import make_pipeline, online_state_for
+from pipeline.funnel import Recommendation, RecommendRequest
 from tests.conftest import TINY_CONFIG
 from tests.fixtures_movielens import GENRES_100K, Movie, Rating, write_100k
 from tests.independent_metrics import (

@@ -17,9 +17,9 @@ import pytest
 
 from cli.main import build_parser, main
 from data.errors import BundleError
-from serving import bundle as bundle_module
-from serving.bundle import verify_bundle
-from serving.feedback_log import FeedbackLog, FeedbackLogConfig
+from pipeline import bundle as bundle_module
+from pipeline.bundle import verify_bundle
+from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
 
 
 def free_port() -> int:
@@ -118,7 +118,7 @@ def test_acknowledged_feedback_survives_sigkill(
         server.wait(timeout=10)
 
 
-# "2025-01-31 12:00:00,123 INFO serving.service: reloaded bundle ...": time, level, logger name.
+# "2025-01-31 12:00:00,123 INFO pipeline.service: reloaded bundle ...": time, level, logger name.
 LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: "
 )
@@ -155,7 +155,7 @@ def test_server_log_lines_have_time_level_and_logger(
     # uvicorn's own lines and the service's (INFO, formerly dropped) share one format.
     assert logged("uvicorn.error", "INFO", "Application startup complete"), lines
     assert logged("serving.app", "INFO", "serving bundle"), lines
-    assert logged("serving.service", "INFO", "reloaded bundle"), lines
+    assert logged("pipeline.service", "INFO", "reloaded bundle"), lines
     refused = logged("serving.app", "ERROR", "refused bundle")
     assert len(refused) == 1 and "no-such-bundle" in refused[0], lines
     assert all(LOG_LINE.match(line) for line in lines if "bundle" in line), lines

@@ -18,17 +18,17 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
-from retrieval.base import UserBatch
-from serving.app import ServiceSettings, create_app
-from serving.artifacts import HISTORY
-from serving.factory import online_state_for
-from serving.feedback_log import (
+from pipeline.artifacts import HISTORY
+from pipeline.factory import online_state_for
+from pipeline.feedback_log import (
     DEFAULT_TYPE_WEIGHTS,
     FeedbackEvent,
     FeedbackLog,
     FeedbackLogConfig,
 )
-from serving.service import RecommenderService
+from pipeline.service import RecommenderService
+from retrieval.base import UserBatch
+from serving.app import ServiceSettings, create_app
 
 # Far enough after any event of the tiny world that a request sees every history entry.
 NOW = 2**40

@@ -20,7 +20,7 @@ from hypothesis.extra.numpy import arrays
 from cli.simulate_command import register, run_simulation
 from data.dataset import load_dataset
 from data.errors import ConfigError, DataError
-from evaluation.ab_report import (
+from experiments.ab_report import (
     aa_study,
     analyse,
     coverage_study,
@@ -32,15 +32,15 @@ from evaluation.ab_report import (
     users_for_srm_power,
     write_report,
 )
-from evaluation.ab_stats import srm_power
-from evaluation.experiment import (
+from experiments.ab_stats import srm_power
+from experiments.experiment import (
     ArmConfig,
     ArmRunner,
     BundleTrainer,
     ExperimentConfig,
     load_experiment_config,
 )
-from evaluation.simulator import (
+from experiments.simulator import (
     SimulationResult,
     _Rings,
     apply_fatigue,
@@ -50,9 +50,9 @@ from evaluation.simulator import (
     slate_diversity,
     slate_matrix,
 )
-from serving.feedback_log import FeedbackLog, FeedbackLogConfig
-from serving.pipeline import Recommendation
-from serving.service import RecommenderService
+from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
+from pipeline.funnel import Recommendation
+from pipeline.service import RecommenderService
 from tests.conftest import TINY_CONFIG
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab_concept_drift.toml"

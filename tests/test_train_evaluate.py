@@ -13,10 +13,10 @@ import pytest
 
 from cli.main import main
 from data.errors import BundleError, ConfigError
+from pipeline.artifacts import load_artifacts
+from pipeline.bundle import verify_bundle
 from retrieval.base import UserBatch
 from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
-from serving.artifacts import load_artifacts
-from serving.bundle import verify_bundle
 
 
 def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.artifacts import load_artifacts
+from pipeline.factory import online_state_for
 from retrieval.two_tower.source import TwoTowerSource
-from serving.artifacts import load_artifacts
-from serving.factory import online_state_for
 
 
 def test_retrieval_past_a_heavy_exclusion_equals_exact_search(

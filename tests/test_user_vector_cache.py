@@ -10,13 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from pipeline.artifacts import load_artifacts
+from pipeline.factory import make_pipeline, online_state_for
 from retrieval.als import ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.two_tower.model import encode_users
 from retrieval.two_tower.source import TwoTowerSource
 from retrieval.user_cache import UserVectorCache, history_digest
-from serving.artifacts import load_artifacts
-from serving.factory import make_pipeline, online_state_for
 
 HISTORIES = arrays(
     np.int32, st.tuples(st.integers(1, 6), st.integers(1, 8)), elements=st.integers(-1, 50)

@@ -1,4 +1,4 @@
-"""The serving context: the live pipeline, the feedback log, and hot reload. No HTTP in here.
+"""The live recommender: the pipeline, its online state, the feedback log, and hot reload. No HTTP.
 
 The FastAPI app (``serving/app.py``) is a thin shell over :class:`RecommenderService`, so the
 behaviour that matters (reload with no failed request, feedback reaching the next request) is
@@ -21,14 +21,14 @@ import polars as pl
 from data.dataset import load_dataset
 from data.errors import BundleError, DataError
 from data.schema import ITEM_ID, TIMESTAMP, WEIGHT
+from pipeline.artifacts import Artifacts, load_artifacts, load_history
+from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
+from pipeline.factory import make_pipeline
+from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
+from pipeline.funnel import BudgetConfig, Pipeline
+from pipeline.online_state import OnlineState, observe_frame
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
-from serving.artifacts import Artifacts, load_artifacts, load_history
-from serving.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
-from serving.factory import make_pipeline
-from serving.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
-from serving.online_state import OnlineState, observe_frame
-from serving.pipeline import BudgetConfig, Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class RecommenderService:
         """Serve new (or changed) items from the next request on, without a retrain or restart.
 
         ``frame``: ``item_id``, optional ``categories`` and ``created_at`` (see
-        ``serving/catalog_updates.py``); ``DataError`` names what is wrong and changes nothing.
+        ``pipeline/catalog_updates.py``); ``DataError`` names what is wrong and changes nothing.
         The update is logged durably first, like feedback, and replayed at start-up and reload
         until a retrain includes the items. The item tower embeds the items into the live index;
         feedback on them then reaches histories and trending like any other.

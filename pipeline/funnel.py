@@ -43,11 +43,11 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.errors import ConfigError
+from pipeline.artifacts import Artifacts
+from pipeline.online_state import OnlineState
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.merge import MergedCandidates, merge_candidates
 from retrieval.stage import RetrievalAbandonedError, RetrievalStage
-from serving.artifacts import Artifacts
-from serving.online_state import OnlineState
 
 logger = logging.getLogger(__name__)
 

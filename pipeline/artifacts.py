@@ -19,10 +19,10 @@ from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
 from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
+from pipeline.bundle import bundle_writer, verify_bundle
 from ranking.stage import RankingStage, ranking_config_from_mapping, ranking_config_to_mapping
 from reranking.config import RerankerConfig
 from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
-from serving.bundle import bundle_writer, verify_bundle
 
 USERS_MAP = "ids/users.parquet"
 ITEMS_MAP = "ids/items.parquet"

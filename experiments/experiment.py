@@ -19,7 +19,7 @@ feedback; a retrain learns from the pre-period plus that feedback, as a producti
 The config file::
 
     seed = 0
-    salt = "exp-1"             # assignment salt (evaluation.assignment)
+    salt = "exp-1"             # assignment salt (pipeline.assignment)
     n_days = 30                # experiment days
     pre_period_days = 14       # history log before the experiment (training data, CUPED)
 
@@ -67,13 +67,13 @@ from data.prepare import prepare_dataset
 from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, empty_interactions
 from data.splits import SplitConfig
 from data.synthetic import WorldConfig
-from evaluation.ab_stats import DEFAULT_ALPHA, DEFAULT_POWER, SRM_ALPHA, Guardrail
-from evaluation.drift import DriftConfig
-from serving.artifacts import train_bundle
-from serving.bundle import verify_bundle
-from serving.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig
-from serving.pipeline import Recommendation, RecommendRequest
-from serving.service import RecommenderService
+from experiments.ab_stats import DEFAULT_ALPHA, DEFAULT_POWER, SRM_ALPHA, Guardrail
+from experiments.drift import DriftConfig
+from pipeline.artifacts import train_bundle
+from pipeline.bundle import verify_bundle
+from pipeline.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig
+from pipeline.funnel import Recommendation, RecommendRequest
+from pipeline.service import RecommenderService
 
 ArmKind = Literal["frozen", "online", "retrain_every", "drift_retrain", "popularity"]
 MetricName = Literal["ctr", "engagement"]
@@ -240,7 +240,7 @@ class BehaviourConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """How the experiment is analysed (see :mod:`evaluation.ab_stats` for the methods).
+    """How the experiment is analysed (see :mod:`experiments.ab_stats` for the methods).
 
     alpha: two-sided level of every test and interval. srm_alpha: level of the SRM check.
     primary_metric: the decision metric (``"ctr"``: clicks per session, per user;
@@ -307,7 +307,7 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """Drift monitors run on every arm, one window per day (:class:`evaluation.drift.DriftMonitor`).
+    """Drift monitors run on every arm, one window per day (``experiments.drift.DriftMonitor``).
 
     reference_days: the first experiment days (and the first days after a retrain) form the
         reference distribution; later days are compared with it. Default 3.

@@ -334,7 +334,7 @@ class FeedbackLog:
 
         ``frame``: ``item_id`` and, optionally, ``categories`` (list of str) and ``created_at``
         (int); a missing column or a null is stored as "not given". Validating the values is the
-        caller's job (``serving/catalog_updates.py``), which runs before this.
+        caller's job (``pipeline/catalog_updates.py``), which runs before this.
         """
         now = int(self._clock())
         categories = (

@@ -6,11 +6,11 @@ here, so none of them can end up with a differently wired funnel.
 
 from __future__ import annotations
 
+from pipeline.artifacts import Artifacts, load_history
+from pipeline.funnel import BudgetConfig, Pipeline
+from pipeline.online_state import OnlineState, observe_frame
+from pipeline.rules_adapter import RuleReranker
 from reranking.config import RerankerConfig
-from serving.artifacts import Artifacts, load_history
-from serving.online_state import OnlineState, observe_frame
-from serving.pipeline import BudgetConfig, Pipeline
-from serving.rules_adapter import RuleReranker
 
 
 def online_state_for(artifacts: Artifacts) -> OnlineState:

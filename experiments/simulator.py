@@ -4,7 +4,7 @@ One run, day by day over ``n_days`` after a ``pre_period_days`` history:
 
 1. **History.** The synthetic world (``data.synthetic``) is sampled over pre-period + experiment
    and its logging policy generates the pre-period's clicks. Each arm's bundle is trained on them
-   (``serving.artifacts.train_bundle``); every user's state starts from all of them.
+   (``pipeline.artifacts.train_bundle``); every user's state starts from all of them.
 2. **Arrivals.** In each of ``ticks_per_day`` micro-batches, every user arrives with probability
    ``1 - exp(-lambda)``, ``lambda`` from the world's session rates (activity, covariate drift)
    and the hour-of-day profile. Arrivals are exogenous: the same users arrive whatever the arm.
@@ -60,9 +60,9 @@ from data.dataset import load_dataset
 from data.errors import DataError
 from data.synthetic import World, interactions_frame, items_frame, simulate_log, users_frame
 from data.synthetic.config import HOURS_PER_DAY, SECONDS_PER_DAY
-from evaluation.ab_stats import minimum_detectable_effect, required_sample_size
-from evaluation.drift import DriftMonitor, WindowDrift
-from evaluation.experiment import (
+from experiments.ab_stats import minimum_detectable_effect, required_sample_size
+from experiments.drift import DriftMonitor, WindowDrift
+from experiments.experiment import (
     ArmRunner,
     BehaviourConfig,
     BundleTrainer,
@@ -74,9 +74,9 @@ from evaluation.experiment import (
     start_arm,
     training_key,
 )
+from pipeline.feedback_log import FeedbackEvent
+from pipeline.funnel import Pipeline, Recommendation
 from retrieval.two_tower.source import TwoTowerSource
-from serving.feedback_log import FeedbackEvent
-from serving.pipeline import Pipeline, Recommendation
 
 __all__ = [
     "History",

@@ -1,7 +1,7 @@
 """User-level experiment assignment by salted hash.
 
 The user is the unit of randomisation: every request of a user lands in the same arm, so the
-per-user metrics that :mod:`evaluation.ab_stats` compares are independent across users. The arm is
+per-user metrics that :mod:`experiments.ab_stats` compares are independent across users. The arm is
 a pure function of ``(salt, user_id)``:
 
 1. ``u = blake2b(len(salt) || salt || user_id)`` truncated to 64 bits, of which the top 53 become a

@@ -1,6 +1,6 @@
 """Statistics for online A/B experiments, with the user as the unit of randomisation.
 
-Users, not events, are randomised (:mod:`evaluation.assignment`), so users are the independent
+Users, not events, are randomised (:mod:`pipeline.assignment`), so users are the independent
 observations: every test here takes one value per user (or per user and day). Event-level logs
 are first summed per user with :func:`aggregate_per_user`. Treating events as independent would
 understate the variance, because one user's events are correlated.

@@ -21,7 +21,7 @@ import polars as pl
 from data.catalog import CATEGORIES, CREATED_AT
 from data.errors import DataError
 from data.schema import ITEM_ID
-from serving.artifacts import Artifacts
+from pipeline.artifacts import Artifacts
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Analyse a simulated A/B experiment and write ``result.json``, ``report.md`` and the plots.
 
 The analysis reads the experiment the way an analyst would, from the observed arm of each user
-(:mod:`evaluation.ab_stats` does every test), and then does what no real experiment can: it
+(:mod:`experiments.ab_stats` does every test), and then does what no real experiment can: it
 compares the estimates with the truth, which the twin copies of the population give
-(:mod:`evaluation.simulator`).
+(:mod:`experiments.simulator`).
 
 * **A/B estimates** per treatment arm against the control (the first arm): Welch tests and CIs of
   per-user CTR and engagement, CUPED with the pre-period's clicks, Holm and Benjamini-Hochberg
@@ -16,7 +16,7 @@ compares the estimates with the truth, which the twin copies of the population g
   of the alpha-spending test and of mSPRT with a look every day, of naive daily peeking, and the
   SRM false-alarm rate.
 * **SRM power**: detection rate of an injected sample loss and of a shifted split, next to the
-  formula (:func:`evaluation.ab_stats.srm_power`).
+  formula (:func:`experiments.ab_stats.srm_power`).
 * **Drift**: each arm's true daily CTR around the drift day (drop, trough, recovery), the A/B test
   restricted to the post-drift days, and the monitors' detection delays.
 
@@ -40,7 +40,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from scipy import stats
 
-from evaluation.ab_stats import (
+from experiments.ab_stats import (
     ArmEstimate,
     SequentialConfig,
     WelchResult,
@@ -58,11 +58,11 @@ from evaluation.ab_stats import (
     srm_power,
     welch_test,
 )
-from evaluation.assignment import assign_indices, hash_to_unit_interval
-from evaluation.drift import DriftReport, detection_delay
-from evaluation.experiment import AnalysisConfig
-from evaluation.group_sequential import group_sequential_test, look_correlation
-from evaluation.simulator import SimulationResult
+from experiments.drift import DriftReport, detection_delay
+from experiments.experiment import AnalysisConfig
+from experiments.group_sequential import group_sequential_test, look_correlation
+from experiments.simulator import SimulationResult
+from pipeline.assignment import assign_indices, hash_to_unit_interval
 
 __all__ = [
     "METRICS",
@@ -149,7 +149,7 @@ def replicate_assignments(
 ) -> npt.NDArray[np.int8]:
     """(R, U) arm indices of ``n_replicates`` re-randomised assignments, salts ``salt/r``.
 
-    Each replicate is a real assignment (:func:`evaluation.assignment.assign_indices`) with its
+    Each replicate is a real assignment (:func:`pipeline.assignment.assign_indices`) with its
     own salt, so replicates are independent re-randomisations of one simulated population.
     """
     out = np.empty((n_replicates, len(user_ids)), dtype=np.int8)
@@ -210,7 +210,7 @@ def aa_study(
     ``values``, ``present``: (U, D) per-user cumulative metric and presence at each daily peek
     (the last column is the end of the experiment). Returns the rates of: the fixed-horizon Welch
     test at the end, mSPRT with a look every day (always-valid), the O'Brien-Fleming-type
-    alpha-spending test with a look every day (:mod:`evaluation.group_sequential`), naive daily
+    alpha-spending test with a look every day (:mod:`experiments.group_sequential`), naive daily
     peeking with the fixed-horizon z-test, and the SRM check (at ``srm_alpha``) on the exposed
     users per group.
     """
