@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.ab_report import analyse, write_report
-from experiments.experiment import load_experiment_config
+from experiments.config import load_experiment_config
 from experiments.simulator import SimulationResult, simulate
 
 

@@ -58,8 +58,8 @@ from experiments.ab_stats import (
     srm_power,
     welch_test,
 )
+from experiments.config import AnalysisConfig
 from experiments.drift import DriftReport, detection_delay
-from experiments.experiment import AnalysisConfig
 from experiments.group_sequential import group_sequential_test, look_correlation
 from experiments.simulator import SimulationResult
 from pipeline.assignment import assign_indices, hash_to_unit_interval

@@ -61,19 +61,17 @@ from data.errors import DataError
 from data.synthetic import World, interactions_frame, items_frame, simulate_log, users_frame
 from data.synthetic.config import HOURS_PER_DAY, SECONDS_PER_DAY
 from experiments.ab_stats import minimum_detectable_effect, required_sample_size
-from experiments.drift import DriftMonitor, WindowDrift
-from experiments.experiment import (
+from experiments.arms import (
     ArmRunner,
-    BehaviourConfig,
     BundleTrainer,
-    ExperimentConfig,
-    MonitorConfig,
     SimulationClock,
     open_feedback_log,
     seed_feedback_log,
     start_arm,
     training_key,
 )
+from experiments.config import BehaviourConfig, ExperimentConfig, MonitorConfig
+from experiments.drift import DriftMonitor, WindowDrift
 from pipeline.feedback_log import FeedbackEvent
 from pipeline.funnel import Pipeline, Recommendation
 from retrieval.two_tower.source import TwoTowerSource

@@ -33,13 +33,8 @@ from experiments.ab_report import (
     write_report,
 )
 from experiments.ab_stats import srm_power
-from experiments.experiment import (
-    ArmConfig,
-    ArmRunner,
-    BundleTrainer,
-    ExperimentConfig,
-    load_experiment_config,
-)
+from experiments.arms import ArmRunner, BundleTrainer
+from experiments.config import ArmConfig, ExperimentConfig, load_experiment_config
 from experiments.simulator import (
     SimulationResult,
     _Rings,
