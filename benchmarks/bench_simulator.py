@@ -32,7 +32,8 @@ from benchmarks.common import RESULTS_DIR, peak_rss_mb, write_result
 from data.configuration import load_toml
 from experiments.ab_report import analyse, replicate_assignments, srm_study, write_report
 from experiments.config import ExperimentConfig, SampleLossConfig
-from experiments.simulator import SimulationResult, simulate
+from experiments.simulation_result import SimulationResult
+from experiments.simulator import simulate
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab_concept_drift.toml"
 TARGET_SECONDS = 600.0

@@ -9,7 +9,8 @@ from typing import Any
 
 from experiments.ab_report import analyse, write_report
 from experiments.config import load_experiment_config
-from experiments.simulator import SimulationResult, simulate
+from experiments.simulation_result import SimulationResult
+from experiments.simulator import simulate
 
 
 def register(commands: argparse._SubParsersAction) -> None:

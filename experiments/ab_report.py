@@ -3,7 +3,7 @@
 The analysis reads the experiment the way an analyst would, from the observed arm of each user
 (:mod:`experiments.ab_stats` does every test), and then does what no real experiment can: it
 compares the estimates with the truth, which the twin copies of the population give
-(:mod:`experiments.simulator`).
+(:mod:`experiments.simulator`, :mod:`experiments.simulation_result`).
 
 * **A/B estimates** per treatment arm against the control (the first arm): Welch tests and CIs of
   per-user CTR and engagement, CUPED with the pre-period's clicks, Holm and Benjamini-Hochberg
@@ -61,7 +61,7 @@ from experiments.ab_stats import (
 from experiments.config import AnalysisConfig
 from experiments.drift import DriftReport, detection_delay
 from experiments.group_sequential import group_sequential_test, look_correlation
-from experiments.simulator import SimulationResult
+from experiments.simulation_result import SimulationResult
 from pipeline.assignment import assign_indices, hash_to_unit_interval
 
 __all__ = [

@@ -35,12 +35,14 @@ experiment's population is known: the difference of expected clicks (click proba
 sampling noise) between the copies. Each copy models an arm deployed to everyone: per-user state
 never crosses users, but a retrain learns from the whole copy's log, not from half of the traffic
 (no interference between arms through shared training data, so SUTVA holds by construction).
+
+Where the parts live: the history and the choice model in :mod:`experiments.population`, the
+arms in :mod:`experiments.arms`, the power plan in :mod:`experiments.power_plan`, the outcome
+in :mod:`experiments.simulation_result`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -58,9 +60,8 @@ from tqdm.auto import tqdm
 
 from data.dataset import load_dataset
 from data.errors import DataError
-from data.synthetic import World, interactions_frame, items_frame, simulate_log, users_frame
+from data.synthetic import World
 from data.synthetic.config import HOURS_PER_DAY, SECONDS_PER_DAY
-from experiments.ab_stats import minimum_detectable_effect, required_sample_size
 from experiments.arms import (
     ArmRunner,
     BundleTrainer,
@@ -72,257 +73,27 @@ from experiments.arms import (
 )
 from experiments.config import BehaviourConfig, ExperimentConfig, MonitorConfig
 from experiments.drift import DriftMonitor, WindowDrift
+from experiments.population import (
+    History,
+    apply_fatigue,
+    build_history,
+    draw_choices,
+    repeat_counts,
+    slate_diversity,
+)
+from experiments.power_plan import plan_power
+from experiments.simulation_result import SimulationResult
 from pipeline.feedback_log import FeedbackEvent
 from pipeline.funnel import Pipeline, Recommendation
 from retrieval.two_tower.source import TwoTowerSource
 
-__all__ = [
-    "History",
-    "SimulationResult",
-    "apply_fatigue",
-    "build_history",
-    "draw_choices",
-    "plan_power",
-    "repeat_counts",
-    "simulate",
-    "slate_diversity",
-    "slate_matrix",
-]
+__all__ = ["simulate", "slate_matrix"]
+
 
 # Independent random streams of the simulation (SeedSequence spawn keys), so adding draws to one
 # never changes another: who arrives, when in the tick, which option is chosen, monitor samples.
 STREAM_ARRIVALS, STREAM_TIMES, STREAM_CHOICES, STREAM_MONITOR = 0, 1, 2, 3
 MONITORS = ("clicked_popularity", "score")
-
-
-# ------------------------------------------------------------------------------ the choice model
-
-
-def apply_fatigue(
-    probabilities: npt.NDArray[np.floating], penalties: npt.NDArray[np.floating]
-) -> npt.NDArray[np.float64]:
-    """Click distribution after fatigue: (n, S + 1) float64, rows sum to 1, no-click last.
-
-    ``probabilities``: (n, S + 1) multinomial-logit choice probabilities (no-click last);
-    ``penalties``: (n, S) utility penalties (>= 0) of the slots. Lowering a slot's utility by
-    ``c`` multiplies its logit weight by ``exp(-c)``; the no-click weight is untouched, so
-    fatigue moves probability to the other slots and to "no click".
-    """
-    p = np.asarray(probabilities, dtype=np.float64)
-    n_slots = p.shape[1] - 1
-    if np.shape(penalties) != (p.shape[0], n_slots):
-        raise DataError(
-            f"penalties has shape {np.shape(penalties)}, expected {(p.shape[0], n_slots)}"
-        )
-    weights = p.copy()
-    weights[:, :n_slots] *= np.exp(-np.asarray(penalties, dtype=np.float64))
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def draw_choices(
-    probabilities: npt.NDArray[np.floating], uniforms: npt.NDArray[np.floating]
-) -> npt.NDArray[np.int64]:
-    """Chosen slot per row by inverse CDF: (n,) int64, -1 for the last column (no click).
-
-    ``uniforms``: (n,) in [0, 1). The same uniform in two arms picks the same quantile of each
-    arm's distribution (common random numbers: identical arms give identical outcomes).
-    """
-    p = np.asarray(probabilities, dtype=np.float64)
-    cumulative = np.cumsum(p, axis=1)
-    threshold = np.asarray(uniforms, dtype=np.float64)[:, None] * cumulative[:, -1:]
-    # First column whose cumulative weight exceeds the draw; "<=" skips zero-probability slots.
-    choice = (cumulative <= threshold).sum(axis=1)
-    n_slots = p.shape[1] - 1
-    return np.where(choice >= n_slots, -1, choice).astype(np.int64)
-
-
-def repeat_counts(
-    memory: npt.NDArray[np.int32], slates: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """(n, S) earlier impressions of each slate item in ``memory`` (n, M), -1 = empty slot.
-
-    Padding slots of the slate (-1) count 0.
-    """
-    hits = (slates[:, :, None] == memory[:, None, :]).sum(axis=2)
-    return np.where(slates >= 0, hits, 0)
-
-
-def slate_diversity(
-    slates: npt.NDArray[np.int64], item_category: npt.NDArray[np.integer]
-) -> npt.NDArray[np.float64]:
-    """Distinct categories per shown item of each slate: (n,) in (0, 1], 0 for an empty slate."""
-    categories = np.where(slates >= 0, item_category[np.maximum(slates, 0)], -1)
-    ordered = np.sort(categories, axis=1)
-    # Pads (-1) sort first; count the first valid value and every change after it.
-    changes = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    distinct = changes.sum(axis=1) + (ordered[:, 0] >= 0)
-    shown = (slates >= 0).sum(axis=1)
-    return np.divide(distinct, shown, out=np.zeros(len(slates)), where=shown > 0)
-
-
-# -------------------------------------------------------------------------------------- history
-
-
-@dataclass(frozen=True, eq=False)
-class History:
-    """The world and its pre-period, everything the arms start from.
-
-    world: the ground truth over pre-period + experiment (``world.config.n_days`` covers both;
-        items released during the experiment are the new-item wave).
-    clicks: the pre-period's clicks (canonical interaction frame, time-sorted).
-    items: every item (``item_id``, ``categories``, ``created_at``); users: every user.
-    start: Unix seconds of experiment day 0 (the end of the pre-period).
-    pre_user_clicks: (n_users,) pre-period clicks per user (the CUPED covariate).
-    pre_item_clicks: (n_items,) pre-period clicks per item (popularity feature, long-tail head).
-    click_rate: pre-period clicks per slate under the logging policy (the planning baseline).
-    log_user, log_item: (n_clicks,) int32 user and item index of each pre-period click, in
-        time order.
-    """
-
-    world: World
-    clicks: pl.DataFrame
-    items: pl.DataFrame
-    users: pl.DataFrame
-    start: int
-    pre_user_clicks: npt.NDArray[np.float64]
-    pre_item_clicks: npt.NDArray[np.float64]
-    click_rate: float
-    log_user: npt.NDArray[np.int32]
-    log_item: npt.NDArray[np.int32]
-
-    def catalog_at(self, now: int) -> pl.DataFrame:
-        """Items released by ``now``: what a serving catalogue may hold at that time."""
-        return self.items.filter(pl.col("created_at") <= now)
-
-
-def build_history(config: ExperimentConfig, *, workers: int | None = None) -> History:
-    """Sample the world and generate the pre-period log (deterministic in the world seed)."""
-    world = World.sample(config.world_config())
-    # The same arrays with a log that ends where the experiment begins: the generator simulates
-    # only the pre-period, while release times and drift keep their full-horizon schedule.
-    pre_config = dataclasses.replace(world.config, n_days=config.pre_period_days)
-    log = simulate_log(dataclasses.replace(world, config=pre_config), workers=workers)
-    return History(
-        world=world,
-        clicks=interactions_frame(log),
-        items=items_frame(world),
-        users=users_frame(world),
-        start=pre_config.end,
-        pre_user_clicks=np.bincount(log.user, minlength=world.n_users).astype(np.float64),
-        pre_item_clicks=np.bincount(log.item, minlength=world.n_items).astype(np.float64),
-        click_rate=log.user.size / max(log.n_slates, 1),
-        log_user=log.user,
-        log_item=log.item,
-    )
-
-
-# ------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, eq=False)
-class SimulationResult:
-    """Per-user outcomes of every arm's copy of the population, and what happened on the way.
-
-    Shapes: A arms (config order), U users (world order, ids ``user_ids``), D days.
-
-    sessions: (U, D) int32 sessions (slates) per user and day, the same in every copy.
-    clicks: (A, U, D) float32 sampled clicks. expected_clicks: (A, U, D) float32 summed click
-        probabilities (the truth, without sampling noise).
-    latency_ms: (A, U) summed amortised pipeline time of the user's sessions (batch wall time /
-        batch size). diversity: (A, U) summed distinct-categories-per-item of the user's slates.
-    long_tail: (A, U) summed share of slate items outside the pre-period head.
-    pre_user_clicks: (U,) pre-period clicks (CUPED covariate).
-    daily: one row per arm and day (sessions, clicks, expected clicks and what they would have
-        been in the world without drift on the same slates, degraded responses,
-        distinct items shown, batch latency). monitors: one row per arm, monitor and checked day.
-    retrains: one row per retrain (arm, day, reason, seconds).
-    planning: the power analysis made before the run. timings: wall seconds per phase.
-    """
-
-    config: ExperimentConfig
-    user_ids: list[str]
-    sessions: npt.NDArray[np.int32]
-    clicks: npt.NDArray[np.float32]
-    expected_clicks: npt.NDArray[np.float32]
-    latency_ms: npt.NDArray[np.float64]
-    diversity: npt.NDArray[np.float64]
-    long_tail: npt.NDArray[np.float64]
-    pre_user_clicks: npt.NDArray[np.float64]
-    daily: pl.DataFrame
-    monitors: pl.DataFrame
-    retrains: pl.DataFrame
-    planning: dict[str, Any]
-    timings: dict[str, float]
-    catalog_coverage: dict[str, float] = field(default_factory=dict)
-    # Per arm: the share of the items released during the experiment that it showed anyone.
-    new_item_coverage: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def arm_names(self) -> tuple[str, ...]:
-        return self.config.arm_names
-
-    @property
-    def n_days(self) -> int:
-        return int(self.sessions.shape[1])
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the result (arrays as ``.npz``, frames as parquet, the rest as JSON; no pickle),
-        so that the analysis can be rerun without simulating again."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            out / _RESULT_ARRAYS,
-            **{name: getattr(self, name) for name in _ARRAY_FIELDS},
-        )
-        for name in _FRAME_FIELDS:
-            getattr(self, name).write_parquet(out / f"{name}.parquet")
-        meta = {
-            "config": self.config.to_dict(),
-            "user_ids": self.user_ids,
-            "planning": self.planning,
-            "timings": self.timings,
-            "catalog_coverage": self.catalog_coverage,
-            "new_item_coverage": self.new_item_coverage,
-        }
-        (out / _RESULT_META).write_text(json.dumps(meta, sort_keys=True, default=float) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, directory: str | Path) -> SimulationResult:
-        """Read a result written by :meth:`save` (``DataError`` if it is not one)."""
-        path = Path(directory)
-        if not (path / _RESULT_META).is_file():
-            raise DataError(f"{path} holds no simulation result ({_RESULT_META} is missing)")
-        meta = json.loads((path / _RESULT_META).read_text())
-        with np.load(path / _RESULT_ARRAYS, allow_pickle=False) as arrays:
-            values: dict[str, Any] = {name: arrays[name] for name in _ARRAY_FIELDS}
-        values |= {name: pl.read_parquet(path / f"{name}.parquet") for name in _FRAME_FIELDS}
-        return cls(
-            config=ExperimentConfig.from_mapping(meta["config"]),
-            user_ids=list(meta["user_ids"]),
-            planning=meta["planning"],
-            timings=meta["timings"],
-            catalog_coverage=meta["catalog_coverage"],
-            new_item_coverage=meta.get("new_item_coverage", {}),  # absent before 2026-12-03
-            **values,
-        )
-
-
-_RESULT_META = "simulation.json"
-_RESULT_ARRAYS = "arrays.npz"
-_ARRAY_FIELDS = (
-    "sessions",
-    "clicks",
-    "expected_clicks",
-    "latency_ms",
-    "diversity",
-    "long_tail",
-    "pre_user_clicks",
-)
-_FRAME_FIELDS = ("daily", "monitors", "retrains")
-
-
-# ---------------------------------------------------------------------------------- simulation
 
 
 class _MonitorTrack:
@@ -808,9 +579,6 @@ def _monitor_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
-# -------------------------------------------------------------------------------------- set-up
-
-
 def _start_universes(
     config: ExperimentConfig,
     history: History,
@@ -899,80 +667,3 @@ def _tail_share(
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
-
-
-# ---------------------------------------------------------------------------- power analysis
-
-
-def plan_power(
-    config: ExperimentConfig, history: History, tick_share: npt.NDArray[np.float64]
-) -> dict[str, Any]:
-    """The power analysis made *before* the run, from the pre-period and the arrival model.
-
-    Exposure: user ``u`` has ``Lambda_u = sum over ticks of lambda_u(t)`` expected sessions (at
-    most one per tick, so ``sum 1 - exp(-lambda)``) and is exposed with ``1 - exp(-Lambda_u)``.
-    Variance of the per-user metric under the control, assumed for planning:
-
-    - ``ctr``: ``E[p (1 - p) / s | s >= 1] + v_b``, the binomial noise of ``s`` sessions at the
-      pre-period click rate ``p`` plus the between-user variance ``v_b`` of the users' click
-      rates, estimated from the pre-period (variance of per-user click rates minus its binomial
-      part, method of moments).
-    - ``engagement``: the variance of ``Binomial(s, p_u)`` clicks with ``s`` sessions.
-
-    The pre-period rate is the logging policy's, not the arms', so this is a plan, not a promise:
-    the report puts the observed variance next to it.
-    """
-    world, behaviour, analysis = history.world, config.behaviour, config.analysis
-    tick_seconds = SECONDS_PER_DAY // behaviour.ticks_per_day
-    expected_sessions = np.zeros(world.n_users)
-    for day in range(config.n_days):
-        for tick in range(behaviour.ticks_per_day):
-            t = history.start + day * SECONDS_PER_DAY + tick * tick_seconds + tick_seconds // 2
-            lam = behaviour.sessions_per_user_day * tick_share[tick] * world.session_rates(t)
-            expected_sessions += -np.expm1(-lam)
-    p = history.click_rate
-    # Pre-period slates per user are not logged; activity shares them out (the log's sessions
-    # are Poisson in activity), which is exact in expectation.
-    activity = world.user_activity.astype(np.float64)
-    pre_slates = history.clicks.height / max(p, 1e-12) * activity / activity.sum()
-    keep = pre_slates >= 1
-    rates = history.pre_user_clicks[keep] / pre_slates[keep]
-    between = max(0.0, float(rates.var() - np.mean(p * (1 - p) / pre_slates[keep])))
-
-    draws = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(99,)))
-    sessions = draws.poisson(expected_sessions)
-    exposed = sessions[sessions > 0].astype(np.float64)
-    n_exposed = float((-np.expm1(-expected_sessions)).sum())
-    if exposed.size < 2:
-        return {"expected_exposed_users": n_exposed, "note": "too few exposed users to plan"}
-    if analysis.primary_metric == "ctr":
-        baseline = p
-        variance = float(np.mean(p * (1 - p) / exposed)) + between
-    else:
-        baseline = p * float(exposed.mean())
-        variance = float(
-            np.mean(exposed * p * (1 - p)) + p**2 * exposed.var() + between * np.mean(exposed**2)
-        )
-    weights = np.array(list(config.weights.values()))
-    shares = weights / weights.sum()
-    n_per_arm = int(n_exposed * min(shares[0], shares[1:].min()))
-    mde_abs = float(analysis.mde_relative * baseline)
-    return {
-        "metric": analysis.primary_metric,
-        "baseline": baseline,
-        "variance": variance,
-        "between_user_variance": between,
-        "expected_exposed_users": n_exposed,
-        "expected_sessions": float(expected_sessions.sum()),
-        "expected_users_per_arm": n_per_arm,
-        "mde_relative_target": analysis.mde_relative,
-        "mde_absolute_target": mde_abs,
-        "required_users_per_arm": required_sample_size(
-            mde_abs, variance, alpha=analysis.alpha, power=analysis.power
-        ),
-        "mde_absolute_at_expected_n": minimum_detectable_effect(
-            max(n_per_arm, 2), variance, alpha=analysis.alpha, power=analysis.power
-        ),
-        "alpha": analysis.alpha,
-        "power": analysis.power,
-    }

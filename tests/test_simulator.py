@@ -35,16 +35,9 @@ from experiments.ab_report import (
 from experiments.ab_stats import srm_power
 from experiments.arms import ArmRunner, BundleTrainer
 from experiments.config import ArmConfig, ExperimentConfig, load_experiment_config
-from experiments.simulator import (
-    SimulationResult,
-    _Rings,
-    apply_fatigue,
-    draw_choices,
-    repeat_counts,
-    simulate,
-    slate_diversity,
-    slate_matrix,
-)
+from experiments.population import apply_fatigue, draw_choices, repeat_counts, slate_diversity
+from experiments.simulation_result import SimulationResult
+from experiments.simulator import _Rings, simulate, slate_matrix
 from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
 from pipeline.funnel import Recommendation
 from pipeline.service import RecommenderService
