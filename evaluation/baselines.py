@@ -38,10 +38,10 @@ import scipy.sparse as sp
 
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import align_exclude, check_k, dense_topk
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.popular import PopularConfig, PopularSource
+from retrieval.topk import align_exclude, check_k, dense_topk
 
 __all__ = [
     "DEFAULT_EASE_L2",

@@ -148,7 +148,7 @@ def load_artifacts(path: str | Path, *, mmap: bool = False) -> Artifacts:
     """Verify the bundle at ``path`` against its manifest, then load it (``BundleError`` if bad).
 
     mmap: map the two-tower weights and index from the bundle's files too (the sources' arrays
-    always are; see ``retrieval._topk.read_state``), so that the serving workers of one machine
+    always are; see ``retrieval.state_io.read_state``), so that the serving workers of one machine
     share them through the page cache. The mapped index is read-only: ``add_items`` raises.
     """
     bundle = Path(path)

@@ -38,11 +38,11 @@ from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import concatenated_ranges
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.covisit import CoVisitationSource
 from retrieval.merge import MergedCandidates
 from retrieval.stage import RetrievalStage
+from retrieval.topk import concatenated_ranges
 
 SECONDS_PER_DAY = 86_400
 SECONDS_PER_HOUR = 3_600

@@ -43,10 +43,10 @@ from data.errors import ConfigError, DataError
 from data.interactions import Interactions
 from data.negatives import sample_negatives
 from ranking.features import FeatureStore, assemble
-from retrieval._topk import concatenated_ranges
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.merge import ABSENT_RANK, MergedCandidates
 from retrieval.stage import RetrievalStage
+from retrieval.topk import concatenated_ranges
 
 NegativeSampling = Literal["popularity", "uniform"]
 Weighting = Literal["none", "balanced"]

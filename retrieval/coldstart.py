@@ -36,16 +36,10 @@ from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import (
-    align_exclude,
-    check_k,
-    dense_topk,
-    ranked_topk,
-    read_state,
-    write_state,
-)
 from retrieval.base import Candidates, UserBatch
 from retrieval.popular import SECONDS_PER_DAY, decayed_popularity
+from retrieval.state_io import read_state, write_state
+from retrieval.topk import align_exclude, check_k, dense_topk, ranked_topk
 
 
 @dataclass(frozen=True)

@@ -37,16 +37,15 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import (
+from retrieval.base import Candidates, UserBatch
+from retrieval.state_io import read_state, write_state
+from retrieval.topk import (
     align_exclude,
     check_k,
     concatenated_ranges,
     entries_topk,
-    read_state,
     sparse_topk,
-    write_state,
 )
-from retrieval.base import Candidates, UserBatch
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,9 @@ import scipy.sparse as sp
 
 from data.errors import BundleError, ConfigError, DataError
 from retrieval._sorting import descending_key
-from retrieval._topk import excluded_mask
 from retrieval.base import PAD_ITEM
 from retrieval.index_overlay import LiveOverlay, base_ids, merge_results
+from retrieval.topk import excluded_mask
 
 IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8"]
 IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_fp16", "ivf_pq", "sq8")

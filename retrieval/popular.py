@@ -28,8 +28,9 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import align_exclude, check_k, ranked_topk, read_state, write_state
 from retrieval.base import Candidates, UserBatch
+from retrieval.state_io import read_state, write_state
+from retrieval.topk import align_exclude, check_k, ranked_topk
 
 SECONDS_PER_DAY = 86_400
 # Undecayed scores grow by 2x per half-life past their anchor; re-anchored beyond this many

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from data.errors import ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
-from retrieval._topk import sparse_topk
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
+from retrieval.topk import sparse_topk
 from tests.retrieval_contract import (
     HISTORY,
     N_CATEGORIES,

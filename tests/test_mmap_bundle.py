@@ -19,7 +19,7 @@ import pytest
 from data.errors import BundleError
 from pipeline.artifacts import RETRIEVAL_DIR, Artifacts, load_artifacts
 from pipeline.factory import online_state_for
-from retrieval import _topk
+from retrieval import state_io
 from retrieval.als import ALSSource
 from retrieval.two_tower.source import INDEX_DIR, WEIGHTS_FILE, TwoTowerSource
 
@@ -62,7 +62,7 @@ def test_mapped_load_shares_files_and_retrieves_the_same(tiny_bundle: tuple[Path
     tower_dir = bundle / RETRIEVAL_DIR / "two_tower"
 
     for array in (tower.item_vectors_, als.item_factors_, als.user_factors_):
-        assert _topk.is_memory_mapped(array) and type(array) is np.ndarray
+        assert state_io.is_memory_mapped(array) and type(array) is np.ndarray
     assert tower.index_.read_only and str(tower_dir / INDEX_DIR / "index.faiss") in mapped_files()
     weights = max(tower.model_.parameters(), key=lambda p: p.numel())
     assert mapped_file(weights.data_ptr()) == str(tower_dir / WEIGHTS_FILE)
@@ -93,11 +93,13 @@ def test_mapped_arrays_are_copy_on_write(tiny_bundle: tuple[Path, Path]) -> None
 
 def test_small_arrays_are_read_into_memory(tmp_path: Path) -> None:
     small = np.arange(4, dtype=np.int64)
-    big = np.arange(_topk.MMAP_MIN_BYTES // 8, dtype=np.int64)
-    _topk.write_state(tmp_path, "Thing", {"x": 1}, {"small": small, "big": big})
-    meta, arrays = _topk.read_state(tmp_path, "Thing")
+    big = np.arange(state_io.MMAP_MIN_BYTES // 8, dtype=np.int64)
+    state_io.write_state(tmp_path, "Thing", {"x": 1}, {"small": small, "big": big})
+    meta, arrays = state_io.read_state(tmp_path, "Thing")
     assert meta["x"] == 1 and "arrays" not in meta
-    assert not _topk.is_memory_mapped(arrays["small"]) and _topk.is_memory_mapped(arrays["big"])
+    assert not state_io.is_memory_mapped(arrays["small"]) and state_io.is_memory_mapped(
+        arrays["big"]
+    )
     np.testing.assert_array_equal(arrays["small"], small)
     np.testing.assert_array_equal(arrays["big"], big)
 
@@ -109,21 +111,23 @@ def test_a_bundle_in_the_old_npz_layout_still_loads(
     old = tmp_path / "als"
     shutil.copytree(bundle / RETRIEVAL_DIR / "als", old)
     # Rewrite the state as format 1 wrote it: every array in state.npz, no array list.
-    meta = json.loads((old / _topk.CONFIG_FILE).read_text())
-    arrays = {name: np.load(old / _topk.ARRAYS_DIR / f"{name}.npy") for name in meta.pop("arrays")}
-    np.savez(old / _topk.STATE_FILE, allow_pickle=False, **arrays)
-    shutil.rmtree(old / _topk.ARRAYS_DIR)
-    (old / _topk.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
+    meta = json.loads((old / state_io.CONFIG_FILE).read_text())
+    arrays = {
+        name: np.load(old / state_io.ARRAYS_DIR / f"{name}.npy") for name in meta.pop("arrays")
+    }
+    np.savez(old / state_io.STATE_FILE, allow_pickle=False, **arrays)
+    shutil.rmtree(old / state_io.ARRAYS_DIR)
+    (old / state_io.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
 
     loaded, current = ALSSource.load(old), ALSSource.load(bundle / RETRIEVAL_DIR / "als")
-    assert not _topk.is_memory_mapped(loaded.item_factors_)
+    assert not state_io.is_memory_mapped(loaded.item_factors_)
     np.testing.assert_array_equal(loaded.item_factors_, current.item_factors_)
     np.testing.assert_array_equal(loaded.user_items_.toarray(), current.user_items_.toarray())
 
-    (old / _topk.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 3}))
+    (old / state_io.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 3}))
     with pytest.raises(BundleError, match="format 3, expected 'ALSSource' format 1 or 2"):
         ALSSource.load(old)
-    (old / _topk.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
-    (old / _topk.STATE_FILE).unlink()
+    (old / state_io.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
+    (old / state_io.STATE_FILE).unlink()
     with pytest.raises(BundleError, match="state.npz is missing"):
         ALSSource.load(old)

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from data.errors import ConfigError, DataError
 from data.idmap import IdMap
 from data.interactions import Interactions
-from retrieval._topk import ranked_topk
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.popular import SECONDS_PER_DAY, PopularConfig, PopularSource
+from retrieval.topk import ranked_topk
 from tests.retrieval_contract import CandidateSourceContract
 
 T_END = 1_800_000_000

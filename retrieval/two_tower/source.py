@@ -30,9 +30,10 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
-from retrieval._topk import align_exclude, check_k, read_state, write_state
 from retrieval.base import Candidates, LastBatchMemo, UserBatch
 from retrieval.index import IndexConfig, VectorIndex, search_exact_topk
+from retrieval.state_io import read_state, write_state
+from retrieval.topk import align_exclude, check_k
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
     TowerFeatures,
