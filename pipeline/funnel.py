@@ -106,8 +106,9 @@ class BudgetConfig:
 Reranked = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], list[list[dict[str, Any]]]]
 
 
-class Ranker(Protocol):
-    """Scores merged candidates; (n, m) float32, higher is better, -inf at padding."""
+class RankingStep(Protocol):
+    """The ranking step (``ranking.stage.RankingStage``): scores merged candidates; (n, m)
+    float32, higher is better, -inf at padding."""
 
     def warm(self) -> None:
         """Get ready to serve (called once, before traffic)."""
@@ -121,8 +122,9 @@ class Ranker(Protocol):
     ) -> npt.NDArray[np.float32]: ...
 
 
-class Reranker(Protocol):
-    """Turns ranked candidates into the final ``k`` items, recording what each rule did."""
+class RerankingStep(Protocol):
+    """The re-ranking step (``pipeline.rules_adapter.RuleReranker``): turns ranked candidates
+    into the final ``k`` items, recording what each rule did."""
 
     def rerank(
         self,
@@ -173,8 +175,8 @@ class Pipeline:
         artifacts: Artifacts,
         state: OnlineState,
         *,
-        ranker: Ranker | None = None,
-        reranker: Reranker | None = None,
+        ranker: RankingStep | None = None,
+        reranker: RerankingStep | None = None,
         budgets: BudgetConfig | None = None,
         enforce_budgets: bool = True,
         clock: Callable[[], float] = time.time,
@@ -503,7 +505,7 @@ def top_k_minus_blocked(
     flat = item_idx.reshape(-1)
     valid = flat != PAD_ITEM
     hit = np.zeros(flat.size, dtype=bool)
-    if blocked.nnz:
+    if blocked.nnz and valid.any():  # scipy answers an empty fancy index with a sparse matrix
         hit[valid] = np.asarray(blocked[rows[valid], flat[valid]]).ravel() > 0
     keep = (valid & ~hit).reshape(n, m)
     position = np.cumsum(keep, axis=1) - 1

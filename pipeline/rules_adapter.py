@@ -17,8 +17,8 @@ import scipy.sparse as sp
 
 from data.catalog import ItemCatalog
 from reranking.config import RerankerConfig
-from reranking.engine import RankedList, Reranker
-from reranking.rules import ItemSideInfo, RerankRequest
+from reranking.engine import RankedList, RuleEngine
+from reranking.inputs import ItemSideInfo, RerankRequest
 
 
 def user_keys(user_ids: Sequence[str]) -> npt.NDArray[np.int64]:
@@ -33,10 +33,11 @@ def user_keys(user_ids: Sequence[str]) -> npt.NDArray[np.int64]:
 
 
 class RuleReranker:
-    """The pipeline's re-ranker: the configured rules over the bundle's catalogue."""
+    """The pipeline's :class:`~pipeline.funnel.RerankingStep`: the configured rules over the
+    bundle's catalogue."""
 
     def __init__(self, config: RerankerConfig, catalog: ItemCatalog, *, seed: int = 0) -> None:
-        self.engine = Reranker.for_catalog(config, catalog)
+        self.engine = RuleEngine.for_catalog(config, catalog)
         self.item_info = ItemSideInfo.from_catalog(catalog)
         self.seed = seed
 

@@ -249,8 +249,8 @@ class DNNRanker:
         return _predict(self.model_, rows, self.config.threads)
 
     def warm(self) -> None:
-        """Get ready to serve (the :class:`~ranking.stage.Ranker` protocol): nothing to do, the
-        network is ready once loaded."""
+        """Get ready to serve (the :class:`~ranking.stage.RankingModel` protocol): nothing to do,
+        the network is ready once loaded."""
         self._check_fitted()
 
     # ---------------------------------------------------------------------------- internals

@@ -118,12 +118,12 @@ def ranking_config_to_mapping(config: RankingConfig) -> dict[str, Any]:
     return out
 
 
-class Ranker(Protocol):
-    """What :class:`RankingStage` needs of a ranker (``LightGBMRanker``, ``DNNRanker``)."""
+class RankingModel(Protocol):
+    """What :class:`RankingStage` needs of a ranking model (``LightGBMRanker``, ``DNNRanker``)."""
 
     feature_names_: tuple[str, ...]
 
-    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> Ranker: ...
+    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> RankingModel: ...
 
     def predict(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
@@ -142,7 +142,7 @@ class RankingStage:
     """
 
     store_: FeatureStore
-    ranker_: Ranker
+    ranker_: RankingModel
     summary_: dict[str, float]
 
     def __init__(self, config: RankingConfig | None = None) -> None:
@@ -172,7 +172,7 @@ class RankingStage:
             retrieval_stage, training_store, history_log, label_log, catalog, config.training
         )
         train, valid = split_groups(training, config.valid_fraction, config.split_seed)
-        ranker: Ranker = (
+        ranker: RankingModel = (
             LightGBMRanker(config.lightgbm) if config.model == "lightgbm" else DNNRanker(config.dnn)
         )
         ranker.fit(train, valid)

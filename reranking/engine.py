@@ -1,8 +1,8 @@
 """The re-ranking engine: the configured rules over a batch of ranked lists, with explanations.
 
 Input, batch first: the ranker's list per user (:class:`RankedList`, ``(n, m)``), what is known
-about items (:class:`~reranking.rules.ItemSideInfo`) and about the requests
-(:class:`~reranking.rules.RerankRequest`). Output: ``k`` items per user (:class:`RerankResult`)
+about items (:class:`~reranking.inputs.ItemSideInfo`) and about the requests
+(:class:`~reranking.inputs.RerankRequest`). Output: ``k`` items per user (:class:`RerankResult`)
 and, on request, an :class:`Explanation` per user that says, rule by rule, what happened.
 
 Guarantees, whatever the configuration:
@@ -14,16 +14,18 @@ Guarantees, whatever the configuration:
 * rows are filled from the front: ``-1`` (and score ``-inf``) only after the last item;
 * rules start from each row in score order, whatever order the input had.
 
-:func:`top_k_minus_seen` is the degraded path the pipeline takes when the re-ranker fails or runs
-out of time: the input order, minus seen items, cut to ``k``.
+:data:`RULE_TYPES` maps each rule config to its rule; the rules themselves live in
+:mod:`reranking.filters`, :mod:`reranking.diversity`, :mod:`reranking.boosts` and
+:mod:`reranking.positional` (:mod:`reranking.rules` says what they share).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,30 +34,54 @@ import numpy.typing as npt
 from data.catalog import ItemCatalog
 from data.errors import ConfigError, DataError
 from data.idmap import IdMap
-from reranking.config import FilterBlockedConfig, RerankerConfig
-from reranking.rules import (
-    PAD_ITEM,
-    PAD_SCORE,
-    BoolArray,
-    Filter,
-    FloatArray,
-    IntArray,
-    ItemSideInfo,
-    Note,
-    PerRowItems,
-    RerankRequest,
-    Rule,
-    RuleContext,
-    RuleResources,
-    Slate,
-    build_rule,
-    per_row_mask,
+from reranking.boosts import Boost, FreshnessBoost
+from reranking.config import (
+    BoostConfig,
+    CategoryCapConfig,
+    ExplorationConfig,
+    FilterBlockedConfig,
+    FilterExcludedConfig,
+    FilterSeenConfig,
+    FilterUnavailableConfig,
+    FreshnessBoostConfig,
+    MMRConfig,
+    PinsConfig,
+    RerankerConfig,
+    RuleConfig,
 )
+from reranking.diversity import CategoryCap, MMRDiversity
+from reranking.filters import FilterBlocked, FilterExcluded, FilterSeen, FilterUnavailable
+from reranking.inputs import ItemSideInfo, RerankRequest
+from reranking.positional import ExplorationSlots, Pins
+from reranking.rules import Filter, Note, Rule, RuleContext, RuleResources
+from reranking.slate import PAD_ITEM, BoolArray, FloatArray, IntArray, Slate
 
 INPUT_STEP = -1
 """The ``step`` of the report on the input itself (duplicates dropped before any rule)."""
 PLACEMENT_KINDS = ("explored", "pinned")
 """Note kinds that say where an item went: such items are not listed again as "moved"."""
+
+RULE_TYPES: Mapping[type[RuleConfig], type] = MappingProxyType(
+    {
+        FilterSeenConfig: FilterSeen,
+        FilterExcludedConfig: FilterExcluded,
+        FilterUnavailableConfig: FilterUnavailable,
+        FilterBlockedConfig: FilterBlocked,
+        CategoryCapConfig: CategoryCap,
+        MMRConfig: MMRDiversity,
+        FreshnessBoostConfig: FreshnessBoost,
+        ExplorationConfig: ExplorationSlots,
+        PinsConfig: Pins,
+        BoostConfig: Boost,
+    }
+)
+"""Rule config class -> the rule it configures."""
+
+
+def build_rule(config: RuleConfig, resources: RuleResources) -> Rule:
+    """The rule for ``config``; ``ConfigError`` if a name in it cannot be resolved."""
+    rule: Rule = RULE_TYPES[type(config)](config, resources)
+    return rule
 
 
 class Ranking(Protocol):
@@ -185,7 +211,7 @@ class RerankResult:
 # ------------------------------------------------------------------------------ the engine
 
 
-class Reranker:
+class RuleEngine:
     """Runs :class:`~reranking.config.RerankerConfig`'s rules, in order, over batches.
 
     item_ids:       resolves the item ids of the config (pins, boosts, blocked items); needed
@@ -225,8 +251,8 @@ class Reranker:
         catalog: ItemCatalog,
         *,
         blocked_items: npt.ArrayLike | None = None,
-    ) -> Reranker:
-        """A re-ranker resolving names with ``catalog``'s item ids and category names."""
+    ) -> RuleEngine:
+        """A rule engine resolving names with ``catalog``'s item ids and category names."""
         return cls(
             config,
             item_ids=catalog.items,
@@ -287,32 +313,6 @@ class Reranker:
             top.pinned,
             tuple(Explanation(tuple(r)) for r in reports) if explain else None,
         )
-
-
-def top_k_minus_seen(
-    item_idx: npt.ArrayLike, scores: npt.ArrayLike, seen: PerRowItems | None, k: int
-) -> RerankResult:
-    """The degraded re-ranking: each row's items in input order (not re-sorted: the ranking
-    stage may have degraded too, leaving retrieval order), minus seen items and repeats, cut to
-    ``k``.
-
-    item_idx (n, m) int, -1 padded; scores (n, m) float; seen: per row, an (n, n_items) sparse
-    matrix or ``n`` index arrays, or ``None``. Returns ``(n, k)`` arrays, padded with -1 / -inf;
-    no explanations, nothing explored or pinned. Vectorized; no rule can fail here.
-    """
-    k = _check_k(k)
-    items, values = np.asarray(item_idx), np.asarray(scores)
-    _check_ranking(items, values)
-    keep = (items >= 0) & ~per_row_mask(items, seen) & ~_duplicates(items)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    kept = np.take_along_axis(keep, order, axis=1)
-    n, width = order.shape
-    out_items = np.full((n, k), PAD_ITEM, dtype=np.int32)
-    out_scores = np.full((n, k), PAD_SCORE, dtype=np.float32)
-    out_items[:, :width] = np.where(kept, np.take_along_axis(items, order, axis=1), PAD_ITEM)
-    out_scores[:, :width] = np.where(kept, np.take_along_axis(values, order, axis=1), PAD_SCORE)
-    flags = np.zeros((n, k), dtype=bool)
-    return RerankResult(out_items, out_scores, flags, flags.copy())
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -484,6 +484,7 @@ def _patience(values: list[int]) -> list[int]:
 
 __all__ = [
     "INPUT_STEP",
+    "RULE_TYPES",
     "Action",
     "Explanation",
     "ItemSideInfo",
@@ -491,8 +492,8 @@ __all__ = [
     "Ranking",
     "RerankRequest",
     "RerankResult",
-    "Reranker",
     "RerankerConfig",
+    "RuleEngine",
     "RuleReport",
-    "top_k_minus_seen",
+    "build_rule",
 ]

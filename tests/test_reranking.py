@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.errors import ConfigError, DataError
 from data.idmap import IdMap
+from pipeline.funnel import top_k_minus_blocked
 from reranking.config import (
     BoostConfig,
     CategoryCapConfig,
@@ -33,13 +34,12 @@ from reranking.config import (
 from reranking.engine import (
     INPUT_STEP,
     RankedList,
-    Reranker,
     RerankResult,
+    RuleEngine,
     RuleReport,
     _in_longest_increasing,
-    top_k_minus_seen,
 )
-from reranking.rules import ItemSideInfo, RerankRequest, per_row_mask
+from reranking.inputs import ItemSideInfo, RerankRequest, per_row_mask
 
 PROPERTY = settings(max_examples=60, deadline=None)
 DAY = 86_400
@@ -91,8 +91,8 @@ def request(n: int, **kwargs: Any) -> RerankRequest:
     return RerankRequest(np.full(n, NOW, dtype=np.int64), **kwargs)
 
 
-def reranker(*rules: RuleConfig, **kwargs: Any) -> Reranker:
-    return Reranker(
+def reranker(*rules: RuleConfig, **kwargs: Any) -> RuleEngine:
+    return RuleEngine(
         RerankerConfig(tuple(rules)), item_ids=ITEM_IDS, category_names=CATEGORY_NAMES, **kwargs
     )
 
@@ -158,7 +158,7 @@ def test_config_from_toml_round_trips() -> None:
     assert config.rules[6].positions == (4, 9)  # type: ignore[union-attr]
     assert RerankerConfig.from_mapping(config.to_mapping()) == config
     # Every name resolves (the unknown blocked id is ignored: nothing to block).
-    Reranker(config, item_ids=ITEM_IDS, category_names=CATEGORY_NAMES)
+    RuleEngine(config, item_ids=ITEM_IDS, category_names=CATEGORY_NAMES)
 
 
 def test_default_config_is_the_four_filters() -> None:
@@ -218,7 +218,7 @@ def test_names_are_resolved_when_the_engine_is_built() -> None:
     with pytest.raises(ConfigError, match=r"boost\.categories.*jazz"):
         reranker(BoostConfig(categories={"jazz": 2.0}))
     with pytest.raises(ConfigError, match="no item id map"):
-        Reranker(RerankerConfig((PinsConfig({"i001": 0}),)))
+        RuleEngine(RerankerConfig((PinsConfig({"i001": 0}),)))
     with pytest.raises(ConfigError, match="no filter_blocked rule"):
         reranker(FilterSeenConfig(), blocked_items=[3])
 
@@ -287,7 +287,7 @@ def test_filters_keep_everything_else_in_order(
     case: tuple[list[list[int]], list[list[int]], list[list[int]], list[bool], list[int]],
 ) -> None:
     rows, seen, exclude, available, blocked = case
-    engine = Reranker(item_ids=ITEM_IDS, blocked_items=blocked)  # default rules: the filters
+    engine = RuleEngine(item_ids=ITEM_IDS, blocked_items=blocked)  # default rules: the filters
     req = request(len(rows), seen=[np.array(s, dtype=np.int64) for s in seen], exclude=exclude)
     result = engine.rerank(ranked(rows), side_info(available=available), req, 15)
     for u, row in enumerate(rows):
@@ -448,7 +448,7 @@ def test_exploration_is_deterministic_per_seed_user_and_request() -> None:
         engine = reranker(ExplorationConfig(positions=(0, 3), pool_size=30, sampling=sampling))
 
         def draw(
-            seed: int, users: list[int], requests: list[int], engine: Reranker = engine
+            seed: int, users: list[int], requests: list[int], engine: RuleEngine = engine
         ) -> np.ndarray:
             req = RerankRequest(
                 np.full(3, NOW),
@@ -705,16 +705,30 @@ def test_explanations_account_for_every_removal_and_move(
 # ------------------------------------------------------------------------------ fallback
 
 
+# The pipeline's re-ranking fallback (pipeline.funnel.top_k_minus_blocked) takes merged
+# candidates, which hold an item at most once per row, and the seen items as a CSR matrix.
+
+
 def test_fallback_removes_seen_items_and_keeps_the_order() -> None:
-    items = np.array([[5, 3, 9, 3, 1, -1], [2, 4, -1, -1, -1, -1]], dtype=np.int32)
-    scores = np.array([[9, 8, 7, 6, 5, -np.inf], [2, 1, -np.inf, -np.inf, -np.inf, -np.inf]])
+    items = np.array([[5, 3, 9, 1, -1, -1], [2, 4, -1, -1, -1, -1]], dtype=np.int32)
+    scores = np.array([[9, 8, 7, 5, -np.inf, -np.inf], [2, 1] + [-np.inf] * 4], dtype=np.float32)
     seen = sp.csr_matrix(([1.0, 1.0], ([0, 1], [9, 4])), shape=(2, 10))
-    result = top_k_minus_seen(items, scores.astype(np.float32), seen, 3)
-    assert result.item_idx.tolist() == [[5, 3, 1], [2, -1, -1]]
-    assert result.scores[0].tolist() == [9, 8, 5]
-    assert result.explanations is None and not result.explored.any()
-    wide = top_k_minus_seen(items, scores.astype(np.float32), [np.array([5]), []], 8)
-    assert wide.item_idx.tolist() == [[3, 9, 1, -1, -1, -1, -1, -1], [2, 4] + [-1] * 6]
+    result, result_scores = top_k_minus_blocked(items, scores, seen, 3)
+    assert result.tolist() == [[5, 3, 1], [2, -1, -1]]
+    assert result_scores[0].tolist() == [9, 8, 5]
+    seen_5 = sp.csr_matrix(([1.0], ([0], [5])), shape=(2, 10))
+    wide, _ = top_k_minus_blocked(items, scores, seen_5, 8)
+    assert wide.tolist() == [[3, 9, 1, -1, -1, -1, -1, -1], [2, 4] + [-1] * 6]
+
+
+def test_fallback_of_a_batch_without_candidates_is_padding() -> None:
+    seen = sp.csr_matrix(([1.0], ([0], [4])), shape=(2, 10))
+    for width in (0, 3):
+        items = np.full((2, width), -1, dtype=np.int32)
+        scores = np.full((2, width), -np.inf, dtype=np.float32)
+        out, out_scores = top_k_minus_blocked(items, scores, seen, 2)
+        assert out.tolist() == [[-1, -1], [-1, -1]]
+        assert np.isneginf(out_scores).all()
 
 
 @PROPERTY
@@ -723,10 +737,26 @@ def test_fallback_equals_the_seen_filter(
     world: tuple[RankedList, ItemSideInfo, RerankRequest], k: int
 ) -> None:
     ranked_lists, info, req = world
-    expected = reranker(FilterSeenConfig()).rerank(ranked_lists, info, req, k)
-    got = top_k_minus_seen(ranked_lists.item_idx, ranked_lists.scores, req.seen, k)
-    np.testing.assert_array_equal(got.item_idx, expected.item_idx)
-    np.testing.assert_array_equal(got.scores, expected.scores)
+    items = ranked_lists.item_idx.copy()
+    for row in items:  # repeats become padding, as merged candidates have none
+        _, first = np.unique(row, return_index=True)
+        repeat = np.ones(row.size, dtype=bool)
+        repeat[first] = False
+        row[repeat] = -1
+    distinct = RankedList(items, ranked_lists.scores)
+    assert isinstance(req.seen, list)  # worlds() give per-row lists
+    lists = [np.asarray(s) for s in req.seen]
+    seen = sp.csr_matrix(
+        (
+            np.ones(sum(s.size for s in lists)),
+            (np.repeat(np.arange(len(lists)), [s.size for s in lists]), np.concatenate(lists)),
+        ),
+        shape=(len(lists), N_ITEMS),
+    )
+    expected = reranker(FilterSeenConfig()).rerank(distinct, info, req, k)
+    got_items, got_scores = top_k_minus_blocked(items, ranked_lists.scores, seen, k)
+    np.testing.assert_array_equal(got_items, expected.item_idx)
+    np.testing.assert_array_equal(got_scores, expected.scores)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -770,7 +800,7 @@ def test_catalog_side_info_and_names() -> None:
     )
     catalog = ItemCatalog.from_frame(frame, IdMap.from_ids([item_id(i) for i in range(4)]))
     info = ItemSideInfo.from_catalog(catalog, available=[True, True, True, False])
-    engine = Reranker.for_catalog(
+    engine = RuleEngine.for_catalog(
         RerankerConfig((FilterUnavailableConfig(), BoostConfig(categories={"jazz": 10.0}))),
         catalog,
     )
