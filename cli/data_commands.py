@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from data.dataset import dataset_summary
-from data.implicit import to_implicit
+from data.implicit import k_core, to_implicit
 from data.prepare import prepare_dataset
+from data.schema import TIMESTAMP
 from data.splits import SplitConfig
 
 _SPLIT_METHODS = ("temporal", "leave_last_n", "random", "user_disjoint")
@@ -67,12 +68,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     imp.add_argument("--users", type=Path, help="user side table (CSV or parquet)")
     imp.add_argument("--user-col", default="user_id")
     imp.add_argument("--item-col", default="item_id")
-    imp.add_argument("--time-col", default="timestamp")
+    imp.add_argument(
+        "--time-col",
+        help="event time column (default: 'timestamp' when the file has one; "
+        "without one the log is untimed and split at random per user)",
+    )
     imp.add_argument("--weight-col", help="weight column (default: every row weighs 1.0)")
     imp.add_argument(
         "--time-unit", choices=("s", "ms"), default="s", help="unit of integer timestamps"
     )
     imp.add_argument("--min-weight", type=float, help="keep only rows with weight >= this")
+    imp.add_argument(
+        "--k-core",
+        type=int,
+        metavar="K",
+        help="keep the K-core: drop items with fewer than K users and users with fewer than K "
+        "items, repeated until stable (repeated pairs are summed first; applied to the "
+        "training log, a --test file is kept exactly as given)",
+    )
     imp.add_argument("--out", required=True, type=Path)
     _add_split_arguments(imp)
     imp.set_defaults(handler=_import)
@@ -88,8 +101,8 @@ def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--split",
         choices=_SPLIT_METHODS,
-        default=_DEFAULT_SPLIT.method,
-        help="how to split (default: temporal; random splits of behaviour logs leak the future)",
+        help="how to split (default: temporal, or random per user for a log without times; "
+        "random splits of timed behaviour logs leak the future)",
     )
     group.add_argument("--test-fraction", type=float, default=_DEFAULT_SPLIT.test_fraction)
     group.add_argument("--valid-fraction", type=float, default=_DEFAULT_SPLIT.valid_fraction)
@@ -108,9 +121,10 @@ def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split-seed", type=int, default=_DEFAULT_SPLIT.seed)
 
 
-def _split_config(args: argparse.Namespace) -> SplitConfig:
+def _split_config(args: argparse.Namespace, *, timed: bool = True) -> SplitConfig:
+    default_method = _DEFAULT_SPLIT.method if timed else "random"
     return SplitConfig(
-        method=args.split,
+        method=args.split or default_method,
         test_fraction=args.test_fraction,
         valid_fraction=args.valid_fraction,
         n_test=args.n_test,
@@ -165,14 +179,20 @@ def _movielens(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from data.importer import import_interactions, import_table
+    from data.importer import column_names, import_interactions, import_table
+
+    time_col = args.time_col
+    if time_col is None and TIMESTAMP in column_names(args.interactions):
+        time_col = TIMESTAMP
+    if time_col is None:
+        print(f"{args.interactions}: no time column; importing an untimed log")
 
     def load(path: Path) -> Any:
         frame = import_interactions(
             path,
             user_col=args.user_col,
             item_col=args.item_col,
-            time_col=args.time_col,
+            time_col=time_col,
             weight_col=args.weight_col,
             time_unit=args.time_unit,
         )
@@ -182,14 +202,28 @@ def _import(args: argparse.Namespace) -> int:
             else to_implicit(frame, min_weight=args.min_weight, weighting="raw")
         )
 
+    interactions = load(args.interactions)
+    test = load(args.test) if args.test else None
+    if args.k_core is not None:
+        interactions = k_core(
+            to_implicit(interactions, weighting="raw", dedup="sum"),
+            min_user_interactions=args.k_core,
+            min_item_interactions=args.k_core,
+        )
     manifest = prepare_dataset(
         args.out,
-        load(args.interactions),
-        split=_split_config(args),
-        source={"kind": "import", "interactions": str(args.interactions), "test": _str(args.test)},
-        test=load(args.test) if args.test else None,
+        interactions,
+        split=_split_config(args, timed=time_col is not None),
+        source={
+            "kind": "import",
+            "interactions": str(args.interactions),
+            "test": _str(args.test),
+            "k_core": args.k_core,
+        },
+        test=test,
         items=import_table(args.items, "item_id", "items") if args.items else None,
         users=import_table(args.users, "user_id", "users") if args.users else None,
+        timed=time_col is not None,
     )
     _print_written(args.out, manifest)
     return 0
@@ -220,7 +254,12 @@ def print_summary(path: Path, summary: dict[str, Any], console: Console | None =
             f"{summary['median_per_user']:g} / {summary['p99_per_user']:g} / "
             f"{summary['max_per_user']:,}",
         ),
-        ("time range (UTC s)", f"{summary['first_timestamp']} .. {summary['last_timestamp']}"),
+        (
+            "time range (UTC s)",
+            f"{summary['first_timestamp']} .. {summary['last_timestamp']}"
+            if summary.get("timed", True)
+            else "none (an untimed log)",
+        ),
         ("split", json.dumps(summary["split_method"])),
         (
             "train / valid / test",

@@ -61,6 +61,16 @@ class Dataset:
     def has_world(self) -> bool:
         return (self.path / WORLD_DIR).is_dir()
 
+    @property
+    def timed(self) -> bool:
+        """False for a log imported without event times (see ``data.schema.UNTIMED_TIMESTAMP``)."""
+        return is_timed(self.meta)
+
+
+def is_timed(manifest: dict[str, Any]) -> bool:
+    """Whether a dataset manifest describes a log with event times (older manifests all do)."""
+    return bool(manifest.get("timed", True))
+
 
 def write_dataset(
     out_dir: str | Path,
@@ -71,8 +81,11 @@ def write_dataset(
     split_method: dict[str, Any],
     items: pl.DataFrame | None = None,
     users: pl.DataFrame | None = None,
+    timed: bool = True,
 ) -> dict[str, Any]:
     """Write a complete dataset directory and return its manifest (``dataset.json``).
+
+    ``timed=False`` records a log without event times (every event at ``UNTIMED_TIMESTAMP``).
 
     ``splits`` must hold the keys ``train``, ``valid`` and ``test`` (``valid`` may be empty).
     ``source`` describes where the data came from (``{"kind": "movielens", "variant": "100k"}``);
@@ -113,6 +126,7 @@ def write_dataset(
         "source": source,
         "counts": {k: int(stats[k]) for k in ("users", "items", "interactions")},
         "time_range": [int(stats["first_timestamp"]), int(stats["last_timestamp"])],
+        "timed": timed,
         "split": {**split_method, "counts": split_counts},
         "files": files,
         "fingerprint": _fingerprint(files),
@@ -209,6 +223,7 @@ def dataset_summary(path: str | Path) -> dict[str, Any]:
         name: scan_split(root, name).select(pl.len()).collect().item() for name in SPLIT_NAMES
     }
     summary["split_method"] = {k: v for k, v in manifest["split"].items() if k != "counts"}
+    summary["timed"] = is_timed(manifest)
     summary["source"] = manifest["source"]
     summary["fingerprint"] = manifest["fingerprint"]
     summary["has_items"] = (root / ITEMS_NAME).is_file()

@@ -12,6 +12,10 @@ Timestamps become int64 seconds since the Unix epoch, UTC. Accepted inputs:
               format given as ``time_format`` (strftime codes, e.g. ``"%d/%m/%Y %H:%M"``)
     datetimes / dates (parquet)
 Naive date-times are taken to be UTC; ones with an offset are converted to UTC.
+
+A log without a time column (play counts, many rating dumps) is imported with ``time_col=None``:
+every event is stamped ``UNTIMED_TIMESTAMP`` rather than given an invented order (row numbers as
+times would make a random file order look like behaviour).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from data.errors import ConfigError, DataError
 from data.schema import (
     ITEM_ID,
     TIMESTAMP,
+    UNTIMED_TIMESTAMP,
     USER_ID,
     WEIGHT,
     conform_interactions,
@@ -57,7 +62,7 @@ def import_interactions(
     *,
     user_col: str = "user_id",
     item_col: str = "item_id",
-    time_col: str = "timestamp",
+    time_col: str | None = "timestamp",
     weight_col: str | None = None,
     time_format: str | None = None,
     time_unit: TimeUnit = "s",
@@ -68,7 +73,8 @@ def import_interactions(
         path: a ``.csv``, ``.tsv``, ``.parquet`` or ``.pq`` file, one row per interaction.
         user_col, item_col: id columns; any type, converted to strings (CSV ids are read as
             strings, so "007" stays "007"; integral float ids from parquet lose their ".0").
-        time_col: the event time (see the module docstring for accepted forms).
+        time_col: the event time (see the module docstring for accepted forms); ``None`` for an
+            untimed log (every event at ``UNTIMED_TIMESTAMP``).
         weight_col: numeric signal strength; ``None`` gives every interaction weight 1.0.
         time_format: strftime format of string timestamps; ``None`` infers ISO-8601.
         time_unit: unit of numeric timestamps, ``"s"`` or ``"ms"``.
@@ -88,26 +94,33 @@ def import_interactions(
     source = str(path)
     optional = [weight_col] if weight_col is not None else []
     string_columns = [user_col, item_col, *optional]
-    if time_format is not None:
+    if time_format is not None and time_col is not None:
         string_columns.append(time_col)  # "20240105" must reach the parser as text, not an int
     frame = scan_table(path, string_columns=string_columns)
-    require_columns(frame, [user_col, item_col, time_col, *optional], source)
+    timed = [time_col] if time_col is not None else []
+    require_columns(frame, [user_col, item_col, *timed, *optional], source)
     schema = frame.collect_schema()
 
     parsed = {
         user_col: _id_expr(user_col, schema[user_col]),
         item_col: _id_expr(item_col, schema[item_col]),
-        time_col: _timestamp_expr(time_col, schema[time_col], time_format, time_unit, source),
     }
+    timestamp = pl.lit(UNTIMED_TIMESTAMP, dtype=pl.Int64)
+    if time_col is not None:
+        timestamp = _timestamp_expr(time_col, schema[time_col], time_format, time_unit, source)
+        parsed[time_col] = timestamp
     weight = pl.lit(1.0, dtype=pl.Float32)
     if weight_col is not None:
-        weight = pl.col(weight_col).cast(pl.Float32, strict=False).fill_nan(None)
+        weight = pl.col(weight_col)
+        if schema[weight_col] == pl.String:
+            weight = weight.str.strip_chars()  # " 316": real exports pad numbers with spaces
+        weight = weight.cast(pl.Float32, strict=False).fill_nan(None)
         parsed[weight_col] = weight
     out = _collect(
         frame.select(
             parsed[user_col].alias(USER_ID),
             parsed[item_col].alias(ITEM_ID),
-            parsed[time_col].alias(TIMESTAMP),
+            timestamp.alias(TIMESTAMP),
             weight.alias(WEIGHT),
         ),
         source,
@@ -116,17 +129,20 @@ def import_interactions(
         raise DataError(f"{source}: the file has a header but no rows")
 
     null_counts = out.null_count().row(0, named=True)
-    checks = [
-        (USER_ID, user_col, "an id"),
-        (ITEM_ID, item_col, "an id"),
-        (TIMESTAMP, time_col, "a date/time"),
-    ]
+    checks = [(USER_ID, user_col, "an id"), (ITEM_ID, item_col, "an id")]
+    if time_col is not None:
+        checks.append((TIMESTAMP, time_col, "a date/time"))
     if weight_col is not None:
         checks.append((WEIGHT, weight_col, "a number"))
     for output, column, expected in checks:
         if null_counts[output]:
             raise _explain_nulls(frame, column, parsed[column], source, expected=expected)
     return conform_interactions(out, source)
+
+
+def column_names(path: str | Path) -> list[str]:
+    """The columns of an interaction file, read from its header only."""
+    return scan_table(path).collect_schema().names()
 
 
 def import_table(path: str | Path, id_col: str, kind: TableKind) -> pl.DataFrame:

@@ -29,13 +29,22 @@ def prepare_dataset(
     test: pl.DataFrame | None = None,
     items: pl.DataFrame | None = None,
     users: pl.DataFrame | None = None,
+    timed: bool = True,
 ) -> dict[str, Any]:
     """Split ``interactions`` and write the dataset directory; returns its manifest.
 
     Without ``test``, the log is split by ``split`` (temporal by default: random splits of behaviour
     logs leak the future). With ``test``, that frame *is* the test set, kept exactly as given, and
     only the validation set is carved from ``interactions`` by ``split``.
+
+    ``timed=False`` is a log without event times: splits that need time (temporal,
+    leave_last_n) are refused, since any order they used would be invented.
     """
+    if not timed and split.method in _TEMPORAL_METHODS:
+        raise DataError(
+            f"split {split.method!r} needs event times, but the log has none; "
+            "use --split random (per user) or user_disjoint"
+        )
     interactions = conform_interactions(interactions, "interactions")
     if test is None:
         splits = split_interactions(interactions, split)
@@ -71,6 +80,7 @@ def prepare_dataset(
         split_method=split_method,
         items=_unique_ids(items, ITEM_ID),
         users=_unique_ids(users, USER_ID),
+        timed=timed,
     )
 
 

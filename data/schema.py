@@ -30,6 +30,11 @@ INTERACTION_COLUMNS: tuple[str, ...] = tuple(INTERACTION_SCHEMA)
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 
+# An untimed log (play counts, rating dumps without dates) stores every event at this time and its
+# ``dataset.json`` says ``"timed": false``: splits that need time are refused, and the funnel's
+# time features and time rules see one constant moment instead of an invented order.
+UNTIMED_TIMESTAMP = 0
+
 
 def require_columns(
     frame: pl.DataFrame | pl.LazyFrame, columns: Iterable[str], source: str
