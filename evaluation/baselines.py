@@ -27,7 +27,6 @@ Recommendations depend only on the user's own row: ``recommend([u])[0] == recomm
 from __future__ import annotations
 
 import math
-import operator
 from abc import ABC, abstractmethod
 from typing import Protocol, Self, runtime_checkable
 
@@ -38,6 +37,7 @@ import scipy.sparse as sp
 
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import non_negative_int, positive_float, positive_int
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.popular import PopularConfig, PopularSource
@@ -173,8 +173,8 @@ class RandomBaseline(_FittedBaseline):
     def __init__(
         self, seed: int = 0, *, score_block_elements: int = DEFAULT_SCORE_BLOCK_ELEMENTS
     ) -> None:
-        self.seed = _non_negative_int(seed, "RandomBaseline seed")
-        self.score_block_elements = _positive_int(
+        self.seed = non_negative_int(seed, "RandomBaseline seed")
+        self.score_block_elements = positive_int(
             score_block_elements, "RandomBaseline score_block_elements"
         )
 
@@ -296,13 +296,9 @@ class EASEBaseline(_FittedBaseline):
         max_items: int = DEFAULT_EASE_MAX_ITEMS,
         score_block_elements: int = DEFAULT_SCORE_BLOCK_ELEMENTS,
     ) -> None:
-        if isinstance(l2, bool) or not isinstance(l2, int | float | np.floating | np.integer):
-            raise ConfigError(f"EASEBaseline l2 must be a number, got {l2!r}")
-        if not (l2 > 0 and math.isfinite(l2)):  # `not >` also rejects NaN
-            raise ConfigError(f"EASEBaseline l2 must be a finite number > 0, got {l2!r}")
-        self.l2 = float(l2)
-        self.max_items = _positive_int(max_items, "EASEBaseline max_items")
-        self.score_block_elements = _positive_int(
+        self.l2 = positive_float(l2, "EASEBaseline l2")
+        self.max_items = positive_int(max_items, "EASEBaseline max_items")
+        self.score_block_elements = positive_int(
             score_block_elements, "EASEBaseline score_block_elements"
         )
 
@@ -463,22 +459,3 @@ def _user_rows(user_rows: npt.ArrayLike) -> IntArray:
     if rows.min() < -1:
         raise DataError(f"user_rows holds {rows.min()}; indices are >= 0, or -1 for unknown")
     return rows.astype(np.int32)
-
-
-def _non_negative_int(value: int, name: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(value: int, name: str) -> int:
-    value = _non_negative_int(value, name)
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
-    return value

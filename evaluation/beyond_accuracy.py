@@ -25,7 +25,6 @@ measures return ``(n_users,)`` float64 with ``NaN`` for a list too short to defi
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import TypeAlias
 
@@ -34,6 +33,7 @@ import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
 from data.errors import DataError
+from data.validation import non_negative_int
 from evaluation.metrics import PADDING, catalog_coverage, mean
 
 __all__ = [
@@ -179,7 +179,7 @@ def intra_list_diversity(
 
 def exposure_counts(recommended: ArrayLike, n_items: int, k: int | None = None) -> IntArray:
     """``(n_items,)`` how many slots of the top ``k`` (over all users) show each item."""
-    rec, valid = _recommended(recommended, _non_negative_int(n_items, "n_items"), k)
+    rec, valid = _recommended(recommended, non_negative_int(n_items, "n_items", error=DataError), k)
     return np.bincount(rec[valid], minlength=n_items).astype(np.int64)
 
 
@@ -321,7 +321,7 @@ def _recommended(
 def _cutoff(k: int | None, n_columns: int) -> int:
     if k is None:
         return n_columns
-    k = _non_negative_int(k, "k")
+    k = non_negative_int(k, "k", error=DataError)
     if not 1 <= k <= n_columns:
         raise DataError(f"cutoff k={k} must lie in 1..{n_columns} (the columns of recommended)")
     return k
@@ -340,15 +340,3 @@ def _item_counts(item_counts: ArrayLike) -> NDArray[np.float64]:
 def _check_finite(values: NDArray[np.floating], name: str) -> None:
     if not np.isfinite(values).all():
         raise DataError(f"{name} holds non-finite values")
-
-
-def _non_negative_int(value: int, name: str) -> int:
-    if isinstance(value, bool):
-        raise DataError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise DataError(f"{name} must be an integer, got {value!r}") from None
-    if value < 0:
-        raise DataError(f"{name} must be >= 0, got {value}")
-    return value

@@ -20,7 +20,6 @@ one seeded ``np.random.Generator``: the same seed gives the same interval.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
@@ -28,7 +27,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from data.errors import ConfigError, DataError
+from data.errors import DataError
+from data.validation import fraction, one_of, positive_int
 
 __all__ = [
     "DEFAULT_BLOCK_ELEMENTS",
@@ -169,8 +169,7 @@ def paired_comparison(
             f"reference has {ref.size} users but candidate has {cand.size}; a paired comparison "
             "needs both systems' values for the same users, row by row"
         )
-    if test not in PAIRED_TESTS:
-        raise ConfigError(f"test must be one of {list(PAIRED_TESTS)}, got {test!r}")
+    one_of(test, "test", PAIRED_TESTS)
     n_boot, confidence = _check_settings(n_boot, confidence)
     both = ~(np.isnan(ref) | np.isnan(cand))
     ref, cand = ref[both], cand[both]
@@ -215,7 +214,7 @@ def bootstrap_means(
     n = x.size
     if x.ndim != 1 or n == 0:
         raise DataError(f"values must be a non-empty 1-D array, got shape {x.shape}")
-    block_elements = _positive_int(block_elements, "block_elements")
+    block_elements = positive_int(block_elements, "block_elements")
     means = np.empty(n_boot, dtype=np.float64)
     per_chunk = max(1, block_elements // n)
     for start in range(0, n_boot, per_chunk):
@@ -272,19 +271,5 @@ def _per_user(values: ArrayLike, name: str) -> FloatArray:
 
 
 def _check_settings(n_boot: int, confidence: float) -> tuple[int, float]:
-    n_boot = _positive_int(n_boot, "n_boot")
-    if not 0 < confidence < 1:  # also rejects NaN
-        raise ConfigError(f"confidence must lie strictly between 0 and 1, got {confidence!r}")
-    return n_boot, float(confidence)
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
-    return value
+    n_boot = positive_int(n_boot, "n_boot")
+    return n_boot, fraction(confidence, "confidence", low_open=True, high_open=True)

@@ -26,7 +26,6 @@ Only numpy and scipy are imported: metrics depend on nothing else in the project
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +33,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
+
+from data.validation import integer, non_negative_int
 
 __all__ = [
     "AP_NORMALIZATIONS",
@@ -88,8 +89,8 @@ def relevance_from_pairs(
     ``item_idx[j]`` relevant for user ``user_idx[j]``. Repeated pairs collapse to one entry.
     The result is a canonical CSR matrix (sorted indices, no duplicates) with boolean data.
     """
-    n_users = _non_negative_int(n_users, "n_users")
-    n_items = _non_negative_int(n_items, "n_items")
+    n_users = non_negative_int(n_users, "n_users", error=ValueError)
+    n_items = non_negative_int(n_items, "n_items", error=ValueError)
     users = _index_vector(user_idx, "user_idx")
     items = _index_vector(item_idx, "item_idx")
     if users.shape != items.shape:
@@ -204,7 +205,7 @@ def catalog_coverage(recommended: ArrayLike, n_items: int, k: int | None = None)
     Returns ``NaN`` for an empty catalog.
     """
     rec = _as_recommended(recommended)
-    n_items = _non_negative_int(n_items, "n_items")
+    n_items = non_negative_int(n_items, "n_items", error=ValueError)
     k = _resolve_k(k, rec.shape[1])
     _check_item_range(rec[:, :k], n_items)
     return _coverage(rec[:, :k], n_items)
@@ -482,9 +483,7 @@ def _check_key_space(n_users: int, n_items: int) -> None:
 def _resolve_k(k: int | None, n_columns: int) -> int:
     if k is None:
         k = n_columns
-    if isinstance(k, bool):
-        raise ValueError(f"cutoff k must be an integer, got {k!r}")
-    k = operator.index(k)
+    k = integer(k, "cutoff k", error=ValueError)
     if k < 1:
         raise ValueError(f"cutoff k must be >= 1, got {k}")
     if k > n_columns:
@@ -516,15 +515,6 @@ def _check_ap_normalization(normalization: str) -> None:
         raise ValueError(
             f"AP normalization {normalization!r} is not one of {list(AP_NORMALIZATIONS)}"
         )
-
-
-def _non_negative_int(value: int, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = operator.index(value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _index_vector(values: ArrayLike, name: str) -> _Int64Array:

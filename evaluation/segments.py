@@ -19,7 +19,6 @@ bootstrap confidence intervals (:mod:`evaluation.bootstrap`), JSON-ready.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from data.errors import ConfigError, DataError
 from data.interactions import Interactions
+from data.validation import fraction, non_negative_int
 from evaluation.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, bootstrap_ci
 from evaluation.metrics import PADDING, hit_rate_at_k, recall_at_k
 
@@ -133,7 +133,7 @@ def cold_start_segments(
 ) -> Segmentation:
     """``cold`` (0 training events), ``few`` (1..``few_events``), ``warm`` (more)."""
     counts = _counts(user_counts, "user_counts")
-    few_events = _non_negative_int(few_events, "few_events")
+    few_events = non_negative_int(few_events, "few_events")
     codes = np.where(counts == 0, 0, np.where(counts <= few_events, 1, 2))
     return Segmentation("cold_start", COLD_START_SEGMENTS, codes.astype(np.int64))
 
@@ -188,13 +188,12 @@ def item_popularity_buckets(
     """
     counts = _counts(item_counts, "item_counts").astype(np.float64)
     if n_items is not None:
-        n_items = _non_negative_int(n_items, "n_items")
+        n_items = non_negative_int(n_items, "n_items")
         if n_items < counts.size:
             raise DataError(f"n_items={n_items} is smaller than the {counts.size} item_counts")
         counts = np.concatenate([counts, np.zeros(n_items - counts.size)])
     for name, share in (("head_share", head_share), ("tail_share", tail_share)):
-        if not 0 <= share <= 1:
-            raise ConfigError(f"{name} must lie in [0, 1], got {share!r}")
+        fraction(share, name)
     if head_share + tail_share > 1:
         raise ConfigError(f"head_share + tail_share = {head_share + tail_share} exceeds 1")
     total = counts.sum()
@@ -331,15 +330,3 @@ def _aligned(values: ArrayLike, n: int, name: str) -> NDArray[np.float64]:
     if array.shape != (n,):
         raise DataError(f"metric {name!r} has shape {array.shape}; the segmentation has {n} users")
     return array
-
-
-def _non_negative_int(value: int, name: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
-    return value
