@@ -23,14 +23,8 @@ import faiss
 import numpy as np
 
 from benchmarks.common import median_seconds, peak_rss_mb, write_result
-from retrieval.index import (
-    IVF_KINDS,
-    IndexConfig,
-    IndexKind,
-    VectorIndex,
-    exact_search,
-    recall_at_k,
-)
+from retrieval.index import VectorIndex, exact_search, recall_at_k
+from retrieval.index_config import IVF_KINDS, IndexConfig, IndexKind
 
 KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8")
 # Search-time knob swept per kind (no rebuild): recall and p99 at each value.

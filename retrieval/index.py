@@ -6,33 +6,7 @@ vectors have the largest inner product (= cosine similarity) with a user vector.
 item indices directly (no second id lookup), and keeps up with the catalogue between retrains:
 new items are added and retired items removed while it serves.
 
-Kinds (``IndexConfig.kind``), with their FAISS factory string and memory per item at ``d`` dims:
-
-========  ======================  ============  ============================================
-kind      FAISS                   bytes / item  when
-========  ======================  ============  ============================================
-flat      ``IDMap,Flat``          4d + 8        exact; small catalogues, ground truth
-ivf_flat  ``IVF{nlist},Flat``     4d + 8        exact scores of the probed items
-ivf_fp16  ``IVF{nlist},SQfp16``   2d + 8        the default (see below)
-hnsw      ``HNSW{M},Flat``        4d + ~8M + 8  low latency at high recall; no native
-                                                removal; slow to build
-ivf_pq    ``IVF{nlist},PQ{m}x8``  m + 8         huge catalogues in little RAM; lossy
-sq8       ``IVF{nlist},SQ8``      d + 8         4x smaller than ivf_flat, small recall loss
-========  ======================  ============  ============================================
-
-Why the inverted-file kinds: they meet the retrieval target with room to spare (1M x 64 on 2
-cores, ``benchmarks/bench_index.py``, 2026-12-04: recall@100 0.973 for both ``ivf_flat`` and
-``ivf_fp16``, top-500 single-query p99 1.46 and 0.79 ms, against >= 0.95 and <= 5 ms); they
-build in ~10-30 s where HNSW takes ~65 s; ``nprobe`` trades recall for latency at query time
-without a rebuild; and they support add *and* remove natively (1000 items in ~10 ms), which the
-online item updates need. Why ``ivf_fp16`` is the default: a search streams every probed vector
-from memory, and half-precision vectors halve those bytes: on the 1M-item load bundle a top-500
-search took 0.56 ms instead of 0.92 ms, with 99.9% of the same top 500 (the scores differ in the
-fourth significant digit; the sources re-score their candidates exactly from the float32
-vectors). ``ivf_flat`` keeps float32 in the lists. ``sq8`` is the choice when memory binds: 3.6x
-smaller, a little faster, recall 0.966. ``sq8`` and ``ivf_pq`` score compressed vectors more
-coarsely; 16-byte PQ codes lose much recall on high-intrinsic-dimension vectors (0.67 on the
-benchmark).
+The kinds and how each is built: ``retrieval/index_config.py``.
 
 Ids: the IVF kinds store our ids in their inverted lists, and ``flat`` wraps the flat index in
 ``IndexIDMap`` (not ``IndexIDMap2``: its reverse map only serves ``reconstruct``, which this
@@ -58,25 +32,22 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import numpy.typing as npt
-import scipy.sparse as sp
 
 from data.errors import BundleError, ConfigError, DataError
-from retrieval._sorting import descending_key
-from retrieval.base import PAD_ITEM
+from retrieval.index_config import (
+    EXACT_SCORE_KINDS,
+    IVF_KINDS,
+    IndexConfig,
+    IndexKind,
+    factory_string,
+)
 from retrieval.index_overlay import LiveOverlay, base_ids, merge_results
-from retrieval.topk import excluded_mask
-
-IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8"]
-IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_fp16", "ivf_pq", "sq8")
-# Kinds whose search returns exact inner products of float32 vectors.
-EXACT_SCORE_KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "hnsw")
 
 IdArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
@@ -86,111 +57,6 @@ INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 LABELS_FILE = "hnsw_labels.npy"
 ALIVE_FILE = "hnsw_alive.npy"
-
-# FAISS's k-means warns below 39 training points per centroid: fewer give poorly placed centroids.
-MIN_POINTS_PER_CENTROID = 39
-# Auto nlist = NLIST_PER_SQRT_N * sqrt(n): the FAISS guidelines' 4*sqrt(n) .. 16*sqrt(n) range,
-# at its cheap end, which balances the coarse search (nlist dot products) against list scans.
-NLIST_PER_SQRT_N = 4.0
-# Auto pq_m keeps at least this many dimensions per sub-quantizer (16 bytes per 64-d vector).
-MIN_DIMS_PER_PQ_CODE = 4
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How the ANN index is built and searched. Inner-product metric throughout.
-
-    The figures quoted below come from ``benchmarks/bench_index.py`` (1M x 64 clustered unit
-    vectors, top-500 single-query latency on 2 cores; ``benchmarks/results/index.json``).
-
-    kind: which structure (see the module docstring). Default ``"ivf_fp16"``: meets the target,
-        builds in ~10 s, searches ~40% faster than ``ivf_flat`` at the same results, supports
-        live add and remove natively.
-    nlist: IVF cells; ``None`` = ``4 * sqrt(n)`` (4000 for 1M items), capped so that every
-        centroid gets at least 39 training vectors.
-    nprobe: IVF cells scanned per query (at most ``nlist``). 128 of 4000 cells (3%) gave
-        recall@100 0.973 at a p99 of 0.7 ms; 64 gave 0.955, too close to the 0.95 target to be
-        a default, 256 gave 0.986 at 1.3 ms. Per-call overrides tune it without a rebuild.
-    hnsw_m: HNSW graph degree (2M links per node on the base layer, 8 bytes of memory per item
-        per unit of M). 32 is the usual choice for 64-d vectors.
-    ef_construction: HNSW build beam width. 64 builds 1M vectors in ~65 s on 2 cores; a wider
-        beam builds a better graph (higher recall at the same ef_search) at a linear cost.
-    ef_search: HNSW search beam width; a search always uses ``max(ef_search, k)``, because FAISS
-        returns at most ~ef_search results. 256 gave recall@100 0.91 (0.94 at 512) on the
-        benchmark's high-intrinsic-dimension data, where graphs do worst.
-    pq_m: product-quantizer sub-vectors (bytes per vector at 8 bits); ``None`` = the largest
-        divisor of ``dim`` not above ``dim / 4`` (16 for 64-d: 16x smaller than float32).
-    pq_nbits: bits per PQ code (256 centroids at 8, the fast, standard layout).
-    train_sample: at most this many vectors (a seeded sample) train the IVF centroids and the
-        quantizers. 200k covers 39 points per centroid up to nlist ~5000 (10M+ items want
-        more); the k-means cost is linear in it.
-    seed: seeds the training sample and FAISS's k-means, so a rebuild of the IVF kinds is
-        reproducible (HNSW's multi-threaded construction is not bit-for-bit reproducible).
-    threads: OpenMP threads for FAISS calls on this index; ``None`` = FAISS's default (all
-        cores). The setting is process-wide in OpenMP and is restored after each call.
-    """
-
-    kind: IndexKind = "ivf_fp16"
-    nlist: int | None = None
-    nprobe: int = 128
-    hnsw_m: int = 32
-    ef_construction: int = 64
-    ef_search: int = 256
-    pq_m: int | None = None
-    pq_nbits: int = 8
-    train_sample: int = 200_000
-    seed: int = 0
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in get_args(IndexKind):
-            raise ConfigError(
-                f"IndexConfig.kind must be one of {list(get_args(IndexKind))}, got {self.kind!r}"
-            )
-        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search", "pq_nbits"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("train_sample", self.train_sample, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        for name in ("nlist", "pq_m", "threads"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if self.hnsw_m < 2:
-            raise ConfigError(f"IndexConfig.hnsw_m must be >= 2, got {self.hnsw_m!r}")
-        if self.pq_nbits > 16:
-            raise ConfigError(f"IndexConfig.pq_nbits must lie in [1, 16], got {self.pq_nbits!r}")
-
-    def resolved_nlist(self, n: int, n_train: int | None = None) -> int:
-        """IVF cells for ``n`` items trained on ``n_train`` of them (default: all; the explicit
-        ``nlist`` when set)."""
-        if self.nlist is not None:
-            return self.nlist
-        n_train = min(n, self.train_sample) if n_train is None else n_train
-        auto = round(NLIST_PER_SQRT_N * math.sqrt(n))
-        return max(1, min(auto, n_train // MIN_POINTS_PER_CENTROID))
-
-    def resolved_pq_m(self, dim: int) -> int:
-        """PQ sub-vectors for ``dim``-dimensional vectors (the explicit ``pq_m`` when set)."""
-        if self.pq_m is not None:
-            return self.pq_m
-        return max(m for m in range(1, dim + 1) if dim % m == 0 and m * MIN_DIMS_PER_PQ_CODE <= dim)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; :meth:`from_dict` inverts it exactly."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> IndexConfig:
-        """Build from a dict (a TOML table or ``index.json``); unknown keys raise ConfigError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"IndexConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"IndexConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @contextmanager
@@ -266,7 +132,7 @@ class VectorIndex:
         labels = _as_ids(ids, n=matrix.shape[0], name="ids")
         n, dim = matrix.shape
         kind = config.kind
-        factory = _factory_string(config, n=n, dim=dim, n_train=min(n, config.train_sample))
+        factory = factory_string(config, n=n, dim=dim, n_train=min(n, config.train_sample))
         index: Any = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         with _omp_threads(config.threads):
             if kind in IVF_KINDS:
@@ -733,35 +599,6 @@ def _check_knob(name: str, value: int) -> int:
     return int(value)
 
 
-def _factory_string(config: IndexConfig, *, n: int, dim: int, n_train: int) -> str:
-    """The ``faiss.index_factory`` description of ``config`` for ``n`` x ``dim`` vectors."""
-    if config.kind == "flat":
-        return "IDMap,Flat"
-    if config.kind == "hnsw":
-        return f"HNSW{config.hnsw_m},Flat"
-    nlist = config.resolved_nlist(n, n_train)
-    if n_train < nlist:
-        raise DataError(
-            f"{config.kind} index with nlist={nlist} needs at least {nlist} training vectors, "
-            f"got {n_train}"
-        )
-    if config.kind == "ivf_flat":
-        return f"IVF{nlist},Flat"
-    if config.kind == "ivf_fp16":
-        return f"IVF{nlist},SQfp16"
-    if config.kind == "sq8":
-        return f"IVF{nlist},SQ8"
-    pq_m = config.resolved_pq_m(dim)
-    if dim % pq_m:
-        raise ConfigError(f"IndexConfig.pq_m={pq_m} does not divide the dim {dim}")
-    if n_train < 2**config.pq_nbits:
-        raise DataError(
-            f"ivf_pq with pq_nbits={config.pq_nbits} needs at least {2**config.pq_nbits} "
-            f"training vectors, got {n_train}"
-        )
-    return f"IVF{nlist},PQ{pq_m}x{config.pq_nbits}"
-
-
 def _training_sample(matrix: FloatArray, size: int, seed: int) -> FloatArray:
     """At most ``size`` rows of ``matrix``, a seeded uniform sample (all rows when fewer)."""
     if matrix.shape[0] <= size:
@@ -769,65 +606,3 @@ def _training_sample(matrix: FloatArray, size: int, seed: int) -> FloatArray:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(matrix.shape[0], size=size, replace=False))
     return matrix[rows]
-
-
-def search_past_exclusions(
-    index: VectorIndex, queries: npt.NDArray[np.float32], k: int, mask: sp.csr_matrix | None
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """(n, F) index results holding each row's top ``k`` non-excluded items: items (-1 padded),
-    their scores (-inf padded) and which of them to keep.
-
-    A row excluding ``e`` items needs ``k + e`` results in the worst case, but the batch shares
-    one search width, and a heavy user's seen set would widen every row's search. So the first
-    search allows each row ``k`` exclusions beyond ``k``; only rows left short of ``k`` that
-    could still find more are searched again, as wide as they need. For the flat and IVF kinds,
-    whose wider results extend the narrower ones, the kept items equal those of one search of
-    width ``k + most excluded``. Used by the two-tower and ALS sources.
-    """
-    n_indexed = len(index)
-    excluded = np.zeros(len(queries), np.int64) if mask is None else np.diff(mask.indptr)
-    fetch = min(k + min(int(excluded.max()), k), n_indexed)
-    found, scores = index.search(queries, fetch)
-    keep = (found >= 0) & ~excluded_mask(mask, found)
-    needed = np.minimum(k + excluded, n_indexed)
-    short = np.flatnonzero((keep.sum(axis=1) < k) & (needed > fetch))
-    if short.size == 0:
-        return found, scores, keep
-    wider = int(needed[short].max())
-    again, again_scores = index.search(queries[short], wider)
-    padded = np.full((len(queries), wider), -1, dtype=found.dtype)
-    padded_scores = np.full((len(queries), wider), -np.inf, dtype=np.float32)
-    padded[:, :fetch], padded_scores[:, :fetch] = found, scores
-    padded[short], padded_scores[short] = again, again_scores
-    keep = (padded >= 0) & ~excluded_mask(mask, padded)
-    return padded, padded_scores, keep
-
-
-def search_exact_topk(
-    index: VectorIndex,
-    queries: npt.NDArray[np.float32],
-    query_vectors: npt.NDArray[np.float32],
-    item_vectors: npt.NDArray[np.float32],
-    k: int,
-    mask: sp.csr_matrix | None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Each row's top ``k`` non-excluded items, found through ``index`` and scored exactly as
-    ``query_vectors[r] . item_vectors[item]``: ``(items, scores)`` of width <= ``k``, padded with
-    ``PAD_ITEM`` / ``-inf`` where a row has fewer.
-
-    The index is asked for :meth:`VectorIndex.refine_depth` results, so an index that stores
-    compressed vectors still yields the exact top ``k``. Ties go to the lower item. ``queries``
-    is what the index is searched with (a source may transform its vectors for the index, as ALS
-    lifts them); ``item_vectors`` is indexed by item. Used by the two-tower and ALS sources.
-    """
-    found, _, keep = search_past_exclusions(index, queries, index.refine_depth(k), mask)
-    exact = np.einsum("nd,nfd->nf", query_vectors, item_vectors[np.where(keep, found, 0)])
-    scores = np.where(keep, exact, -np.inf).astype(np.float32)
-    # Best score first, ties to the lower item, dropped entries last: one packed int64 key.
-    n_items = item_vectors.shape[0]
-    tie = np.where(keep, found, n_items).astype(np.int64)
-    packed = (descending_key(scores) << int(n_items).bit_length()) | tie
-    order = np.argsort(packed, axis=1, kind="stable")[:, :k]
-    top_scores = np.take_along_axis(scores, order, axis=1)
-    top_items = np.take_along_axis(found, order, axis=1)
-    return np.where(np.isfinite(top_scores), top_items, PAD_ITEM), top_scores

@@ -31,7 +31,7 @@ from retrieval.base import (
 )
 from retrieval.coldstart import ColdStartConfig, ColdStartSource
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
-from retrieval.index import IndexConfig
+from retrieval.index_config import IndexConfig
 from retrieval.merge import MergedCandidates, merge_candidates
 from retrieval.popular import PopularConfig, PopularSource
 from retrieval.two_tower.config import TwoTowerConfig

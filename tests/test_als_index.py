@@ -17,7 +17,8 @@ from data.idmap import IdMap
 from data.interactions import Interactions
 from retrieval.als import ALSConfig, ALSSource, build_item_index, lift_queries
 from retrieval.base import PAD_ITEM, UserBatch
-from retrieval.index import IndexConfig, recall_at_k
+from retrieval.index import recall_at_k
+from retrieval.index_config import IndexConfig
 from tests.retrieval_contract import events_frame
 
 N_USERS, N_ITEMS, N_GROUPS, HISTORY = 300, 600, 6, 8

@@ -14,14 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.errors import BundleError, ConfigError, DataError
-from retrieval.index import (
-    IndexConfig,
-    IndexKind,
-    VectorIndex,
-    ann_recall,
-    exact_search,
-    recall_at_k,
-)
+from retrieval.index import VectorIndex, ann_recall, exact_search, recall_at_k
+from retrieval.index_config import IndexConfig, IndexKind
 
 KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8")
 N, DIM, CLUSTERS = 5000, 16, 50

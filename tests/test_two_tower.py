@@ -20,7 +20,7 @@ from data.errors import ConfigError, DataError
 from data.idmap import IdMap
 from data.interactions import Interactions
 from retrieval.base import PAD_ITEM, UserBatch
-from retrieval.index import IndexConfig
+from retrieval.index_config import IndexConfig
 from retrieval.two_tower import (
     PointInTimeHistory,
     TowerFeatures,

@@ -31,7 +31,9 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
 from retrieval.base import Candidates, LastBatchMemo, UserBatch
-from retrieval.index import IndexConfig, VectorIndex, search_exact_topk
+from retrieval.index import VectorIndex
+from retrieval.index_config import IndexConfig
+from retrieval.index_search import search_exact_topk
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k
 from retrieval.two_tower.config import TwoTowerConfig

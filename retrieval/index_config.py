@@ -1,0 +1,179 @@
+"""What an ANN index is built as: the index kinds, :class:`IndexConfig` and FAISS factory strings.
+
+:class:`~retrieval.index.VectorIndex` builds, searches and saves the index this module describes.
+
+Kinds (``IndexConfig.kind``), with their FAISS factory string and memory per item at ``d`` dims:
+
+========  ======================  ============  ============================================
+kind      FAISS                   bytes / item  when
+========  ======================  ============  ============================================
+flat      ``IDMap,Flat``          4d + 8        exact; small catalogues, ground truth
+ivf_flat  ``IVF{nlist},Flat``     4d + 8        exact scores of the probed items
+ivf_fp16  ``IVF{nlist},SQfp16``   2d + 8        the default (see below)
+hnsw      ``HNSW{M},Flat``        4d + ~8M + 8  low latency at high recall; no native
+                                                removal; slow to build
+ivf_pq    ``IVF{nlist},PQ{m}x8``  m + 8         huge catalogues in little RAM; lossy
+sq8       ``IVF{nlist},SQ8``      d + 8         4x smaller than ivf_flat, small recall loss
+========  ======================  ============  ============================================
+
+Why the inverted-file kinds: they meet the retrieval target with room to spare (1M x 64 on 2
+cores, ``benchmarks/bench_index.py``, 2026-12-04: recall@100 0.973 for both ``ivf_flat`` and
+``ivf_fp16``, top-500 single-query p99 1.46 and 0.79 ms, against >= 0.95 and <= 5 ms); they
+build in ~10-30 s where HNSW takes ~65 s; ``nprobe`` trades recall for latency at query time
+without a rebuild; and they support add *and* remove natively (1000 items in ~10 ms), which the
+online item updates need. Why ``ivf_fp16`` is the default: a search streams every probed vector
+from memory, and half-precision vectors halve those bytes: on the 1M-item load bundle a top-500
+search took 0.56 ms instead of 0.92 ms, with 99.9% of the same top 500 (the scores differ in the
+fourth significant digit; the sources re-score their candidates exactly from the float32
+vectors). ``ivf_flat`` keeps float32 in the lists. ``sq8`` is the choice when memory binds: 3.6x
+smaller, a little faster, recall 0.966. ``sq8`` and ``ivf_pq`` score compressed vectors more
+coarsely; 16-byte PQ codes lose much recall on high-intrinsic-dimension vectors (0.67 on the
+benchmark).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+from data.errors import ConfigError, DataError
+
+IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8"]
+IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_fp16", "ivf_pq", "sq8")
+# Kinds whose search returns exact inner products of float32 vectors.
+EXACT_SCORE_KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "hnsw")
+
+# FAISS's k-means warns below 39 training points per centroid: fewer give poorly placed centroids.
+MIN_POINTS_PER_CENTROID = 39
+# Auto nlist = NLIST_PER_SQRT_N * sqrt(n): the FAISS guidelines' 4*sqrt(n) .. 16*sqrt(n) range,
+# at its cheap end, which balances the coarse search (nlist dot products) against list scans.
+NLIST_PER_SQRT_N = 4.0
+# Auto pq_m keeps at least this many dimensions per sub-quantizer (16 bytes per 64-d vector).
+MIN_DIMS_PER_PQ_CODE = 4
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the ANN index is built and searched. Inner-product metric throughout.
+
+    The figures quoted below come from ``benchmarks/bench_index.py`` (1M x 64 clustered unit
+    vectors, top-500 single-query latency on 2 cores; ``benchmarks/results/index.json``).
+
+    kind: which structure (see the module docstring). Default ``"ivf_fp16"``: meets the target,
+        builds in ~10 s, searches ~40% faster than ``ivf_flat`` at the same results, supports
+        live add and remove natively.
+    nlist: IVF cells; ``None`` = ``4 * sqrt(n)`` (4000 for 1M items), capped so that every
+        centroid gets at least 39 training vectors.
+    nprobe: IVF cells scanned per query (at most ``nlist``). 128 of 4000 cells (3%) gave
+        recall@100 0.973 at a p99 of 0.7 ms; 64 gave 0.955, too close to the 0.95 target to be
+        a default, 256 gave 0.986 at 1.3 ms. Per-call overrides tune it without a rebuild.
+    hnsw_m: HNSW graph degree (2M links per node on the base layer, 8 bytes of memory per item
+        per unit of M). 32 is the usual choice for 64-d vectors.
+    ef_construction: HNSW build beam width. 64 builds 1M vectors in ~65 s on 2 cores; a wider
+        beam builds a better graph (higher recall at the same ef_search) at a linear cost.
+    ef_search: HNSW search beam width; a search always uses ``max(ef_search, k)``, because FAISS
+        returns at most ~ef_search results. 256 gave recall@100 0.91 (0.94 at 512) on the
+        benchmark's high-intrinsic-dimension data, where graphs do worst.
+    pq_m: product-quantizer sub-vectors (bytes per vector at 8 bits); ``None`` = the largest
+        divisor of ``dim`` not above ``dim / 4`` (16 for 64-d: 16x smaller than float32).
+    pq_nbits: bits per PQ code (256 centroids at 8, the fast, standard layout).
+    train_sample: at most this many vectors (a seeded sample) train the IVF centroids and the
+        quantizers. 200k covers 39 points per centroid up to nlist ~5000 (10M+ items want
+        more); the k-means cost is linear in it.
+    seed: seeds the training sample and FAISS's k-means, so a rebuild of the IVF kinds is
+        reproducible (HNSW's multi-threaded construction is not bit-for-bit reproducible).
+    threads: OpenMP threads for FAISS calls on this index; ``None`` = FAISS's default (all
+        cores). The setting is process-wide in OpenMP and is restored after each call.
+    """
+
+    kind: IndexKind = "ivf_fp16"
+    nlist: int | None = None
+    nprobe: int = 128
+    hnsw_m: int = 32
+    ef_construction: int = 64
+    ef_search: int = 256
+    pq_m: int | None = None
+    pq_nbits: int = 8
+    train_sample: int = 200_000
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(IndexKind):
+            raise ConfigError(
+                f"IndexConfig.kind must be one of {list(get_args(IndexKind))}, got {self.kind!r}"
+            )
+        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search", "pq_nbits"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("train_sample", self.train_sample, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("nlist", "pq_m", "threads"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if self.hnsw_m < 2:
+            raise ConfigError(f"IndexConfig.hnsw_m must be >= 2, got {self.hnsw_m!r}")
+        if self.pq_nbits > 16:
+            raise ConfigError(f"IndexConfig.pq_nbits must lie in [1, 16], got {self.pq_nbits!r}")
+
+    def resolved_nlist(self, n: int, n_train: int | None = None) -> int:
+        """IVF cells for ``n`` items trained on ``n_train`` of them (default: all; the explicit
+        ``nlist`` when set)."""
+        if self.nlist is not None:
+            return self.nlist
+        n_train = min(n, self.train_sample) if n_train is None else n_train
+        auto = round(NLIST_PER_SQRT_N * math.sqrt(n))
+        return max(1, min(auto, n_train // MIN_POINTS_PER_CENTROID))
+
+    def resolved_pq_m(self, dim: int) -> int:
+        """PQ sub-vectors for ``dim``-dimensional vectors (the explicit ``pq_m`` when set)."""
+        if self.pq_m is not None:
+            return self.pq_m
+        return max(m for m in range(1, dim + 1) if dim % m == 0 and m * MIN_DIMS_PER_PQ_CODE <= dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; :meth:`from_dict` inverts it exactly."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> IndexConfig:
+        """Build from a dict (a TOML table or ``index.json``); unknown keys raise ConfigError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"IndexConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"IndexConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def factory_string(config: IndexConfig, *, n: int, dim: int, n_train: int) -> str:
+    """The ``faiss.index_factory`` description of ``config`` for ``n`` x ``dim`` vectors."""
+    if config.kind == "flat":
+        return "IDMap,Flat"
+    if config.kind == "hnsw":
+        return f"HNSW{config.hnsw_m},Flat"
+    nlist = config.resolved_nlist(n, n_train)
+    if n_train < nlist:
+        raise DataError(
+            f"{config.kind} index with nlist={nlist} needs at least {nlist} training vectors, "
+            f"got {n_train}"
+        )
+    if config.kind == "ivf_flat":
+        return f"IVF{nlist},Flat"
+    if config.kind == "ivf_fp16":
+        return f"IVF{nlist},SQfp16"
+    if config.kind == "sq8":
+        return f"IVF{nlist},SQ8"
+    pq_m = config.resolved_pq_m(dim)
+    if dim % pq_m:
+        raise ConfigError(f"IndexConfig.pq_m={pq_m} does not divide the dim {dim}")
+    if n_train < 2**config.pq_nbits:
+        raise DataError(
+            f"ivf_pq with pq_nbits={config.pq_nbits} needs at least {2**config.pq_nbits} "
+            f"training vectors, got {n_train}"
+        )
+    return f"IVF{nlist},PQ{pq_m}x{config.pq_nbits}"
