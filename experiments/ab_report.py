@@ -1,8 +1,9 @@
 """Analyse a simulated A/B experiment and write ``result.json``, ``report.md`` and the plots.
 
 The analysis reads the experiment the way an analyst would, from the observed arm of each user
-(:mod:`experiments.ab_stats` does every test), and then does what no real experiment can: it
-compares the estimates with the truth, which the twin copies of the population give
+(the statistics modules do every test, :mod:`experiments.conventions`), and then does what no
+real experiment can: it compares the estimates with the truth, which the twin copies of the
+population give
 (:mod:`experiments.simulator`, :mod:`experiments.simulation_result`).
 
 * **A/B estimates** per treatment arm against the control (the first arm): Welch tests and CIs of
@@ -16,7 +17,7 @@ compares the estimates with the truth, which the twin copies of the population g
   of the alpha-spending test and of mSPRT with a look every day, of naive daily peeking, and the
   SRM false-alarm rate.
 * **SRM power**: detection rate of an injected sample loss and of a shifted split, next to the
-  formula (:func:`experiments.ab_stats.srm_power`).
+  formula (:func:`experiments.srm.srm_power`).
 * **Drift**: each arm's true daily CTR around the drift day (drop, trough, recovery), the A/B test
   restricted to the post-drift days, and the monitors' detection delays.
 
@@ -40,28 +41,24 @@ import polars as pl
 from matplotlib.figure import Figure
 from scipy import stats
 
-from experiments.ab_stats import (
+from experiments.always_valid import SequentialConfig, always_valid_inference
+from experiments.config import AnalysisConfig
+from experiments.drift import DriftReport, detection_delay
+from experiments.estimators import (
     ArmEstimate,
-    SequentialConfig,
     WelchResult,
-    always_valid_inference,
-    benjamini_hochberg,
     compare,
     cuped_test,
     effect_by_exposure_day,
-    evaluate_guardrails,
-    holm,
     mean_estimate,
-    minimum_detectable_effect,
-    srm_check,
-    srm_p_values,
-    srm_power,
     welch_test,
 )
-from experiments.config import AnalysisConfig
-from experiments.drift import DriftReport, detection_delay
 from experiments.group_sequential import group_sequential_test, look_correlation
+from experiments.guardrails import evaluate_guardrails
+from experiments.multiple_testing import benjamini_hochberg, holm
+from experiments.power import minimum_detectable_effect
 from experiments.simulation_result import SimulationResult
+from experiments.srm import srm_check, srm_p_values, srm_power
 from pipeline.assignment import assign_indices, hash_to_unit_interval
 
 __all__ = [

@@ -44,8 +44,11 @@ from typing import Any, Literal, get_args
 from data.configuration import from_mapping, load_toml
 from data.errors import ConfigError
 from data.synthetic import WorldConfig
-from experiments.ab_stats import DEFAULT_ALPHA, DEFAULT_POWER, SRM_ALPHA, Guardrail
+from experiments.conventions import DEFAULT_ALPHA
 from experiments.drift import DriftConfig
+from experiments.guardrails import Guardrail
+from experiments.power import DEFAULT_POWER
+from experiments.srm import SRM_ALPHA
 
 ArmKind = Literal["frozen", "online", "retrain_every", "drift_retrain", "popularity"]
 MetricName = Literal["ctr", "engagement"]
@@ -206,7 +209,7 @@ class BehaviourConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """How the experiment is analysed (see :mod:`experiments.ab_stats` for the methods).
+    """How the experiment is analysed (the methods: :mod:`experiments.conventions` lists them).
 
     alpha: two-sided level of every test and interval. srm_alpha: level of the SRM check.
     primary_metric: the decision metric (``"ctr"``: clicks per session, per user;

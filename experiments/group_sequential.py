@@ -3,9 +3,9 @@
 Daily peeking with a fixed-horizon z-test rejects a true null far more often than ``alpha`` (30
 looks: about 0.3). Two remedies live in this package:
 
-* the mixture SPRT (:func:`experiments.ab_stats.always_valid_inference`): valid at *any* stopping
-  time, even unplanned, at the price of conservatism: with 30 daily looks its real false-positive
-  rate is about half of ``alpha``;
+* the mixture SPRT (:func:`experiments.always_valid.always_valid_inference`): valid at *any*
+  stopping time, even unplanned, at the price of conservatism: with 30 daily looks its real
+  false-positive rate is about half of ``alpha``;
 * this module's group-sequential test (Lan & DeMets 1983): the looks are the experiment's days,
   and a *spending function* says how much of ``alpha`` may be used up by information fraction
   ``t``. The boundary of each look is solved so that the probability of crossing it first, under

@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 
 from data.synthetic.config import SECONDS_PER_DAY
-from experiments.ab_stats import minimum_detectable_effect, required_sample_size
 from experiments.config import ExperimentConfig
 from experiments.population import History
+from experiments.power import minimum_detectable_effect, required_sample_size
 
 __all__ = ["plan_power"]
 

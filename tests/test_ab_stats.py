@@ -1,4 +1,5 @@
-"""Tests for experiments.ab_stats: known answers, scipy agreement and simulated error rates.
+"""Tests for the A/B statistics (experiments.estimators, srm, power, always_valid,
+multiple_testing, guardrails): known answers, scipy agreement and simulated error rates.
 
 Every simulation draws all replicates at once as ``(replicates, users)`` matrices from a fixed
 seed, so the rates asserted below are deterministic; the bounds still leave Monte-Carlo slack so
@@ -17,36 +18,36 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from data.errors import ConfigError, DataError
-from experiments.ab_stats import (
-    ArmEstimate,
-    Guardrail,
+from experiments.always_valid import (
     SequentialConfig,
-    achieved_power,
-    aggregate_per_user,
     always_valid_inference,
-    benjamini_hochberg,
-    bernoulli_variance,
+    peek_sizes,
+    sequential_test,
+)
+from experiments.estimators import (
+    ArmEstimate,
+    aggregate_per_user,
     compare,
     cuped_adjust,
     cuped_test,
     effect_by_exposure_day,
-    evaluate_guardrails,
-    holm,
     mean_by_arm,
     mean_estimate,
-    minimum_detectable_effect,
-    peek_sizes,
     ratio_by_arm,
     ratio_estimate,
     ratio_test,
-    required_sample_size,
-    sequential_test,
-    srm_check,
-    srm_p_values,
-    srm_power,
     welch_p_values,
     welch_test,
 )
+from experiments.guardrails import Guardrail, evaluate_guardrails
+from experiments.multiple_testing import benjamini_hochberg, holm
+from experiments.power import (
+    achieved_power,
+    bernoulli_variance,
+    minimum_detectable_effect,
+    required_sample_size,
+)
+from experiments.srm import srm_check, srm_p_values, srm_power
 
 PROPERTY = settings(max_examples=60, deadline=None)
 REPLICATES = 2000

@@ -32,12 +32,12 @@ from experiments.ab_report import (
     users_for_srm_power,
     write_report,
 )
-from experiments.ab_stats import srm_power
 from experiments.arms import ArmRunner, BundleTrainer
 from experiments.config import ArmConfig, ExperimentConfig, load_experiment_config
 from experiments.population import apply_fatigue, draw_choices, repeat_counts, slate_diversity
 from experiments.simulation_result import SimulationResult
 from experiments.simulator import _Rings, simulate, slate_matrix
+from experiments.srm import srm_power
 from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
 from pipeline.funnel import Recommendation
 from pipeline.service import RecommenderService
