@@ -1,6 +1,6 @@
 """The dataset directory: the one on-disk format every loader writes and every stage reads.
 
-Layout (see INTERFACE.md)::
+Layout (README, "Dataset directory")::
 
     DIR/interactions.parquet        the whole log, canonical schema (data/schema.py)
     DIR/items.parquet               optional: item_id + features (categories, created_at, ...)

@@ -27,7 +27,7 @@ from serving.app import ServiceSettings, create_app
 
 TOKEN = "fuzz-admin-token"
 MAX_BODY_BYTES = 20_000
-# Every operation of the HTTP contract (INTERFACE.md); the fuzz fails if one goes missing from
+# Every operation of the HTTP contract (README, "HTTP API"); the fuzz fails if one goes missing from
 # the schema, so it can never pass by testing nothing.
 CONTRACT_OPERATIONS = {
     "POST /v1/recommend",
@@ -86,7 +86,7 @@ def send(client: TestClient, case: Case, headers: dict[str, str] | None = None) 
 
 
 def assert_contract_error_shape(response: httpx2.Response) -> None:
-    """No 5xx; a 4xx is JSON with a non-empty ``error`` string (INTERFACE.md)."""
+    """No 5xx; a 4xx is JSON with a non-empty ``error`` string (README, "HTTP API")."""
     where = f"{response.request.method} {response.request.url} -> {response.status_code}: "
     where += response.text[:300]
     assert response.status_code < 500, where

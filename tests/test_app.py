@@ -1,4 +1,4 @@
-"""The HTTP contract of INTERFACE.md, through FastAPI's TestClient (lifespan included)."""
+"""The HTTP contract (README, "HTTP API"), through FastAPI's TestClient (lifespan included)."""
 
 from __future__ import annotations
 
