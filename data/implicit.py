@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 import polars as pl
 
-from data.errors import ConfigError, DataError
+from data.errors import DataError
 from data.schema import (
     INTERACTION_COLUMNS,
     ITEM_ID,
@@ -21,6 +21,7 @@ from data.schema import (
     empty_interactions,
     require_columns,
 )
+from data.validation import one_of, positive_int
 
 Weighting = Literal["binary", "raw", "log1p"]
 Dedup = Literal["last", "first", "sum"]
@@ -53,10 +54,8 @@ def to_implicit(
     Returns the canonical schema, pairs in order of first appearance in ``interactions``.
     Raises ``DataError`` on malformed input or negative weights with ``"raw"``/``"log1p"``.
     """
-    if weighting not in get_args(Weighting):
-        raise ConfigError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
-    if dedup not in get_args(Dedup):
-        raise ConfigError(f"dedup must be one of {get_args(Dedup)}, got {dedup!r}")
+    one_of(weighting, "weighting", get_args(Weighting))
+    one_of(dedup, "dedup", get_args(Dedup))
     frame = _canonical(interactions, "to_implicit input")
     if min_weight is not None:
         frame = frame.filter(pl.col(WEIGHT) >= min_weight)
@@ -110,8 +109,7 @@ def k_core(
         ("min_user_interactions", min_user_interactions),
         ("min_item_interactions", min_item_interactions),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_int(value, name)
     frame = _canonical(interactions, "k_core input")
     keep = (pl.len().over(USER_ID) >= min_user_interactions) & (
         pl.len().over(ITEM_ID) >= min_item_interactions

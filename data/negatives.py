@@ -20,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from data.errors import ConfigError, DataError
+from data.errors import DataError
+from data.validation import non_negative_float, non_negative_int, one_of, positive_int
 
 Strategy = Literal["uniform", "popularity"]
 IndexArray = npt.NDArray[np.int32]
@@ -165,8 +166,8 @@ def hard_negatives(
         index first). Users with fewer than ``n_per_user`` candidate items are padded with
         ``NO_ITEM`` (-1).
     """
-    _require_int("n_per_user", n_per_user, minimum=0)
-    _require_int("batch_size", batch_size, minimum=1)
+    non_negative_int(n_per_user, "n_per_user")
+    positive_int(batch_size, "batch_size")
     positives = sp.csr_matrix(positives_csr)
     n_all_users, n_items = positives.shape
     if exclude is not None:
@@ -376,28 +377,16 @@ def _index_array(values: npt.ArrayLike, name: str, *, upper: int | None = None) 
 
 
 def _check_n_items(n_items: int) -> int:
-    _require_int("n_items", n_items, minimum=1, error=DataError)
+    n_items = positive_int(n_items, "n_items", error=DataError)
     if n_items > np.iinfo(np.int32).max:
         raise DataError(f"n_items={n_items} exceeds the int32 index range")
-    return int(n_items)
+    return n_items
 
 
 def _check_sampling_args(
     ratio: int, strategy: str, popularity_exponent: float, max_rejection_rounds: int
 ) -> None:
-    _require_int("ratio", ratio, minimum=0)
-    if strategy not in get_args(Strategy):
-        raise ConfigError(f"strategy must be one of {list(get_args(Strategy))}, got {strategy!r}")
-    if not np.isfinite(popularity_exponent) or popularity_exponent < 0:
-        raise ConfigError(
-            f"popularity_exponent must be finite and >= 0, got {popularity_exponent!r}"
-        )
-    _require_int("max_rejection_rounds", max_rejection_rounds, minimum=0)
-
-
-def _require_int(
-    name: str, value: object, *, minimum: int, error: type[Exception] = ConfigError
-) -> None:
-    """Raise ``error`` unless ``value`` is an integer (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
+    non_negative_int(ratio, "ratio")
+    one_of(strategy, "strategy", get_args(Strategy))
+    non_negative_float(popularity_exponent, "popularity_exponent")
+    non_negative_int(max_rejection_rounds, "max_rejection_rounds")

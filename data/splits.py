@@ -25,6 +25,7 @@ import polars as pl
 
 from data.errors import ConfigError, DataError
 from data.schema import ITEM_ID, SPLIT_NAMES, TIMESTAMP, USER_ID, require_columns
+from data.validation import fraction, non_negative_int, one_of
 
 SplitMethod = Literal["temporal", "leave_last_n", "random", "user_disjoint"]
 Frame = pl.DataFrame | pl.LazyFrame
@@ -60,10 +61,7 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in get_args(SplitMethod):
-            raise ConfigError(
-                f"split method must be one of {list(get_args(SplitMethod))}, got {self.method!r}"
-            )
+        one_of(self.method, "split method", get_args(SplitMethod))
         _check_fractions(self.test_fraction, self.valid_fraction)
         _check_counts(self.n_test, self.n_valid)
         _check_seed(self.seed)
@@ -351,8 +349,7 @@ def _kth_smallest(values: np.ndarray, positions: list[int]) -> list[int]:
 
 def _check_fractions(test_fraction: float, valid_fraction: float) -> None:
     for name, value in (("test_fraction", test_fraction), ("valid_fraction", valid_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        fraction(value, name, high_open=True)
     if test_fraction + valid_fraction >= 1.0:
         raise ConfigError(
             f"test_fraction + valid_fraction must be < 1 (something must be left to train on), "
@@ -362,10 +359,8 @@ def _check_fractions(test_fraction: float, valid_fraction: float) -> None:
 
 def _check_counts(n_test: int, n_valid: int) -> None:
     for name, value in (("n_test", n_test), ("n_valid", n_valid)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        non_negative_int(value, name)
 
 
 def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    non_negative_int(seed, "seed")

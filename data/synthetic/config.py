@@ -15,6 +15,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from data.errors import ConfigError
+from data.validation import (
+    finite_float,
+    fraction,
+    integer,
+    is_number,
+    non_negative_float,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+)
 
 Drift = Literal["none", "concept", "covariate", "prior"]
 ConceptShift = Literal["individual", "shared"]
@@ -205,24 +216,15 @@ def _validate(c: WorldConfig) -> None:
                      "n_categories", "max_interests", "slate_size", "calibration_slates",
                      "chunk_slates")  # fmt: skip
     for name in positive_ints:
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"WorldConfig.{name} must be a positive integer, got {value!r}")
+        positive_int(getattr(c, name), f"WorldConfig.{name}")
     non_negative = ("item_noise", "user_noise", "affinity_scale", "quality_std",
                     "popularity_exponent", "activity_sigma", "catalogue_history_days",
                     "position_bias_eta", "drift_strength", "drift_ramp_days")  # fmt: skip
     for name in non_negative:
-        value = getattr(c, name)
-        if not _finite(value) or value < 0:
-            raise ConfigError(f"WorldConfig.{name} must be a finite number >= 0, got {value!r}")
+        non_negative_float(getattr(c, name), f"WorldConfig.{name}")
     for name in ("category_concentration", "interest_concentration", "mean_gap_seconds"):
-        value = getattr(c, name)
-        if not _finite(value) or value <= 0:
-            raise ConfigError(f"WorldConfig.{name} must be a finite number > 0, got {value!r}")
-    if not _finite(c.no_click_utility):
-        raise ConfigError(
-            f"WorldConfig.no_click_utility must be finite, got {c.no_click_utility!r}"
-        )
+        positive_float(getattr(c, name), f"WorldConfig.{name}")
+    finite_float(c.no_click_utility, "WorldConfig.no_click_utility")
     unit_intervals = (
         ("quality_popularity_corr", False),
         ("personalized_share", False),
@@ -230,10 +232,7 @@ def _validate(c: WorldConfig) -> None:
         ("covariate_user_fraction", True),
     )
     for name, lo_open in unit_intervals:
-        value = getattr(c, name)
-        if not _finite(value) or not (0 < value <= 1 if lo_open else 0 <= value <= 1):
-            interval = "(0, 1]" if lo_open else "[0, 1]"
-            raise ConfigError(f"WorldConfig.{name} must lie in {interval}, got {value!r}")
+        fraction(getattr(c, name), f"WorldConfig.{name}", low_open=lo_open)
     if c.max_interests > c.n_categories:
         raise ConfigError(
             f"WorldConfig.max_interests ({c.max_interests}) exceeds n_categories ({c.n_categories})"
@@ -242,40 +241,23 @@ def _validate(c: WorldConfig) -> None:
         raise ConfigError(
             f"WorldConfig.n_categories ({c.n_categories}) exceeds n_items ({c.n_items})"
         )
-    if not _finite(c.mean_slates_per_session) or c.mean_slates_per_session < 1:
-        raise ConfigError(
-            f"WorldConfig.mean_slates_per_session must be >= 1, got {c.mean_slates_per_session!r}"
-        )
+    non_negative_float(c.mean_slates_per_session, "WorldConfig.mean_slates_per_session", minimum=1)
     if (
         len(c.hour_profile) != HOURS_PER_DAY
-        or not all(_finite(x) and x >= 0 for x in c.hour_profile)
+        or not all(is_number(x) and math.isfinite(x) and x >= 0 for x in c.hour_profile)
         or sum(c.hour_profile) <= 0
     ):
         raise ConfigError(
             f"WorldConfig.hour_profile must be {HOURS_PER_DAY} non-negative rates with a positive "
             f"sum, got {list(c.hour_profile)}"
         )
-    if c.drift not in get_args(Drift):
-        raise ConfigError(
-            f"WorldConfig.drift must be one of {list(get_args(Drift))}, got {c.drift!r}"
-        )
-    if isinstance(c.drift_day, bool) or not isinstance(c.drift_day, int) or c.drift_day < 0:
-        raise ConfigError(f"WorldConfig.drift_day must be an integer >= 0, got {c.drift_day!r}")
-    if c.concept_shift not in get_args(ConceptShift):
-        raise ConfigError(
-            f"WorldConfig.concept_shift must be one of {list(get_args(ConceptShift))}, "
-            f"got {c.concept_shift!r}"
-        )
+    one_of(c.drift, "WorldConfig.drift", get_args(Drift))
+    non_negative_int(c.drift_day, "WorldConfig.drift_day")
+    one_of(c.concept_shift, "WorldConfig.concept_shift", get_args(ConceptShift))
     if c.drift == "concept" and c.drift_strength > 1:
         raise ConfigError(
             "WorldConfig.drift_strength is the final weight of the alternative preferences under "
             f"concept drift and must lie in [0, 1], got {c.drift_strength!r}"
         )
-    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
-        raise ConfigError(f"WorldConfig.seed must be an integer >= 0, got {c.seed!r}")
-    if isinstance(c.start, bool) or not isinstance(c.start, int):
-        raise ConfigError(f"WorldConfig.start must be integer Unix seconds, got {c.start!r}")
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    non_negative_int(c.seed, "WorldConfig.seed")
+    integer(c.start, "WorldConfig.start (Unix seconds)")

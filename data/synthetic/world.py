@@ -28,6 +28,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.synthetic.config import SECONDS_PER_DAY, WorldConfig
+from data.validation import integer
 
 FORMAT_VERSION = 1
 WORLD_JSON = "world.json"
@@ -313,8 +314,7 @@ class World:
         than ``k`` items are eligible the tail is item -1 with utility -inf.
         """
         users = self._check_users(user_idx)
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.n_items:
-            raise DataError(f"true_top_k: k must be an integer in [1, {self.n_items}], got {k!r}")
+        k = integer(k, "true_top_k: k", minimum=1, maximum=self.n_items, error=DataError)
         if exclude is not None and len(exclude) != users.size:
             raise DataError(f"true_top_k: {len(exclude)} exclude lists for {users.size} users")
         times = self._broadcast_time(t, users.size)
