@@ -45,6 +45,7 @@ from ranking.training_set import (
     TrainingSetConfig,
     build_training_set,
     group_ndcg,
+    label_cut,
     split_groups,
 )
 from retrieval.base import UserBatch
@@ -166,7 +167,7 @@ class RankingStage:
         config = self.config
         if len(label_log) == 0:
             raise DataError("RankingStage.fit: the label log is empty")
-        cut = int(label_log.timestamp[0])
+        cut = label_cut(history_log, label_log)
         training_store = FeatureStore(config.features).fit(history_log, catalog, as_of=cut)
         training = build_training_set(
             retrieval_stage, training_store, history_log, label_log, catalog, config.training

@@ -1,6 +1,8 @@
 """The ranker's training set, built the way the funnel sees it.
 
-One request per user at the *cut* (the first timestamp of the label window):
+One request per user at the *cut* (:func:`label_cut`: the first timestamp of the label window,
+or, when the label window interleaves with the history as in a random split or an untimed log,
+the moment after the last history event):
 
 1. the user's state is their history strictly before the cut (``UserBatch`` with ``now = cut``);
 2. the retrieval stage (trained on data before the cut) retrieves the merged candidates, with
@@ -262,12 +264,12 @@ def build_training_set(
 
     history_log: events before the label window (later events are ignored), the id maps of the
         retrieval stage; label_log: the label window, same id maps; ``feature_store`` fitted with
-        ``as_of <= cut`` (``cut = label_log``'s first timestamp); ``catalog`` aligned with the
-        item map (release times decide which items can be sampled as negatives).
+        ``as_of <= cut`` (``cut = label_cut(history_log, label_log)``); ``catalog`` aligned with
+        the item map (release times decide which items can be sampled as negatives).
     """
     config = config if config is not None else TrainingSetConfig()
     _check_inputs(feature_store, history_log, label_log, catalog)
-    cut = int(label_log.timestamp[0])  # the log is sorted by time
+    cut = label_cut(history_log, label_log)
     if feature_store.as_of_ > cut:
         raise DataError(
             f"the feature store is as of {feature_store.as_of_}, after the label window starts "
@@ -307,6 +309,23 @@ def build_training_set(
             )
         )
     return _finish(parts, users, cut, config)
+
+
+def label_cut(history_log: Interactions, label_log: Interactions) -> int:
+    """The request time of the ranker's training groups, seconds UTC.
+
+    A temporal label window (it starts after the history ends) is asked at its first event, as a
+    request at that moment would be. A window whose events interleave with the history (a random
+    split, or an untimed log whose events all share one time) has no such moment: cutting the
+    history at its first event would drop most of every user's state (all of it on an untimed
+    log), so the groups are asked just after the last history event instead. Either way the
+    features read only ``history_log``; the label events stay labels.
+    """
+    if len(label_log) == 0:
+        raise DataError("the label window is empty")
+    first_label = int(label_log.timestamp[0])  # logs are sorted by time
+    last_history = int(history_log.timestamp[-1]) if len(history_log) else first_label - 1
+    return first_label if first_label > last_history else last_history + 1
 
 
 @dataclass(frozen=True)
@@ -620,6 +639,7 @@ __all__ = [
     "TrainingSet",
     "TrainingSetConfig",
     "build_training_set",
+    "label_cut",
     "group_ndcg",
     "split_groups",
     "write_curves",
