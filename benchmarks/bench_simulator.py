@@ -30,10 +30,12 @@ import numpy as np
 
 from benchmarks.common import RESULTS_DIR, peak_rss_mb, write_result
 from data.configuration import load_toml
-from experiments.ab_report import analyse, replicate_assignments, srm_study, write_report
+from experiments.analysis import analyse
 from experiments.config import ExperimentConfig, SampleLossConfig
+from experiments.report import write_report
 from experiments.simulation_result import SimulationResult
 from experiments.simulator import simulate
+from experiments.studies import replicate_assignments, srm_study
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab_concept_drift.toml"
 TARGET_SECONDS = 600.0

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.ab_report import analyse, write_report
+from experiments.analysis import analyse
 from experiments.config import load_experiment_config
+from experiments.report import write_report
 from experiments.simulation_result import SimulationResult
 from experiments.simulator import simulate
 

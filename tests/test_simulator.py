@@ -20,24 +20,23 @@ from hypothesis.extra.numpy import arrays
 from cli.simulate_command import register, run_simulation
 from data.dataset import load_dataset
 from data.errors import ConfigError, DataError
-from experiments.ab_report import (
-    aa_study,
-    analyse,
-    coverage_study,
-    daily_cumulative,
-    group_moments,
-    per_user_metrics,
-    replicate_assignments,
-    srm_study,
-    users_for_srm_power,
-    write_report,
-)
+from experiments.analysis import analyse
 from experiments.arms import ArmRunner, BundleTrainer
 from experiments.config import ArmConfig, ExperimentConfig, load_experiment_config
 from experiments.population import apply_fatigue, draw_choices, repeat_counts, slate_diversity
+from experiments.report import write_report
 from experiments.simulation_result import SimulationResult
 from experiments.simulator import _Rings, simulate, slate_matrix
 from experiments.srm import srm_power
+from experiments.studies import (
+    aa_study,
+    coverage_study,
+    group_moments,
+    replicate_assignments,
+    srm_study,
+    users_for_srm_power,
+)
+from experiments.user_metrics import daily_cumulative, per_user_metrics
 from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
 from pipeline.funnel import Recommendation
 from pipeline.service import RecommenderService
