@@ -33,14 +33,14 @@ from pipeline.funnel import BudgetConfig
 
 # Training settings for the big catalogue: a real model of the serving shape (1M-item index, every
 # source, a ranker), trained quickly: this benchmark measures serving, not model quality. One
-# epoch of 1024-example batches: the 1.1M id rows train sparse ("auto"), so a step costs ~36 ms
-# on 2 cores whatever the catalogue size (a dense AdamW step rewrote all 1M rows: ~0.5 s).
+# epoch of 1024-example batches: the 1.1M id rows train sparse ("auto"), so a step costs the same
+# whatever the catalogue size (a dense AdamW step rewrites all 1M rows, >10x slower).
 #
 # The ranker is pinned to 31-leaf trees at learning rate 0.05: this sparse world (3 events per
 # item) gives early stopping little to keep, and at the defaults (15 leaves, 0.1) it kept a single
-# tree, a ranker that costs nothing to serve. Pinned, it keeps 31-leaf trees: 74 in the latest
-# build, 163-186 in earlier ones (early stopping follows the retrieval features), more than the
-# defaults train on the default dataset (50 of 15 leaves), so the figures err on the slow side. The
+# tree, a ranker that costs nothing to serve. Pinned, it keeps more 31-leaf trees than the defaults
+# train on the default dataset (15 leaves), so the figures err on the slow side (how many it kept
+# follows the retrieval features: docs/benchmarks.md, "Measurements behind the defaults"). The
 # service scores it with the compiled trees (ranking/compiled_forest.py), as it would any ranker.
 FAST_TRAINING = {
     "retrieval": {

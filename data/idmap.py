@@ -27,8 +27,8 @@ UNKNOWN_INDEX = -1
 # IdMap.index binary-searches a sorted copy of the map (made once, on first use) for calls of up
 # to this many ids or of no more ids than the map holds; beyond, polars' hash lookup. The hash
 # lookup rebuilds a table of the whole map on every call: right for 20M ids against a small map,
-# ruinous for the one user of an HTTP request. Measured on a 1M-id map (2-core box): 1 id 0.1 ms
-# vs ~70 ms; 5k ids 9 vs 377 ms; 250k ids 154 vs 399 ms.
+# ruinous for the one user of an HTTP request (a 1M-id map: docs/benchmarks.md, "Measurements
+# behind the defaults").
 _BINARY_SEARCH_MIN_IDS = 4_096
 
 # How many offending ids an error message quotes: enough to recognise the problem, short enough
@@ -186,9 +186,10 @@ class IdMap:
     def id_list(self, indices: npt.ArrayLike) -> list[str]:
         """``to_ids`` as a Python list: what a response is built from.
 
-        A request's few dozen ids are read one by one: ~0.5 us each, where a polars gather
-        costs ~0.1-0.5 ms a call whatever its size (its query engine starts, on another
-        thread when called from one). Larger lists use the gather.
+        A request's few dozen ids are read one by one, far faster than a polars gather, which
+        costs a fixed fraction of a millisecond a call whatever its size (its query engine
+        starts, on another thread when called from one; ``docs/benchmarks.md``). Larger lists
+        use the gather.
         """
         array = self._checked(indices)
         if array.size > _FEW_IDS:

@@ -37,11 +37,12 @@ class LightGBMConfig:
     """Hyperparameters of :class:`LightGBMRanker` (LightGBM's names where they exist).
 
     num_leaves: leaves per tree. 15, not LightGBM's 31: a tree's serving cost grows with its
-        depth, and on the default dataset 15 leaves (50 trees) ranked as well as 31 (44 trees):
-        pipeline NDCG@10 0.2353 vs 0.2310, overlapping intervals.
+        depth, and on the default dataset 15 leaves ranked as well as 31 (overlapping
+        intervals of pipeline NDCG@10).
     learning_rate: shrinkage per tree (LightGBM's default 0.1). Serving cost grows with the
-        number of trees: on the default dataset 0.05 stopped at 132 trees and 0.1 at 44, with the
-        same pipeline NDCG@10 (0.2308 vs 0.2310).
+        number of trees: on the default dataset 0.05 stopped at about three times as many trees
+        as 0.1, with the same pipeline NDCG@10. Figures: ``docs/benchmarks.md``, "Measurements
+        behind the defaults".
     max_rounds: boosting rounds at most (early stopping usually ends sooner).
     early_stopping_rounds: stop when validation NDCG has not improved for this many rounds;
         the best round's trees are kept. Ignored without a validation set.

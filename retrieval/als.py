@@ -5,16 +5,17 @@ for Implicit Feedback Datasets", ICDM 2008; Takacs et al., RecSys 2011, for the 
 user x item matrix of summed event weights. Retrieval ranks items by the inner product user
 factors . item factors, searched one of two ways (``ALSConfig.index``):
 
-* exact: the dense score matrix, in bounded blocks. Its cost is linear in the catalogue (~13-22
-  ms a request at 1M items), so it is the default only below ``ALSConfig.index_min_items``.
+* exact: the dense score matrix, in bounded blocks. Its cost is linear in the catalogue, so it is
+  the default only below ``ALSConfig.index_min_items``.
 * approximate: an IVF :class:`~retrieval.index.VectorIndex` built at fit time. ALS factors are not
   normalised (popular items have long vectors, items never seen in training are zero), and an
-  inner-product IVF clusters them badly (recall@500 0.60 at nprobe 128 on the 1M-item benchmark
+  inner-product IVF clusters them badly (recall far below the target on the 1M-item benchmark
   model). So the index holds each item vector lifted by one coordinate, ``sqrt(M^2 - |y|^2)``
   with ``M`` the largest norm, and queries get a 0 there: every lifted vector has norm ``M`` and
   the inner product is unchanged, so maximum inner product becomes a nearest-neighbour search
   that k-means cells fit (Bachrach et al., "Speeding up the Xbox recommender system using a
-  euclidean transformation for inner-product spaces", RecSys 2014): recall@500 0.968 at nprobe 64.
+  euclidean transformation for inner-product spaces", RecSys 2014), which meets the target
+  (``docs/benchmarks.md``, "Measurements behind the defaults").
   Items whose factors are zero (no training interactions: ALS leaves them at zero, they score 0
   for every user) are not indexed. The inverted lists hold the float32 vectors, so the scores
   returned are exact inner products (up to float32 summation order).
@@ -29,7 +30,7 @@ with implicit's conventions (``implicit.cpu.als`` ``least_squares``, the solve b
 w``, unobserved pairs count 1, a negative ``c`` is a dislike (``|c|`` in the Gram term, nothing
 in the target), and ``reg`` is a constant. ``Y^T Y`` is summed once per model (the only term over
 the whole catalogue); the rest costs a user's events, solved with numpy on the calling thread
-(implicit's OpenMP solve stalled behind a busy core: 26 ms a user on a loaded 2-core box).
+(implicit's OpenMP solve stalled behind a busy core on a loaded 2-core box; ``docs/benchmarks.md``).
 Whose vector is re-solved is ``ALSConfig.fold_in``:
 
 * ``"unknown"`` (default): users the model has never seen (``user_idx`` -1) with a non-empty
@@ -105,14 +106,14 @@ class ALSConfig:
     index: how retrieval searches the items (module docstring). ``"exact"``: dense scoring of
         every item; ``"ann"``: the IVF index, built at fit time; ``"auto"`` (default): the index
         from ``index_min_items`` items on, exact below.
-    index_min_items: catalogue size from which ``"auto"`` builds the index. 100_000: one user's
-        exact top-500 costs 0.8 ms (32 factors) to 2.2 ms (64) at 100k items, 2.5 to 4.7 ms at
-        200k and 13 to 22 ms at 1M, against ~0.4 ms from the index; below 100k exact scoring
-        fits ALS's ~2 ms share of a request without an index build or approximate results.
+    index_min_items: catalogue size from which ``"auto"`` builds the index. 100_000: below it,
+        exact scoring of one user's top 500 fits ALS's share of a request without an index
+        build or approximate results; above it, its cost outgrows that share while the index's
+        stays flat (``docs/benchmarks.md``, "Measurements behind the defaults").
     index_nlist: IVF cells; ``None`` = ``IndexConfig``'s ``4 * sqrt(n)`` of the indexed items.
-    index_nprobe: IVF cells scanned per query. 64: recall@500 0.968 against exact search on the
-        1M-item benchmark model (232k indexed items, 1929 cells) at a single-query p99 of
-        0.35-0.5 ms; 32 gave 0.955, too close to the 0.95 target, 128 gave 0.972 for 0.1 ms more.
+    index_nprobe: IVF cells scanned per query. 64 clears the 0.95 recall@500 target against
+        exact search with a margin on the 1M-item benchmark model; 32 is too close to it, 128
+        buys little recall for more latency (``docs/benchmarks.md``).
     """
 
     factors: int = 64

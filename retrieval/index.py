@@ -345,7 +345,8 @@ class VectorIndex:
 
         The other kinds delete physically on :meth:`remove`. The graph is rebuilt from the exact
         float32 vectors HNSW stores, so no live vector is lost or altered (the new graph differs,
-        as any rebuild's does). Costs a build of ``len(self)`` items (~65 s per million).
+        as any rebuild's does). Costs a build of ``len(self)`` items (minutes per million on 2
+        cores: the hnsw build time in ``docs/benchmarks.md``).
         """
         self._check_writable("compact")
         if self.kind != "hnsw" or self.n_tombstones == 0:

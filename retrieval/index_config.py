@@ -16,19 +16,18 @@ ivf_pq    ``IVF{nlist},PQ{m}x8``  m + 8         huge catalogues in little RAM; l
 sq8       ``IVF{nlist},SQ8``      d + 8         4x smaller than ivf_flat, small recall loss
 ========  ======================  ============  ============================================
 
-Why the inverted-file kinds: they meet the retrieval target with room to spare (1M x 64 on 2
-cores, ``benchmarks/bench_index.py``, 2026-12-04: recall@100 0.973 for both ``ivf_flat`` and
-``ivf_fp16``, top-500 single-query p99 1.46 and 0.79 ms, against >= 0.95 and <= 5 ms); they
-build in ~10-30 s where HNSW takes ~65 s; ``nprobe`` trades recall for latency at query time
-without a rebuild; and they support add *and* remove natively (1000 items in ~10 ms), which the
-online item updates need. Why ``ivf_fp16`` is the default: a search streams every probed vector
-from memory, and half-precision vectors halve those bytes: on the 1M-item load bundle a top-500
-search took 0.56 ms instead of 0.92 ms, with 99.9% of the same top 500 (the scores differ in the
+Why the inverted-file kinds: they meet the retrieval target (recall@100 >= 0.95 and a top-500
+single-query p99 <= 5 ms, 1M x 64 on 2 cores) with room to spare; they build several times faster
+than HNSW; ``nprobe`` trades recall for latency at query time without a rebuild; and they support
+add *and* remove natively, which the online item updates need. Why ``ivf_fp16`` is the default: a
+search streams every probed vector from memory, and half-precision vectors halve those bytes, so
+it searches faster than ``ivf_flat`` and finds nearly the same items (the scores differ in the
 fourth significant digit; the sources re-score their candidates exactly from the float32
-vectors). ``ivf_flat`` keeps float32 in the lists. ``sq8`` is the choice when memory binds: 3.6x
-smaller, a little faster, recall 0.966. ``sq8`` and ``ivf_pq`` score compressed vectors more
-coarsely; 16-byte PQ codes lose much recall on high-intrinsic-dimension vectors (0.67 on the
-benchmark).
+vectors). ``ivf_flat`` keeps float32 in the lists. ``sq8`` is the choice when memory binds: about
+a quarter of ``ivf_flat``'s memory at a small recall loss. ``sq8`` and ``ivf_pq`` score compressed
+vectors more coarsely; 16-byte PQ codes lose much recall on high-intrinsic-dimension vectors.
+The figures: ``docs/benchmarks.md``, "ANN index kinds" (``benchmarks/bench_index.py``) and
+"Measurements behind the defaults".
 """
 
 from __future__ import annotations
@@ -57,24 +56,25 @@ MIN_DIMS_PER_PQ_CODE = 4
 class IndexConfig:
     """How the ANN index is built and searched. Inner-product metric throughout.
 
-    The figures quoted below come from ``benchmarks/bench_index.py`` (1M x 64 clustered unit
-    vectors, top-500 single-query latency on 2 cores; ``benchmarks/results/index.json``).
+    The defaults were chosen on ``benchmarks/bench_index.py`` (1M x 64 clustered unit vectors,
+    top-500 single-query latency on 2 cores); its figures, the ``nprobe`` and ``ef_search``
+    sweeps included, are in ``docs/benchmarks.md``, "ANN index kinds".
 
     kind: which structure (see the module docstring). Default ``"ivf_fp16"``: meets the target,
-        builds in ~10 s, searches ~40% faster than ``ivf_flat`` at the same results, supports
-        live add and remove natively.
+        searches faster than ``ivf_flat`` at the same recall, supports live add and remove
+        natively.
     nlist: IVF cells; ``None`` = ``4 * sqrt(n)`` (4000 for 1M items), capped so that every
         centroid gets at least 39 training vectors.
-    nprobe: IVF cells scanned per query (at most ``nlist``). 128 of 4000 cells (3%) gave
-        recall@100 0.973 at a p99 of 0.7 ms; 64 gave 0.955, too close to the 0.95 target to be
-        a default, 256 gave 0.986 at 1.3 ms. Per-call overrides tune it without a rebuild.
+    nprobe: IVF cells scanned per query (at most ``nlist``). 128 of 4000 cells (3%) clears the
+        0.95 recall@100 target with a margin; 64 is too close to it to be a default, and 256
+        buys a little recall for much more latency. Per-call overrides tune it without a rebuild.
     hnsw_m: HNSW graph degree (2M links per node on the base layer, 8 bytes of memory per item
         per unit of M). 32 is the usual choice for 64-d vectors.
-    ef_construction: HNSW build beam width. 64 builds 1M vectors in ~65 s on 2 cores; a wider
+    ef_construction: HNSW build beam width. 64 builds 1M vectors in minutes on 2 cores; a wider
         beam builds a better graph (higher recall at the same ef_search) at a linear cost.
     ef_search: HNSW search beam width; a search always uses ``max(ef_search, k)``, because FAISS
-        returns at most ~ef_search results. 256 gave recall@100 0.91 (0.94 at 512) on the
-        benchmark's high-intrinsic-dimension data, where graphs do worst.
+        returns at most ~ef_search results. 256: on the benchmark's high-intrinsic-dimension
+        data, where graphs do worst, no beam width reaches the recall target (the IVF kinds do).
     pq_m: product-quantizer sub-vectors (bytes per vector at 8 bits); ``None`` = the largest
         divisor of ``dim`` not above ``dim / 4`` (16 for 64-d: 16x smaller than float32).
     pq_nbits: bits per PQ code (256 centroids at 8, the fast, standard layout).

@@ -70,8 +70,9 @@ class RetrievalConfig:
         ``n_candidates``): its quota, plus as many again for the fill when the sources overlap.
         ``None`` (or any value past ``n_candidates / quota``): every source fetches
         ``n_candidates``, as bundles trained before this setting do. On the default dataset 2
-        ranks as well as 500 from every source (pipeline NDCG@10 0.2354 vs 0.2353, merged
-        recall@500 0.9280 vs 0.9282) and the merge sorts 1000 slots per user instead of 2500.
+        ranks as well as 500 from every source (same pipeline NDCG@10 and merged recall@500:
+        ``docs/benchmarks.md``, "Measurements behind the defaults") and the merge sorts 1000
+        slots per user instead of 2500.
     """
 
     sources: tuple[str, ...] = ("two_tower", "als", "covisit", "popular", "coldstart")

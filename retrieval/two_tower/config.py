@@ -22,10 +22,9 @@ SparseEmbeddings = Literal["auto"] | bool
 # ``sparse_embeddings="auto"`` turns sparse updates on above this many id rows (user + item
 # tables together). Dense AdamW reads and writes every row of both tables (weight, gradient, two
 # moments) each step, so its cost grows with the tables; a sparse step's grows with the batch.
-# Median step at dim 32, batch 512, 2 CPU cores, dense vs sparse: 7k rows (the embedded
-# dataset) 16 vs 18 ms, 30k rows 20 vs 17 ms, 100k rows 42 vs 16 ms, 1.1M rows 513 vs 18 ms.
 # From 100k rows sparse wins by 2.5x and more; below ~30k dense is as fast and keeps the
-# tested defaults' numbers exactly.
+# tested defaults' numbers exactly (step times: docs/benchmarks.md, "Measurements behind the
+# defaults").
 SPARSE_AUTO_MIN_ROWS = 100_000
 
 
