@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from data.errors import ConfigError
 
 T = TypeVar("T")
@@ -59,10 +61,15 @@ def _rename_old_keys(cls: type[Any], values: dict[str, Any], where: str) -> dict
 
 
 def to_mapping(config: Any) -> dict[str, Any]:
-    """A dataclass config as a JSON/TOML-friendly dict (tuples become lists)."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
-    }
+    """A dataclass config as a JSON/TOML-friendly dict (tuples become lists, numpy scalars that
+    the validators accept become Python numbers)."""
+    return {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -214,6 +214,6 @@ def boolean(value: object, name: str, *, error: type[Exception] = ConfigError) -
 
     TOML's ``true`` / ``false`` arrive as bools; ``1`` or ``"yes"`` are mistakes, not switches.
     """
-    if not isinstance(value, bool | np.bool_):
+    if not isinstance(value, bool):
         raise error(f"{name} must be true or false, got {value!r}")
-    return bool(value)
+    return value

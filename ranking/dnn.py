@@ -36,6 +36,14 @@ from torch import nn
 
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.validation import (
+    fraction,
+    integer,
+    non_negative_float,
+    one_of,
+    positive_float,
+    positive_int,
+)
 from ranking.lgbm import META_FILE, read_meta
 from ranking.training_set import TrainingSet, group_ndcg, write_curves
 from retrieval.two_tower.model import torch_threads
@@ -81,23 +89,13 @@ class DNNConfig:
         object.__setattr__(self, "hidden_dims", tuple(int(x) for x in self.hidden_dims))
         if not self.hidden_dims or any(width < 1 for width in self.hidden_dims):
             raise ConfigError(f"DNNConfig.hidden_dims must be positive, got {self.hidden_dims!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"DNNConfig.dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.loss not in get_args(Loss):
-            raise ConfigError(
-                f"DNNConfig.loss must be one of {list(get_args(Loss))}, got {self.loss!r}"
-            )
-        if not self.learning_rate > 0 or not self.weight_decay >= 0:
-            raise ConfigError(
-                f"DNNConfig.learning_rate must be > 0 and weight_decay >= 0, got "
-                f"{self.learning_rate!r} and {self.weight_decay!r}"
-            )
+        fraction(self.dropout, "DNNConfig.dropout", high_open=True)
+        one_of(self.loss, "DNNConfig.loss", get_args(Loss))
+        positive_float(self.learning_rate, "DNNConfig.learning_rate", finite=False)
+        non_negative_float(self.weight_decay, "DNNConfig.weight_decay", finite=False)
         for name in ("max_epochs", "patience", "batch_groups", "eval_at"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"DNNConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"DNNConfig.threads must be None or >= 1, got {self.threads!r}")
+            positive_int(getattr(self, name), f"DNNConfig.{name}")
+        integer(self.threads, "DNNConfig.threads", minimum=1, none_ok=True)
 
 
 class RankerMLP(nn.Module):

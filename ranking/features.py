@@ -38,6 +38,7 @@ from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import fraction, positive_float, positive_int
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.covisit import CoVisitationSource
 from retrieval.merge import MergedCandidates
@@ -117,25 +118,15 @@ class FeatureConfig:
                 )
             object.__setattr__(self, name, windows)
         for name in ("session_gap_seconds", "recent_window_seconds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"FeatureConfig.{name} must be an integer >= 1, got {value!r}")
-        if not self.trend_smoothing > 0:
-            raise ConfigError(
-                f"FeatureConfig.trend_smoothing must be > 0, got {self.trend_smoothing!r}"
-            )
-        if not self.missing_rank > 0:
-            raise ConfigError(f"FeatureConfig.missing_rank must be > 0, got {self.missing_rank!r}")
+            positive_int(getattr(self, name), f"FeatureConfig.{name}")
+        for name in ("trend_smoothing", "missing_rank"):
+            positive_float(getattr(self, name), f"FeatureConfig.{name}", finite=False)
         object.__setattr__(self, "model_scores", tuple(str(n) for n in self.model_scores))
         if len(set(self.model_scores)) != len(self.model_scores):
             raise ConfigError(
                 f"FeatureConfig.model_scores lists a source twice: {self.model_scores!r}"
             )
-        if not 0 < self.covisit_history_decay <= 1:
-            raise ConfigError(
-                "FeatureConfig.covisit_history_decay must lie in (0, 1], got "
-                f"{self.covisit_history_decay!r}"
-            )
+        fraction(self.covisit_history_decay, "FeatureConfig.covisit_history_decay", low_open=True)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from data.configuration import from_mapping, to_mapping
-from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.errors import BundleError, DataError, NotFittedError
+from data.validation import boolean, fraction, non_negative_float, non_negative_int, positive_int
 from ranking.compiled_forest import CompiledForest, compile_forest
 from ranking.training_set import TrainingSet, write_curves
 
@@ -84,26 +85,13 @@ class LightGBMConfig:
         positive = ("num_leaves", "max_rounds", "early_stopping_rounds", "min_data_in_leaf",
                     "eval_at", "truncation_level", "predict_threads")  # fmt: skip
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"LightGBMConfig.{name} must be an integer >= 1, got {value!r}")
+            positive_int(getattr(self, name), f"LightGBMConfig.{name}")
         for name in ("compiled", "deterministic"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"LightGBMConfig.{name} must be true or false, got {getattr(self, name)!r}"
-                )
-        if isinstance(self.num_threads, bool) or self.num_threads < 0:
-            raise ConfigError(f"LightGBMConfig.num_threads must be >= 0, got {self.num_threads!r}")
-        if not 0 < self.learning_rate <= 1:
-            raise ConfigError(
-                f"LightGBMConfig.learning_rate must lie in (0, 1], got {self.learning_rate!r}"
-            )
-        if not 0 < self.feature_fraction <= 1:
-            raise ConfigError(
-                f"LightGBMConfig.feature_fraction must lie in (0, 1], got {self.feature_fraction!r}"
-            )
-        if not self.lambda_l2 >= 0:
-            raise ConfigError(f"LightGBMConfig.lambda_l2 must be >= 0, got {self.lambda_l2!r}")
+            boolean(getattr(self, name), f"LightGBMConfig.{name}")
+        non_negative_int(self.num_threads, "LightGBMConfig.num_threads")
+        for name in ("learning_rate", "feature_fraction"):
+            fraction(getattr(self, name), f"LightGBMConfig.{name}", low_open=True)
+        non_negative_float(self.lambda_l2, "LightGBMConfig.lambda_l2", finite=False)
 
     def train_params(self) -> dict[str, Any]:
         """The LightGBM parameter dict for training."""

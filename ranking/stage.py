@@ -28,8 +28,9 @@ import numpy.typing as npt
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import fraction, one_of
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import (
     FeatureConfig,
@@ -79,14 +80,8 @@ class RankingConfig:
     dnn: DNNConfig = field(default_factory=DNNConfig)
 
     def __post_init__(self) -> None:
-        if self.model not in get_args(RankerKind):
-            raise ConfigError(
-                f"[ranking] model must be one of {list(get_args(RankerKind))}, got {self.model!r}"
-            )
-        if not 0 <= self.valid_fraction < 1:
-            raise ConfigError(
-                f"[ranking] valid_fraction must lie in [0, 1), got {self.valid_fraction!r}"
-            )
+        one_of(self.model, "[ranking] model", get_args(RankerKind))
+        fraction(self.valid_fraction, "[ranking] valid_fraction", high_open=True)
 
 
 _SUB_TABLES: Mapping[str, type[Any]] = {

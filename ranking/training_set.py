@@ -41,9 +41,10 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.catalog import UNKNOWN_TIME, ItemCatalog
-from data.errors import ConfigError, DataError
+from data.errors import DataError
 from data.interactions import Interactions
 from data.negatives import sample_negatives
+from data.validation import fraction, integer, non_negative_int, one_of, positive_int
 from ranking.features import FeatureStore, assemble
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.merge import ABSENT_RANK, MergedCandidates
@@ -84,35 +85,21 @@ class TrainingSetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampled_negative_ratio, bool) or self.sampled_negative_ratio < 0:
-            raise ConfigError(
-                "TrainingSetConfig.sampled_negative_ratio must be an integer >= 0, got "
-                f"{self.sampled_negative_ratio!r}"
-            )
-        if self.negative_sampling not in get_args(NegativeSampling):
-            raise ConfigError(
-                f"TrainingSetConfig.negative_sampling must be one of "
-                f"{list(get_args(NegativeSampling))}, got {self.negative_sampling!r}"
-            )
-        if not 0 <= self.popularity_exponent <= 1:
-            raise ConfigError(
-                "TrainingSetConfig.popularity_exponent must lie in [0, 1], got "
-                f"{self.popularity_exponent!r}"
-            )
-        cap = self.max_retrieved_negatives
-        if cap is not None and (isinstance(cap, bool) or cap < 0):
-            raise ConfigError(
-                f"TrainingSetConfig.max_retrieved_negatives must be None or >= 0, got {cap!r}"
-            )
-        if self.weighting not in get_args(Weighting):
-            raise ConfigError(
-                f"TrainingSetConfig.weighting must be one of {list(get_args(Weighting))}, "
-                f"got {self.weighting!r}"
-            )
-        if isinstance(self.batch_users, bool) or self.batch_users < 1:
-            raise ConfigError(
-                f"TrainingSetConfig.batch_users must be >= 1, got {self.batch_users!r}"
-            )
+        non_negative_int(self.sampled_negative_ratio, "TrainingSetConfig.sampled_negative_ratio")
+        one_of(
+            self.negative_sampling,
+            "TrainingSetConfig.negative_sampling",
+            get_args(NegativeSampling),
+        )
+        fraction(self.popularity_exponent, "TrainingSetConfig.popularity_exponent")
+        integer(
+            self.max_retrieved_negatives,
+            "TrainingSetConfig.max_retrieved_negatives",
+            minimum=0,
+            none_ok=True,
+        )
+        one_of(self.weighting, "TrainingSetConfig.weighting", get_args(Weighting))
+        positive_int(self.batch_users, "TrainingSetConfig.batch_users")
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,8 +196,7 @@ def split_groups(
     ``round(n_groups * valid_fraction)`` groups go to validation, at least one group stays in
     training; both keep the original group order.
     """
-    if not 0 <= valid_fraction < 1:
-        raise ConfigError(f"valid_fraction must lie in [0, 1), got {valid_fraction!r}")
+    fraction(valid_fraction, "valid_fraction", high_open=True)
     n_valid = min(round(training.n_groups * valid_fraction), training.n_groups - 1)
     if n_valid <= 0:
         return training, None

@@ -37,7 +37,6 @@ engine resolves them to indices when it is built (see :mod:`reranking.engine`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -45,30 +44,18 @@ from typing import Any, ClassVar
 
 from data.configuration import from_mapping
 from data.errors import ConfigError
+from data.validation import (
+    boolean,
+    finite_float,
+    fraction,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+)
 
 # ---------------------------------------------------------------------------------- validation
-
-
-def _check_int(rule: str, name: str, value: object, minimum: int) -> None:
-    # bool is an int subclass: `positions = [true]` is a typo, not position 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{rule}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(rule: str, name: str, value: object, *, positive: bool = False) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or (positive and value <= 0)
-    ):
-        kind = "a finite number > 0" if positive else "a finite number"
-        raise ConfigError(f"{rule}.{name} must be {kind}, got {value!r}")
-
-
-def _check_choice(rule: str, name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{rule}.{name} must be one of {list(choices)}, got {value!r}")
+# Scalars are checked with data.validation (named "rule.field"); these check the collections.
 
 
 def _check_names(rule: str, name: str, values: Iterable[object]) -> None:
@@ -158,7 +145,7 @@ class CategoryCapConfig:
     max_per_category: int = 3
 
     def __post_init__(self) -> None:
-        _check_int(self.name, "max_per_category", self.max_per_category, 1)
+        positive_int(self.max_per_category, f"{self.name}.max_per_category")
 
 
 @dataclass(frozen=True)
@@ -184,13 +171,9 @@ class MMRConfig:
     similarity: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_number(self.name, "relevance_weight", self.relevance_weight)
-        if not 0.0 <= self.relevance_weight <= 1.0:
-            raise ConfigError(
-                f"{self.name}.relevance_weight must lie in [0, 1], got {self.relevance_weight!r}"
-            )
-        _check_int(self.name, "n_candidates", self.n_candidates, 1)
-        _check_choice(self.name, "similarity", self.similarity, SIMILARITIES)
+        fraction(self.relevance_weight, f"{self.name}.relevance_weight")
+        positive_int(self.n_candidates, f"{self.name}.n_candidates")
+        one_of(self.similarity, f"{self.name}.similarity", SIMILARITIES)
 
 
 @dataclass(frozen=True)
@@ -214,8 +197,8 @@ class FreshnessBoostConfig:
     bonus: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_number(self.name, "max_age_days", self.max_age_days, positive=True)
-        _check_number(self.name, "bonus", self.bonus)
+        positive_float(self.max_age_days, f"{self.name}.max_age_days")
+        finite_float(self.bonus, f"{self.name}.bonus")
 
 
 @dataclass(frozen=True)
@@ -244,14 +227,13 @@ class ExplorationConfig:
 
     def __post_init__(self) -> None:
         _as_tuple(self, self.name, "positions")
-        for position in self.positions:
-            _check_int(self.name, "positions", position, 0)
-        if len(set(self.positions)) != len(self.positions):
-            raise ConfigError(f"{self.name}.positions repeats a position: {list(self.positions)}")
-        object.__setattr__(self, "positions", tuple(sorted(self.positions)))
-        _check_int(self.name, "pool_size", self.pool_size, 1)
-        _check_choice(self.name, "sampling", self.sampling, SAMPLINGS)
-        _check_number(self.name, "temperature", self.temperature, positive=True)
+        positions = [non_negative_int(p, f"{self.name}.positions") for p in self.positions]
+        if len(set(positions)) != len(positions):
+            raise ConfigError(f"{self.name}.positions repeats a position: {positions}")
+        object.__setattr__(self, "positions", tuple(sorted(positions)))
+        positive_int(self.pool_size, f"{self.name}.pool_size")
+        one_of(self.sampling, f"{self.name}.sampling", SAMPLINGS)
+        positive_float(self.temperature, f"{self.name}.temperature")
 
 
 @dataclass(frozen=True)
@@ -274,15 +256,10 @@ class PinsConfig:
     def __post_init__(self) -> None:
         _as_mapping(self, self.name, "items")
         _check_names(self.name, "items", self.items)
-        for position in self.items.values():
-            _check_int(self.name, "items", position, 0)
-        positions = list(self.items.values())
+        positions = [non_negative_int(p, f"{self.name}.items") for p in self.items.values()]
         if len(set(positions)) != len(positions):
             raise ConfigError(f"{self.name}.items: two items pinned to one position: {positions}")
-        if not isinstance(self.insert_if_absent, bool):
-            raise ConfigError(
-                f"{self.name}.insert_if_absent must be true or false, got {self.insert_if_absent!r}"
-            )
+        boolean(self.insert_if_absent, f"{self.name}.insert_if_absent")
 
 
 @dataclass(frozen=True)
@@ -303,13 +280,14 @@ class BoostConfig:
     mode: str = "multiply"
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, "mode", self.mode, BOOST_MODES)
+        one_of(self.mode, f"{self.name}.mode", BOOST_MODES)
+        check_factor = positive_float if self.mode == "multiply" else finite_float
         for table in ("items", "categories"):
             _as_mapping(self, self.name, table)
             values = getattr(self, table)
             _check_names(self.name, table, values)
             for value in values.values():
-                _check_number(self.name, table, value, positive=self.mode == "multiply")
+                check_factor(value, f"{self.name}.{table}")
 
 
 RuleConfig = (

@@ -65,8 +65,9 @@ from threadpoolctl import ThreadpoolController
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import integer, non_negative_int, one_of, positive_float, positive_int
 from retrieval.base import PAD_ITEM, Candidates, LastBatchMemo, UserBatch
 from retrieval.index import VectorIndex
 from retrieval.index_config import IndexConfig
@@ -138,36 +139,13 @@ class ALSConfig:
             "index_min_items",
             "index_nprobe",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ALSConfig.{name} must be an integer >= 1, got {value!r}")
-        nlist = self.index_nlist
-        if nlist is not None and (
-            isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1
-        ):
-            raise ConfigError(
-                f"ALSConfig.index_nlist must be None or an integer >= 1, got {nlist!r}"
-            )
-        if (
-            isinstance(self.num_threads, bool)
-            or not isinstance(self.num_threads, int)
-            or (self.num_threads < 0)
-        ):
-            raise ConfigError(
-                f"ALSConfig.num_threads must be an integer >= 0, got {self.num_threads!r}"
-            )
+            positive_int(getattr(self, name), f"ALSConfig.{name}")
+        integer(self.index_nlist, "ALSConfig.index_nlist", minimum=1, none_ok=True)
+        non_negative_int(self.num_threads, "ALSConfig.num_threads")
         for name in ("regularization", "alpha", "history_weight"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(f"ALSConfig.{name} must be > 0, got {value!r}")
-        if self.fold_in not in get_args(FoldIn):
-            raise ConfigError(
-                f"ALSConfig.fold_in must be one of {get_args(FoldIn)}, got {self.fold_in!r}"
-            )
-        if self.index not in get_args(IndexMode):
-            raise ConfigError(
-                f"ALSConfig.index must be one of {get_args(IndexMode)}, got {self.index!r}"
-            )
+            positive_float(getattr(self, name), f"ALSConfig.{name}", finite=False)
+        one_of(self.fold_in, "ALSConfig.fold_in", get_args(FoldIn))
+        one_of(self.index, "ALSConfig.index", get_args(IndexMode))
 
     def uses_index(self, n_items: int) -> bool:
         """Whether a model of ``n_items`` items is searched through the approximate index."""

@@ -34,8 +34,9 @@ import scipy.sparse as sp
 
 from data.catalog import UNKNOWN_TIME, ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import ConfigError, DataError, NotFittedError
+from data.errors import DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import fraction, non_negative_float, positive_float, positive_int
 from retrieval.base import Candidates, UserBatch
 from retrieval.popular import SECONDS_PER_DAY, decayed_popularity
 from retrieval.state_io import read_state, write_state
@@ -64,23 +65,10 @@ class ColdStartConfig:
 
     def __post_init__(self) -> None:
         for name in ("half_life_days", "fresh_window_days"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(
-                    f"ColdStartConfig.{name} must be > 0, got {getattr(self, name)!r}"
-                )
-        if not 0 <= self.fresh_weight <= 1:
-            raise ConfigError(
-                f"ColdStartConfig.fresh_weight must be in [0, 1], got {self.fresh_weight!r}"
-            )
-        if not self.category_boost >= 0:
-            raise ConfigError(
-                f"ColdStartConfig.category_boost must be >= 0, got {self.category_boost!r}"
-            )
-        value = self.score_block_elements
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(
-                f"ColdStartConfig.score_block_elements must be an integer >= 1, got {value!r}"
-            )
+            positive_float(getattr(self, name), f"ColdStartConfig.{name}", finite=False)
+        fraction(self.fresh_weight, "ColdStartConfig.fresh_weight")
+        non_negative_float(self.category_boost, "ColdStartConfig.category_boost", finite=False)
+        positive_int(self.score_block_elements, "ColdStartConfig.score_block_elements")
 
 
 def _unit_max(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -35,8 +35,9 @@ import scipy.sparse as sp
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import ConfigError, NotFittedError
+from data.errors import NotFittedError
 from data.interactions import Interactions
+from data.validation import fraction, integer, non_negative_float, positive_int
 from retrieval.base import Candidates, UserBatch
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import (
@@ -79,24 +80,10 @@ class CoVisitationConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_gap", "neighbors", "max_pairs_per_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    f"CoVisitationConfig.{name} must be an integer >= 1, got {value!r}"
-                )
-        window = self.window_seconds
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or (window < 0)
-        ):
-            raise ConfigError(
-                f"CoVisitationConfig.window_seconds must be None or an integer >= 0, got {window!r}"
-            )
-        if not self.gap_decay >= 0:
-            raise ConfigError(f"CoVisitationConfig.gap_decay must be >= 0, got {self.gap_decay!r}")
-        if not 0 < self.history_decay <= 1:
-            raise ConfigError(
-                f"CoVisitationConfig.history_decay must be in (0, 1], got {self.history_decay!r}"
-            )
+            positive_int(getattr(self, name), f"CoVisitationConfig.{name}")
+        integer(self.window_seconds, "CoVisitationConfig.window_seconds", minimum=0, none_ok=True)
+        non_negative_float(self.gap_decay, "CoVisitationConfig.gap_decay", finite=False)
+        fraction(self.history_decay, "CoVisitationConfig.history_decay", low_open=True)
 
 
 @dataclass(frozen=True)

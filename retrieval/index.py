@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from data.errors import BundleError, ConfigError, DataError
+from data.validation import integer, positive_int
 from retrieval.index_config import (
     EXACT_SCORE_KINDS,
     IVF_KINDS,
@@ -589,15 +590,14 @@ def _as_ids(values: npt.ArrayLike, *, n: int | None, name: str, unique: bool = T
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+    k = integer(k, "k", error=DataError)
+    if k < 1:
         raise DataError(f"k must be a positive integer, got {k!r}")
-    return int(k)
+    return k
 
 
 def _check_knob(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise DataError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return positive_int(value, name, error=DataError)
 
 
 def _training_sample(matrix: FloatArray, size: int, seed: int) -> FloatArray:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 from data.errors import ConfigError, DataError
+from data.validation import integer, non_negative_int, one_of, positive_int
 
 IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq", "sq8"]
 IVF_KINDS: tuple[IndexKind, ...] = ("ivf_flat", "ivf_fp16", "ivf_pq", "sq8")
@@ -100,21 +101,14 @@ class IndexConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in get_args(IndexKind):
-            raise ConfigError(
-                f"IndexConfig.kind must be one of {list(get_args(IndexKind))}, got {self.kind!r}"
-            )
-        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search", "pq_nbits"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("train_sample", self.train_sample, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        one_of(self.kind, "IndexConfig.kind", get_args(IndexKind))
+        for name in ("nprobe", "ef_construction", "ef_search", "train_sample"):
+            positive_int(getattr(self, name), f"IndexConfig.{name}")
+        integer(self.hnsw_m, "IndexConfig.hnsw_m", minimum=2)
+        integer(self.pq_nbits, "IndexConfig.pq_nbits", minimum=1, maximum=16)
+        non_negative_int(self.seed, "IndexConfig.seed")
         for name in ("nlist", "pq_m", "threads"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if self.hnsw_m < 2:
-            raise ConfigError(f"IndexConfig.hnsw_m must be >= 2, got {self.hnsw_m!r}")
-        if self.pq_nbits > 16:
-            raise ConfigError(f"IndexConfig.pq_nbits must lie in [1, 16], got {self.pq_nbits!r}")
+            integer(getattr(self, name), f"IndexConfig.{name}", minimum=1, none_ok=True)
 
     def resolved_nlist(self, n: int, n_train: int | None = None) -> int:
         """IVF cells for ``n`` items trained on ``n_train`` of them (default: all; the explicit
@@ -143,11 +137,6 @@ class IndexConfig:
         if unknown:
             raise ConfigError(f"IndexConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"IndexConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def factory_string(config: IndexConfig, *, n: int, dim: int, n_train: int) -> str:

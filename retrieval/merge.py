@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from data.errors import ConfigError, DataError
+from data.validation import positive_int
 from retrieval.base import PAD_ITEM, Candidates
 
 ABSENT_RANK = -1
@@ -63,8 +64,7 @@ def merge_candidates(
     unknown = [name for name in names if name not in results]
     if unknown:
         raise ConfigError(f"quotas name sources {unknown} that produced no candidates")
-    if n_candidates <= 0:
-        raise ConfigError(f"n_candidates must be positive, got {n_candidates}")
+    positive_int(n_candidates, "n_candidates")
     n_users = {results[name].item_idx.shape[0] for name in names}
     if len(n_users) != 1:
         raise DataError(f"sources returned different numbers of users: {sorted(n_users)}")

@@ -26,8 +26,9 @@ import scipy.sparse as sp
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import ConfigError, DataError, NotFittedError
+from data.errors import DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import positive_float
 from retrieval.base import Candidates, UserBatch
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k, ranked_topk
@@ -51,9 +52,7 @@ class PopularConfig:
     half_life_days: float = 7.0
 
     def __post_init__(self) -> None:
-        # `not >` also rejects NaN.
-        if not self.half_life_days > 0:
-            raise ConfigError(f"half_life_days must be > 0, got {self.half_life_days!r}")
+        positive_float(self.half_life_days, "half_life_days", finite=False)
 
     @property
     def half_life_seconds(self) -> float:

@@ -21,6 +21,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, NotFittedError
 from data.interactions import Interactions
+from data.validation import is_number, positive_int
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import (
     Candidates,
@@ -87,17 +88,13 @@ class RetrievalConfig:
             raise ConfigError(
                 f"[retrieval] unknown source kind(s) {unknown}; known: {list(SOURCE_KINDS)}"
             )
-        if self.n_candidates <= 0 or self.history_length <= 0:
-            raise ConfigError(
-                f"[retrieval] n_candidates ({self.n_candidates}) and history_length "
-                f"({self.history_length}) must be positive"
-            )
+        for name in ("n_candidates", "history_length"):
+            positive_int(getattr(self, name), f"[retrieval] {name}")
         missing = [s for s in self.sources if s not in self.quotas]
         if missing:
             raise ConfigError(f"[retrieval.quotas] no quota for source(s) {missing}")
         factor = self.fetch_per_quota
-        number = isinstance(factor, int | float) and not isinstance(factor, bool)
-        if factor is not None and not (number and factor >= 1):
+        if factor is not None and not (is_number(factor) and factor >= 1):
             raise ConfigError(
                 f"[retrieval] fetch_per_quota must be >= 1 (a source fetches at least its "
                 f"quota), got {factor!r}"

@@ -27,6 +27,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from data.errors import DataError
+from data.validation import non_negative_int
 from retrieval._sorting import descending_key, sort_order
 from retrieval.base import Candidates
 
@@ -36,9 +37,7 @@ ScoreBlock = Callable[[int, int], npt.NDArray[np.floating]]
 
 def check_k(k: int) -> int:
     """``k`` as an int; ``DataError`` unless it is a non-negative integer."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-        raise DataError(f"k must be a non-negative integer, got {k!r}")
-    return int(k)
+    return non_negative_int(k, "k", error=DataError)
 
 
 def align_exclude(

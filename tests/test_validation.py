@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from data.configuration import from_mapping
+from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError
 from data.validation import (
     boolean,
@@ -94,7 +94,7 @@ def test_one_of_and_boolean() -> None:
         one_of(True, "level", (1, 2))  # True == 1, but a bool is not a level
     with pytest.raises(ConfigError, match="must be one of"):
         one_of(["a"], "mode", {"a", "b"})  # unhashable
-    assert boolean(np.True_, "flag") is True
+    assert boolean(True, "flag") is True
     with pytest.raises(ConfigError, match="flag must be true or false, got 1"):
         boolean(1, "flag")
 
@@ -113,3 +113,15 @@ def test_an_old_key_still_loads_with_a_logged_warning(caplog: pytest.LogCaptureF
     assert from_mapping(_Renamed, {"num_threads": 3}, "thing").num_threads == 3
     with pytest.raises(ConfigError, match="set only 'num_threads'"):
         from_mapping(_Renamed, {"threads": 2, "num_threads": 3}, "thing")
+
+
+@dataclass(frozen=True)
+class _Sized:
+    size: int = 1
+    shape: tuple[int, ...] = (1,)
+
+
+def test_to_mapping_writes_numpy_scalars_as_python_numbers() -> None:
+    values = to_mapping(_Sized(np.int64(3), (np.int64(4),)))  # type: ignore[arg-type]
+    assert values == {"size": 3, "shape": [4]}
+    assert type(values["size"]) is int and type(values["shape"][0]) is int

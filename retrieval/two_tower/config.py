@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from data.errors import ConfigError
+from data.validation import (
+    fraction,
+    integer,
+    non_negative_float,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+)
 
 Pooling = Literal["mean", "attention"]
 Loss = Literal["sampled_softmax", "bpr"]
@@ -141,9 +150,7 @@ def _validate(c: TwoTowerConfig) -> None:
     positive_ints = ("embedding_dim", "output_dim", "history_length", "batch_size", "max_epochs",
                      "patience", "eval_k", "valid_max_users", "encode_batch_size")  # fmt: skip
     for name in positive_ints:
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"TwoTowerConfig.{name} must be a positive integer, got {value!r}")
+        positive_int(getattr(c, name), f"TwoTowerConfig.{name}")
     if any(width < 1 for width in c.hidden_dims):
         raise ConfigError(f"TwoTowerConfig.hidden_dims must be positive, got {c.hidden_dims!r}")
     edges = c.age_bucket_days
@@ -152,34 +159,17 @@ def _validate(c: TwoTowerConfig) -> None:
             f"TwoTowerConfig.age_bucket_days must be increasing positive days, got {edges!r}"
         )
     for name in ("dropout", "user_id_dropout", "item_id_dropout"):
-        value = getattr(c, name)
-        if not _finite(value) or not 0 <= value < 1:
-            raise ConfigError(f"TwoTowerConfig.{name} must lie in [0, 1), got {value!r}")
-    if not _finite(c.recency_decay) or not 0 < c.recency_decay <= 1:
-        raise ConfigError(
-            f"TwoTowerConfig.recency_decay must lie in (0, 1], got {c.recency_decay!r}"
-        )
+        fraction(getattr(c, name), f"TwoTowerConfig.{name}", high_open=True)
+    fraction(c.recency_decay, "TwoTowerConfig.recency_decay", low_open=True)
     for name in ("temperature", "learning_rate"):
-        value = getattr(c, name)
-        if not _finite(value) or value <= 0:
-            raise ConfigError(f"TwoTowerConfig.{name} must be a finite number > 0, got {value!r}")
+        positive_float(getattr(c, name), f"TwoTowerConfig.{name}")
     for name in ("weight_decay", "grad_clip_norm"):
-        value = getattr(c, name)
-        if not _finite(value) or value < 0:
-            raise ConfigError(f"TwoTowerConfig.{name} must be a finite number >= 0, got {value!r}")
+        non_negative_float(getattr(c, name), f"TwoTowerConfig.{name}")
     for name in ("n_uniform_negatives", "seed"):
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"TwoTowerConfig.{name} must be an integer >= 0, got {value!r}")
-    threads = c.threads
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise ConfigError(
-            f"TwoTowerConfig.threads must be None or an integer >= 1, got {threads!r}"
-        )
+        non_negative_int(getattr(c, name), f"TwoTowerConfig.{name}")
+    integer(c.threads, "TwoTowerConfig.threads", minimum=1, none_ok=True)
     sparse = c.sparse_embeddings
-    if not isinstance(sparse, bool) and not (isinstance(sparse, str) and sparse == "auto"):
+    if not isinstance(sparse, bool) and sparse != "auto":
         raise ConfigError(
             f"TwoTowerConfig.sparse_embeddings must be true, false or 'auto', got {sparse!r}"
         )
@@ -189,12 +179,4 @@ def _validate(c: TwoTowerConfig) -> None:
         ("device", Device),
     )
     for name, literal in choices:
-        if getattr(c, name) not in get_args(literal):
-            raise ConfigError(
-                f"TwoTowerConfig.{name} must be one of {list(get_args(literal))}, "
-                f"got {getattr(c, name)!r}"
-            )
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        one_of(getattr(c, name), f"TwoTowerConfig.{name}", get_args(literal))
