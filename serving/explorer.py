@@ -32,7 +32,7 @@ from data.errors import ConfigError
 from pipeline.funnel import Pipeline, Recommendation, RecommendRequest
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.merge import MergedCandidates
-from serving.schemas import MAX_ID_LENGTH, MAX_K, ErrorOut
+from serving.schemas import MAX_K, ErrorOut, Id
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The only files the page needs; served by name from a fixed list, so no path ever reaches disk.
@@ -384,7 +384,7 @@ def explorer_router(config: ExplorerConfig | None = None) -> APIRouter:
     )
     def explore_user(
         request: Request,
-        user_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH)],
+        user_id: Annotated[Id, PathParam()],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> ExploreOut:
         # Read the pipeline once: a hot reload may swap it while this request runs.

@@ -1,14 +1,21 @@
-"""HTTP request and response models (separate, as the contract in INTERFACE.md lays them out).
+"""HTTP request and response models (separate request and response models; README "HTTP API").
 
 Limits live here so bad input is refused at the edge with a 422 that names the field, before it
 reaches the pipeline: the service must never answer 5xx for anything a client can send.
+
+- Request models are strict: JSON types are not coerced (``"k": "10"``, ``"k": true`` and
+  ``"explain": "yes"`` are 422), as the published schema promises.
+- Every id and name is :data:`Id` / :data:`Name`: 1-256 characters, printable (see
+  :func:`check_printable`). A lone surrogate (``"\\udfff"`` is valid JSON) cannot be encoded as
+  UTF-8 and once failed a whole batch deep in the pipeline; control characters (NUL, CR, LF)
+  corrupt logs and anything that stores the id as text.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline.feedback_log import DEFAULT_TYPE_WEIGHTS
 
@@ -23,15 +30,44 @@ MAX_EVENTS = 1_000
 # value is checked by FeedbackLog.make_event, whose 422 names the bad type and the allowed ones,
 # so the list lives in one place and cannot drift from what the log accepts.
 EVENT_TYPES = tuple(DEFAULT_TYPE_WEIGHTS)
+# Plausible event times, seconds UTC: from 2000-01-01 (anything earlier, 0 above all, is a client
+# bug, not an event) to 2100-01-01, the schema's static bound; the feedback log also refuses
+# anything more than a day past the server's clock (milliseconds sent as seconds), a 422 too.
+MIN_TIMESTAMP = 946_684_800
+MAX_TIMESTAMP = 4_102_444_800
+# Request models: unknown fields refused, JSON types taken as they are (no coercion).
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+
+def check_printable(value: str) -> str:
+    """``value`` unchanged if every character is printable (``str.isprintable``: no control,
+    format, surrogate, private-use or unassigned code point, no separator but the ASCII space);
+    else ``ValueError`` naming the first bad character by code point (never the raw character,
+    which the error response could not encode)."""
+    if value.isprintable():
+        return value
+    position, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+    raise ValueError(
+        f"must be printable text: character {position} is U+{ord(char):04X}, a control, format, "
+        "surrogate, separator or unassigned code point"
+    )
+
+
+Id = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(check_printable)
+]
+"""A user, item or event id: 1-256 printable characters."""
+Name = Id
+"""A category name: the same rules as an id."""
 
 
 class RecommendIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    user_id: Id
     k: int = Field(default=10, ge=1, le=MAX_K)
     context: dict[str, Any] | None = None
-    exclude_item_ids: list[str] = Field(default_factory=list, max_length=MAX_EXCLUDE)
+    exclude_item_ids: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     explain: bool = False
 
 
@@ -59,12 +95,12 @@ class RecommendOut(BaseModel):
 
 
 class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    type: str = Field(
+    event_id: Id
+    user_id: Id
+    item_id: Id
+    type: Annotated[str, AfterValidator(check_printable)] = Field(
         min_length=1,
         max_length=32,
         description=(
@@ -75,11 +111,19 @@ class EventIn(BaseModel):
         examples=["click"],
         json_schema_extra={"enum": list(EVENT_TYPES)},
     )
-    timestamp: int | None = Field(default=None, ge=0, le=2**62)
+    timestamp: int | None = Field(
+        default=None,
+        ge=MIN_TIMESTAMP,
+        le=MAX_TIMESTAMP,
+        description=(
+            "When it happened, seconds UTC (default: when the server received it); from "
+            "2000-01-01 to at most a day past the server's clock."
+        ),
+    )
 
 
 class FeedbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
 
@@ -95,7 +139,7 @@ class SimilarOut(BaseModel):
 
 
 class ReloadIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     bundle: str = Field(min_length=1, max_length=4096)
 
@@ -110,10 +154,10 @@ MAX_CATEGORIES = 32
 
 
 class CatalogItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    categories: list[str] | None = Field(
+    item_id: Id
+    categories: list[Name] | None = Field(
         default=None,
         max_length=MAX_CATEGORIES,
         description="Category names; those the bundle was not trained with are dropped.",
@@ -124,7 +168,7 @@ class CatalogItemIn(BaseModel):
 
 
 class CatalogItemsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     items: list[CatalogItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
 

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import APIOperation, Case, GenerationMode
 
-from serving.app import ServiceSettings, create_app
+from serving.app import create_app
+from serving.settings import ServiceSettings
 
 TOKEN = "fuzz-admin-token"
 MAX_BODY_BYTES = 20_000

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import ServiceSettings, create_app
+from serving.app import create_app
+from serving.settings import ServiceSettings
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-admin-token"  # admin tokens have at least 16 characters
 
 
 @pytest.fixture

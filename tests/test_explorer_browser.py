@@ -22,8 +22,9 @@ from fastapi.testclient import TestClient
 from starlette.routing import NoMatchFound
 
 from retrieval.base import PAD_ITEM
-from serving.app import ServiceSettings, create_app
+from serving.app import create_app
 from serving.explorer import explorer_router
+from serving.settings import ServiceSettings
 from tests.browser.server import running_server
 
 CHROMIUM = Path(os.environ.get("RECSYS_CHROMIUM", "/usr/bin/chromium"))

@@ -131,7 +131,7 @@ def test_server_log_lines_have_time_level_and_logger(
     data, bundle = tiny_bundle
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    token = "log-test-token"
+    token = "log-test-admin-token"  # admin tokens have at least 16 characters
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RECSYS_ADMIN_TOKEN": token}
     command = serve_command(bundle, data, tmp_path / "feedback.sqlite3", port)
     with (tmp_path / "server.err").open("wb") as err:
@@ -156,7 +156,7 @@ def test_server_log_lines_have_time_level_and_logger(
     assert logged("uvicorn.error", "INFO", "Application startup complete"), lines
     assert logged("serving.app", "INFO", "serving bundle"), lines
     assert logged("pipeline.service", "INFO", "reloaded bundle"), lines
-    refused = logged("serving.app", "ERROR", "refused bundle")
+    refused = logged("serving.routes.admin", "ERROR", "refused bundle")
     assert len(refused) == 1 and "no-such-bundle" in refused[0], lines
     assert all(LOG_LINE.match(line) for line in lines if "bundle" in line), lines
 

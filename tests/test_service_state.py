@@ -28,7 +28,8 @@ from pipeline.feedback_log import (
 )
 from pipeline.service import RecommenderService
 from retrieval.base import UserBatch
-from serving.app import ServiceSettings, create_app
+from serving.app import create_app
+from serving.settings import ServiceSettings
 
 # Far enough after any event of the tiny world that a request sees every history entry.
 NOW = 2**40
