@@ -43,7 +43,7 @@ from ranking.features import FeatureConfig, assemble
 from ranking.stage import RankingConfig, RankingStage
 from retrieval.base import UserBatch
 from retrieval.merge import MergedCandidates
-from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
+from retrieval.stage import RetrievalConfig, RetrievalStage
 
 TARGET_P99_MS = 5.0
 WARMUP_REQUESTS = 20
@@ -78,16 +78,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     catalog = ItemCatalog.from_frame(world.items, items)
     figures["data_seconds"] = time.perf_counter() - started
 
-    stage_config, source_configs, index_config = retrieval_config_from_mapping(
-        {"als": {"num_threads": 1}}
-    )
+    retrieval_config = RetrievalConfig.from_mapping({"als": {"num_threads": 1}})
     if args.two_tower_epochs is not None:
-        tower = source_configs["two_tower"]
-        source_configs["two_tower"] = replace(tower, max_epochs=args.two_tower_epochs)
+        tower = retrieval_config.source_config("two_tower")
+        source_configs = {
+            **retrieval_config.source_configs,
+            "two_tower": replace(tower, max_epochs=args.two_tower_epochs),
+        }
+        retrieval_config = replace(retrieval_config, source_configs=source_configs)
     started = time.perf_counter()
-    retrieval = RetrievalStage(stage_config, source_configs, index_config).fit(
-        train, catalog, valid
-    )
+    retrieval = RetrievalStage(retrieval_config).fit(train, catalog, valid)
     figures["retrieval_fit_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures.update({k: v for k, v in ranking.summary_.items() if k != "cut"})
     figures["lightgbm_trees"] = int(ranking.ranker_.booster_.num_trees())  # type: ignore[attr-defined]
 
-    state, seen, relevant = _test_users(train_valid, test, stage_config.history_length)
+    state, seen, relevant = _test_users(train_valid, test, retrieval_config.history_length)
     figures["test_users"] = len(state)
     merged = retrieval.retrieve(state, exclude=seen)
     figures.update(_quality(retrieval, ranking, state, seen, relevant, merged))

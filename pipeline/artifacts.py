@@ -20,9 +20,9 @@ from data.idmap import IdMap
 from data.interactions import Interactions
 from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
 from pipeline.bundle import bundle_writer, verify_bundle
-from ranking.stage import RankingStage, ranking_config_from_mapping, ranking_config_to_mapping
+from ranking.stage import RankingConfig, RankingStage
 from reranking.config import RerankerConfig
-from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
+from retrieval.stage import RetrievalConfig, RetrievalStage
 
 USERS_MAP = "ids/users.parquet"
 ITEMS_MAP = "ids/items.parquet"
@@ -73,8 +73,8 @@ def train_bundle(
     retrieval_values = dict(config.get("retrieval", {}))
     if device is not None:
         retrieval_values["two_tower"] = {**retrieval_values.get("two_tower", {}), "device": device}
-    stage_config, source_configs, index_config = retrieval_config_from_mapping(retrieval_values)
-    ranking_config = ranking_config_from_mapping(config.get("ranking"))
+    retrieval_config = RetrievalConfig.from_mapping(retrieval_values)
+    ranking_config = RankingConfig.from_mapping(config.get("ranking"))
     # Validated now, so a bad rule fails the training run, not the first request.
     reranking = RerankerConfig.from_mapping(config.get("reranking")).to_mapping()
 
@@ -94,7 +94,7 @@ def train_bundle(
         else None
     )
     catalog = ItemCatalog.from_frame(dataset.items, items)
-    stage = RetrievalStage(stage_config, source_configs, index_config).fit(log, catalog, valid_log)
+    stage = RetrievalStage(retrieval_config).fit(log, catalog, valid_log)
     # The ranker learns from the funnel as it will see it: candidates from retrieval fitted on
     # train, labels from the valid window after it; its feature tables are then refreshed as of
     # the end of train + valid for serving (same code, later as-of time).
@@ -107,7 +107,7 @@ def train_bundle(
 
     full_config = {
         "retrieval": retrieval_values,
-        "ranking": ranking_config_to_mapping(ranking_config),
+        "ranking": ranking_config.to_mapping(),
         "reranking": reranking,
         "data": {"path": str(data_dir)},
     }

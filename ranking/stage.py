@@ -83,6 +83,27 @@ class RankingConfig:
         one_of(self.model, "[ranking] model", get_args(RankerKind))
         fraction(self.valid_fraction, "[ranking] valid_fraction", high_open=True)
 
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> RankingConfig:
+        """Parse the ``[ranking]`` table (unknown keys raise ``ConfigError`` naming them)."""
+        values = dict(values or {})
+        subs = {
+            name: from_mapping(sub_cls, values.pop(name, None), f"ranking.{name}")
+            for name, sub_cls in _SUB_TABLES.items()
+        }
+        return from_mapping(cls, {**values, **subs}, "ranking")
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The TOML/JSON-friendly nested form that :meth:`from_mapping` reads back."""
+        out: dict[str, Any] = {
+            "model": self.model,
+            "valid_fraction": self.valid_fraction,
+            "split_seed": self.split_seed,
+        }
+        for name in _SUB_TABLES:
+            out[name] = to_mapping(getattr(self, name))
+        return out
+
 
 _SUB_TABLES: Mapping[str, type[Any]] = {
     "features": FeatureConfig,
@@ -90,28 +111,6 @@ _SUB_TABLES: Mapping[str, type[Any]] = {
     "lightgbm": LightGBMConfig,
     "dnn": DNNConfig,
 }
-
-
-def ranking_config_from_mapping(values: Mapping[str, Any] | None) -> RankingConfig:
-    """Parse the ``[ranking]`` table (unknown keys raise ``ConfigError`` naming them)."""
-    values = dict(values or {})
-    subs = {
-        name: from_mapping(cls, values.pop(name, None), f"ranking.{name}")
-        for name, cls in _SUB_TABLES.items()
-    }
-    return from_mapping(RankingConfig, {**values, **subs}, "ranking")
-
-
-def ranking_config_to_mapping(config: RankingConfig) -> dict[str, Any]:
-    """The config as a JSON/TOML-friendly nested dict (inverse of the function above)."""
-    out: dict[str, Any] = {
-        "model": config.model,
-        "valid_fraction": config.valid_fraction,
-        "split_seed": config.split_seed,
-    }
-    for name in _SUB_TABLES:
-        out[name] = to_mapping(getattr(config, name))
-    return out
 
 
 class RankingModel(Protocol):
@@ -251,7 +250,7 @@ class RankingStage:
         self.ranker_.save(directory / MODEL_DIR)
         meta = {
             "format_version": FORMAT_VERSION,
-            "config": ranking_config_to_mapping(self.config),
+            "config": self.config.to_mapping(),
             "summary": self.summary_,
         }
         (directory / STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -271,7 +270,7 @@ class RankingStage:
                 f"{directory}: ranking stage format {meta.get('format_version')!r}, "
                 f"expected {FORMAT_VERSION}"
             )
-        stage = cls(ranking_config_from_mapping(meta["config"]))
+        stage = cls(RankingConfig.from_mapping(meta["config"]))
         stage.store_ = FeatureStore.load(directory / STORE_DIR)
         model_dir = directory / MODEL_DIR
         stage.ranker_ = (

@@ -63,7 +63,9 @@ class RetrievalAbandonedError(Exception):
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """sources: enabled source kinds, in merge priority order (quota slots are filled in order).
+    """The ``[retrieval]`` table (:meth:`from_mapping` reads it).
+
+    sources: enabled source kinds, in merge priority order (quota slots are filled in order).
     quotas: new items each source may contribute before the round-robin fill.
     n_candidates: merged list length handed to the ranker (the funnel's width).
     history_length: recent events per user kept in the user state (H of UserBatch).
@@ -74,6 +76,9 @@ class RetrievalConfig:
         ranks as well as 500 from every source (same pipeline NDCG@10 and merged recall@500:
         ``docs/benchmarks.md``, "Measurements behind the defaults") and the merge sorts 1000
         slots per user instead of 2500.
+    source_configs: source kind -> its config (the ``[retrieval.<kind>]`` tables); a kind
+        without one uses its config's defaults (:meth:`source_config`).
+    index: the ANN index of the sources that search one (``[retrieval.index]``).
     """
 
     sources: tuple[str, ...] = ("two_tower", "als", "covisit", "popular", "coldstart")
@@ -81,6 +86,8 @@ class RetrievalConfig:
     n_candidates: int = 500
     history_length: int = 50
     fetch_per_quota: float | None = 2.0
+    source_configs: Mapping[str, Any] = field(default_factory=dict)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sources if s not in SOURCE_KINDS]
@@ -99,6 +106,36 @@ class RetrievalConfig:
                 f"[retrieval] fetch_per_quota must be >= 1 (a source fetches at least its "
                 f"quota), got {factor!r}"
             )
+        for kind, config in self.source_configs.items():
+            expected = SOURCE_KINDS[kind][1] if kind in SOURCE_KINDS else None
+            if expected is None or not isinstance(config, expected):
+                raise ConfigError(
+                    f"[retrieval] source_configs[{kind!r}] must be a "
+                    f"{getattr(expected, '__name__', 'known source kind config')}, "
+                    f"got {config!r}"
+                )
+        if not isinstance(self.index, IndexConfig):
+            raise ConfigError(f"[retrieval] index must be an IndexConfig, got {self.index!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> RetrievalConfig:
+        """Parse the ``[retrieval]`` table: the stage keys, ``[retrieval.quotas]``, one table per
+        enabled source kind and ``[retrieval.index]``; unknown keys raise ``ConfigError``."""
+        values = dict(values or {})
+        per_source = {kind: values.pop(kind, None) for kind in SOURCE_KINDS}
+        index = from_mapping(IndexConfig, values.pop("index", None), "retrieval.index")
+        quotas = values.pop("quotas", None)
+        stage = from_mapping(cls, values, "retrieval")
+        configs = {
+            kind: from_mapping(SOURCE_KINDS[kind][1], per_source[kind], f"retrieval.{kind}")
+            for kind in stage.sources
+        }
+        quotas = stage.quotas if quotas is None else {**_default_quotas(), **quotas}
+        return replace(stage, quotas=quotas, source_configs=configs, index=index)
+
+    def source_config(self, kind: str) -> Any:
+        """The config of source ``kind`` (its defaults when ``source_configs`` has none)."""
+        return self.source_configs.get(kind) or SOURCE_KINDS[kind][1]()
 
     def fetch_depth(self, source: str) -> int:
         """How many candidates ``source`` fetches for each user."""
@@ -107,43 +144,18 @@ class RetrievalConfig:
         return min(self.n_candidates, math.ceil(self.quotas[source] * self.fetch_per_quota))
 
 
-def retrieval_config_from_mapping(
-    values: Mapping[str, Any] | None,
-) -> tuple[RetrievalConfig, dict[str, Any], IndexConfig]:
-    """Parse the ``[retrieval]`` table: stage config, per-source configs, the ANN index config."""
-    values = dict(values or {})
-    per_source = {kind: values.pop(kind, None) for kind in SOURCE_KINDS}
-    index = from_mapping(IndexConfig, values.pop("index", None), "retrieval.index")
-    quotas = values.pop("quotas", None)
-    stage = from_mapping(RetrievalConfig, values, "retrieval")
-    if quotas is not None:
-        stage = replace(stage, quotas={**_default_quotas(), **quotas})
-    configs = {
-        kind: from_mapping(SOURCE_KINDS[kind][1], per_source[kind], f"retrieval.{kind}")
-        for kind in stage.sources
-    }
-    return stage, configs, index
-
-
 class RetrievalStage:
     """The fitted sources of one bundle plus the merge policy."""
 
-    def __init__(
-        self,
-        config: RetrievalConfig | None = None,
-        source_configs: Mapping[str, Any] | None = None,
-        index: IndexConfig | None = None,
-    ) -> None:
+    def __init__(self, config: RetrievalConfig | None = None) -> None:
         self.config = config if config is not None else RetrievalConfig()
-        self.source_configs = dict(source_configs or {})
-        self.index_config = index if index is not None else IndexConfig()
         self.sources_: dict[str, CandidateSource] = {}
 
     def _make(self, kind: str) -> CandidateSource:
-        cls, config_cls = SOURCE_KINDS[kind]
-        config = self.source_configs.get(kind) or config_cls()
+        cls = SOURCE_KINDS[kind][0]
+        config = self.config.source_config(kind)
         if cls is TwoTowerSource:
-            return TwoTowerSource(config, self.index_config, name=kind)
+            return TwoTowerSource(config, self.config.index, name=kind)
         source: CandidateSource = cls(config, name=kind)
         return source
 
@@ -248,14 +260,13 @@ class RetrievalStage:
     def save(self, directory: Path) -> None:
         self._check_fitted()
         directory.mkdir(parents=True, exist_ok=True)
+        nested = ("source_configs", "index")  # written under "sources" and "index"
+        stage_keys = {k: v for k, v in to_mapping(self.config).items() if k not in nested}
         meta = {
-            "config": to_mapping(self.config) | {"quotas": dict(self.config.quotas)},
-            "index": to_mapping(self.index_config),
+            "config": stage_keys | {"quotas": dict(self.config.quotas)},
+            "index": to_mapping(self.config.index),
             "sources": {
-                name: {
-                    "kind": name,
-                    "config": to_mapping(self.source_configs.get(name) or SOURCE_KINDS[name][1]()),
-                }
+                name: {"kind": name, "config": to_mapping(self.config.source_config(name))}
                 for name in self.sources_
             },
         }
@@ -278,16 +289,16 @@ class RetrievalStage:
         # A bundle from before the setting fetched n_candidates from every source; its ranker
         # learned from those lists, so it keeps them.
         config_values.setdefault("fetch_per_quota", None)
-        stage = cls(
+        source_configs = {
+            name: from_mapping(SOURCE_KINDS[spec["kind"]][1], spec["config"], f"retrieval.{name}")
+            for name, spec in meta["sources"].items()
+        }
+        config = replace(
             from_mapping(RetrievalConfig, config_values, "retrieval"),
-            {
-                name: from_mapping(
-                    SOURCE_KINDS[spec["kind"]][1], spec["config"], f"retrieval.{name}"
-                )
-                for name, spec in meta["sources"].items()
-            },
-            from_mapping(IndexConfig, meta["index"], "retrieval.index"),
+            source_configs=source_configs,
+            index=from_mapping(IndexConfig, meta["index"], "retrieval.index"),
         )
+        stage = cls(config)
         # Merge priority is the configured order (the JSON file's key order is not meaningful).
         stage.sources_ = {}
         for name in stage.config.sources:

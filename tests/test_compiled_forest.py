@@ -26,7 +26,7 @@ from ranking.compiled_forest import (
     split_thresholds,
 )
 from ranking.lgbm import LightGBMConfig, LightGBMRanker
-from ranking.stage import ranking_config_from_mapping
+from ranking.stage import RankingConfig
 from ranking.training_set import TrainingSet
 
 N_FEATURES = 6
@@ -226,8 +226,8 @@ def test_compiled_false_keeps_lightgbm() -> None:
 
 def test_the_setting_must_be_a_boolean() -> None:
     with pytest.raises(ConfigError, match="compiled must be true or false"):
-        ranking_config_from_mapping({"lightgbm": {"compiled": "yes"}})
-    assert ranking_config_from_mapping({"lightgbm": {"compiled": False}}).lightgbm.compiled is False
+        RankingConfig.from_mapping({"lightgbm": {"compiled": "yes"}})
+    assert RankingConfig.from_mapping({"lightgbm": {"compiled": False}}).lightgbm.compiled is False
 
 
 def test_save_load_keeps_the_setting_and_load_does_not_compile(tmp_path: Path) -> None:

@@ -22,12 +22,7 @@ from evaluation.metrics import ndcg_at_k
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import FeatureStore
 from ranking.lgbm import LightGBMConfig, LightGBMRanker
-from ranking.stage import (
-    RankingConfig,
-    RankingStage,
-    ranking_config_from_mapping,
-    ranking_config_to_mapping,
-)
+from ranking.stage import RankingConfig, RankingStage
 from ranking.training_set import (
     TrainingSet,
     TrainingSetConfig,
@@ -341,7 +336,7 @@ def test_features_from_another_retrieval_setup_are_refused(
 
 
 def test_config_parses_sub_tables_and_round_trips() -> None:
-    config = ranking_config_from_mapping(
+    config = RankingConfig.from_mapping(
         {
             "model": "dnn",
             "features": {"popularity_windows_days": [1, 3]},
@@ -351,11 +346,11 @@ def test_config_parses_sub_tables_and_round_trips() -> None:
     )
     assert config.model == "dnn" and config.features.popularity_windows_days == (1, 3)
     assert config.dnn.hidden_dims == (8,) and config.training.sampled_negative_ratio == 2
-    assert ranking_config_from_mapping(ranking_config_to_mapping(config)) == config
+    assert RankingConfig.from_mapping(config.to_mapping()) == config
     with pytest.raises(ConfigError, match="num_leaf"):
-        ranking_config_from_mapping({"lightgbm": {"num_leaf": 3}})
+        RankingConfig.from_mapping({"lightgbm": {"num_leaf": 3}})
     with pytest.raises(ConfigError, match="model"):
-        ranking_config_from_mapping({"model": "xgboost"})
+        RankingConfig.from_mapping({"model": "xgboost"})
 
 
 def test_empty_label_window_is_an_error(funnel: TinyFunnel) -> None:

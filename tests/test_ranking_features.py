@@ -30,7 +30,7 @@ from ranking.training_set import TrainingSet, TrainingSetConfig, build_training_
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.covisit import CoVisitationSource
 from retrieval.merge import ABSENT_RANK, MergedCandidates
-from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
+from retrieval.stage import RetrievalConfig, RetrievalStage
 
 DAY = 86_400
 HOUR = 3_600
@@ -91,8 +91,8 @@ def tiny_funnel(seed: int = 1) -> TinyFunnel:
 
     train, valid, test = (index(splits[name]) for name in ("train", "valid", "test"))
     catalog = ItemCatalog.from_frame(data.items, items)
-    config, sources, index_config = retrieval_config_from_mapping(tomllib.loads(TINY_RETRIEVAL))
-    retrieval = RetrievalStage(config, sources, index_config).fit(train, catalog, valid)
+    config = RetrievalConfig.from_mapping(tomllib.loads(TINY_RETRIEVAL))
+    retrieval = RetrievalStage(config).fit(train, catalog, valid)
     train_valid = index(pl.concat([splits["train"], splits["valid"]]))
     return TinyFunnel(train, valid, test, train_valid, catalog, retrieval)
 

@@ -16,7 +16,7 @@ from data.errors import BundleError, ConfigError
 from pipeline.artifacts import load_artifacts
 from pipeline.bundle import verify_bundle
 from retrieval.base import UserBatch
-from retrieval.stage import RetrievalStage, retrieval_config_from_mapping
+from retrieval.stage import RetrievalConfig, RetrievalStage
 
 
 def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:
@@ -153,14 +153,25 @@ def test_each_source_fetches_its_quota_times_fetch_per_quota(
     assert merged.item_idx.shape == (3, config.n_candidates)
 
 
+def test_retrieval_config_holds_the_source_and_index_tables() -> None:
+    config = RetrievalConfig.from_mapping(
+        {"sources": ["als", "popular"], "als": {"factors": 4}, "index": {"kind": "flat"}}
+    )
+    assert config.source_config("als").factors == 4
+    assert config.source_config("popular") == RetrievalConfig().source_config("popular")
+    assert config.index.kind == "flat" and set(config.source_configs) == {"als", "popular"}
+    with pytest.raises(ConfigError, match="source_configs"):
+        RetrievalConfig.from_mapping({"source_configs": {"als": {"factors": 4}}})
+
+
 def test_fetch_per_quota_config() -> None:
-    config, _, _ = retrieval_config_from_mapping({"quotas": {"als": 10}, "fetch_per_quota": 3})
+    config = RetrievalConfig.from_mapping({"quotas": {"als": 10}, "fetch_per_quota": 3})
     assert config.fetch_depth("als") == 30
     assert config.fetch_depth("two_tower") == config.n_candidates  # 3 x 250 capped at 500
     assert replace(config, fetch_per_quota=None).fetch_depth("als") == config.n_candidates
     for bad in (0.5, "2", True):
         with pytest.raises(ConfigError, match="fetch_per_quota must be >= 1"):
-            retrieval_config_from_mapping({"fetch_per_quota": bad})
+            RetrievalConfig.from_mapping({"fetch_per_quota": bad})
 
 
 def test_a_bundle_from_before_the_setting_keeps_fetching_n_candidates(
