@@ -22,9 +22,10 @@ from data.dataset import load_dataset
 from data.errors import BundleError, DataError
 from data.schema import ITEM_ID, TIMESTAMP, WEIGHT
 from pipeline.artifacts import Artifacts, load_artifacts, load_history
+from pipeline.bundle_check import BundleChecker, describe, smoke_test
 from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from pipeline.factory import make_pipeline
-from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog
+from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, FeedbackLogBusyError
 from pipeline.funnel import BudgetConfig, Pipeline
 from pipeline.online_state import OnlineState, observe_frame
 from retrieval.base import PAD_ITEM
@@ -73,6 +74,10 @@ class RecommenderService:
     inline in the caller's thread and never degrades for time (offline callers such as the
     simulator, whose batches of hundreds of users would overrun any per-request budget). A stage
     that raises still degrades either way.
+    check_reloads_in_child: load and smoke-test a reload's candidate bundle in a child process
+    before this one loads it (``pipeline/bundle_check.py``): a loader that crashes the process
+    (LightGBM on a truncated model) then costs the child, not the service. Off, a reload is
+    ~3 s faster the first time, for callers that reload bundles they just trained themselves.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class RecommenderService:
         history: str | Path | None = None,
         budgets: BudgetConfig | None = None,
         enforce_budgets: bool = True,
+        check_reloads_in_child: bool = True,
     ) -> None:
         self.feedback = feedback
         self.history = Path(history) if history is not None else None
@@ -93,6 +99,7 @@ class RecommenderService:
         # Guards _served for its swap and for each live state update: held for in-memory work
         # and one short log read, never for a bundle load or a log write.
         self._swap_lock = threading.Lock()
+        self._checker = BundleChecker() if check_reloads_in_child else None
         self._served = self._build(Path(bundle))
         self.last_feedback_timestamp: int | None = None
 
@@ -116,6 +123,9 @@ class RecommenderService:
         started = time.perf_counter()
         warmed = served.pipeline.warm()
         logger.info("warmed %d users in %.1f s", warmed, time.perf_counter() - started)
+        # A stage that raises degrades answers instead of failing them: a bundle that cannot
+        # answer one request is refused here, not served degraded.
+        smoke_test(served.pipeline)
         return served
 
     def _replay_items(self, artifacts: Artifacts) -> Artifacts:
@@ -190,18 +200,20 @@ class RecommenderService:
         return replace(served, replayed_seq=replayed)
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
-        """Load, verify and warm a new bundle, then swap it in; the old one serves until then.
+        """Load, verify, smoke-test and warm a new bundle, then swap it in; the old one serves
+        until then.
 
-        Raises ``BundleError`` (the old pipeline keeps serving) if the bundle is missing, corrupt
-        or unreadable. Returns (new model_version, previous model_version).
+        Raises ``BundleError`` (the old pipeline keeps serving) for any failure of the candidate:
+        missing, unreadable, not matching its manifest, a file a loader cannot read, a stage
+        that raises on a smoke request, or a loader that crashes the checking child process.
+        ``FeedbackLogBusyError`` (the log, not the bundle) passes through. Returns (new
+        model_version, previous model_version).
         """
+        path = Path(bundle)
         with self._reload_lock:
-            try:
-                fresh = self._build(Path(bundle))  # slow: no request-facing lock held
-            except OSError as exc:
-                # A path the OS refuses (name too long, permission denied, I/O error) is a bad
-                # bundle like any other, not a server error: the caller gets a 4xx, not a 500.
-                raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
+            if self._checker is not None:
+                self._checker.check(path)
+            fresh = self._load_candidate(path)  # slow: no request-facing lock held
             with self._swap_lock:
                 # Feedback committed while the bundle loaded. Under the lock, so an event is
                 # either read here or observed live into the new pipeline, never neither nor
@@ -216,9 +228,26 @@ class RecommenderService:
         logger.info("reloaded bundle %s (%s -> %s)", bundle, old, new)
         return new, old
 
+    def _load_candidate(self, bundle: Path) -> _Served:
+        """``_build`` with every failure of the bundle turned into ``BundleError``."""
+        try:
+            return self._build(bundle)
+        except (BundleError, FeedbackLogBusyError):
+            raise
+        except OSError as exc:
+            # A path the OS refuses (name too long, permission denied, I/O error) is a bad
+            # bundle like any other, not a server error: the caller gets a 4xx, not a 500.
+            raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
+        except Exception as exc:  # a corrupt file fails in its own loader's way
+            raise BundleError(
+                f"bundle {str(bundle)!r} could not be loaded: {describe(exc)}"
+            ) from exc
+
     def close(self) -> None:
         self.pipeline.close()
         self.feedback.close()
+        if self._checker is not None:
+            self._checker.close()
 
     # ---------------------------------------------------------------------------- catalogue
     def add_items(self, frame: pl.DataFrame, *, now: int | None = None) -> CatalogChange:
