@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "exact_top100_seconds": time.perf_counter() - start,
         "load_average_1min_start": os.getloadavg()[0],
     }
-    default = IndexConfig(threads=args.threads)
+    default = IndexConfig(num_threads=args.threads)
     figures["default_kind"] = default.kind
     for kind in args.kinds:
         config = replace(default, kind=kind)

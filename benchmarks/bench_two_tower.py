@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_epochs=args.epochs,
         device=args.device,
         seed=args.seed,
-        threads=args.threads,
+        num_threads=args.threads,
     )
     started = time.perf_counter()
     source = TwoTowerSource(config).fit(train, catalog, valid)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self, get_args
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, Self, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -69,9 +70,12 @@ class DNNConfig:
     batch_groups: groups (users) per optimisation step.
     eval_at: K of the validation NDCG@K.
     seed: seeds weight init, dropout and the group shuffling.
-    threads: torch intra-op CPU threads for training and prediction; ``None`` keeps torch's
-        default. Serving a single request is fastest with 1.
+    num_threads: torch intra-op CPU threads for training and prediction; ``None`` keeps
+        torch's default. Serving a single request is fastest with 1. (TOML files may still
+        call it ``threads``.)
     """
+
+    renamed_keys: ClassVar[Mapping[str, str]] = MappingProxyType({"threads": "num_threads"})
 
     hidden_dims: tuple[int, ...] = (64, 32)
     dropout: float = 0.1
@@ -83,7 +87,7 @@ class DNNConfig:
     batch_groups: int = 64
     eval_at: int = 10
     seed: int = 0
-    threads: int | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(x) for x in self.hidden_dims))
@@ -95,7 +99,7 @@ class DNNConfig:
         non_negative_float(self.weight_decay, "DNNConfig.weight_decay", finite=False)
         for name in ("max_epochs", "patience", "batch_groups", "eval_at"):
             positive_int(getattr(self, name), f"DNNConfig.{name}")
-        integer(self.threads, "DNNConfig.threads", minimum=1, none_ok=True)
+        integer(self.num_threads, "DNNConfig.num_threads", minimum=1, none_ok=True)
 
 
 class RankerMLP(nn.Module):
@@ -196,7 +200,7 @@ class DNNRanker:
         rng = np.random.default_rng(config.seed)
         curves = DNNCurves()
         # fork_rng: seed torch for init and dropout without changing the caller's global RNG.
-        with torch.random.fork_rng(devices=[]), torch_threads(config.threads):
+        with torch.random.fork_rng(devices=[]), torch_threads(config.num_threads):
             torch.manual_seed(config.seed)
             model = RankerMLP(len(train.names), config.hidden_dims, config.dropout)
             model.set_statistics(train.values)
@@ -244,7 +248,7 @@ class DNNRanker:
             raise DataError(
                 f"predict: values have shape {rows.shape}, expected (N, {len(self.feature_names_)})"
             )
-        return _predict(self.model_, rows, self.config.threads)
+        return _predict(self.model_, rows, self.config.num_threads)
 
     def warm(self) -> None:
         """Get ready to serve (the :class:`~ranking.stage.RankingModel` protocol): nothing to do,
@@ -332,13 +336,13 @@ class DNNRanker:
 
 @torch.no_grad()
 def _predict(
-    model: RankerMLP, rows: npt.NDArray[np.float32], threads: int | None
+    model: RankerMLP, rows: npt.NDArray[np.float32], num_threads: int | None
 ) -> npt.NDArray[np.float32]:
     if rows.shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
     was_training = model.training
     model.eval()
-    with torch_threads(threads):
+    with torch_threads(num_threads):
         scores = model(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
     model.train(was_training)
     return scores.numpy().astype(np.float32, copy=False)

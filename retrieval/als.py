@@ -160,7 +160,7 @@ class ALSConfig:
             nlist=self.index_nlist,
             nprobe=self.index_nprobe,
             seed=self.random_state,
-            threads=self.num_threads or None,
+            num_threads=self.num_threads or None,
         )
 
 

@@ -135,7 +135,7 @@ class VectorIndex:
         kind = config.kind
         factory = factory_string(config, n=n, dim=dim, n_train=min(n, config.train_sample))
         index: Any = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        with _omp_threads(config.threads):
+        with _omp_threads(config.num_threads):
             if kind in IVF_KINDS:
                 index.cp.seed = config.seed  # k-means of the IVF centroids
                 if kind == "ivf_pq":
@@ -237,7 +237,7 @@ class VectorIndex:
             return ids, scores
         overlay = self._overlay  # one snapshot for the whole search (changes swap it)
         params = self._search_params(fetch, overlay, nprobe=nprobe, ef_search=ef_search)
-        with _omp_threads(self.config.threads):
+        with _omp_threads(self.config.num_threads):
             found_scores, found = self._index.search(matrix, fetch, params=params)
         if self.kind == "hnsw":
             found = np.where(found >= 0, self._labels[np.maximum(found, 0)], -1)
@@ -302,7 +302,7 @@ class VectorIndex:
                 hidden, _ = self._live_overlay().hiding(labels)
                 self._overlay = hidden.adding(matrix, labels)  # one swap: never half-changed
             return
-        with _omp_threads(self.config.threads):
+        with _omp_threads(self.config.num_threads):
             if self.kind == "hnsw":
                 self._kill(labels)
                 self._index.add(matrix)
@@ -334,7 +334,7 @@ class VectorIndex:
                 removed += hidden
             self._overlay = overlay
             return removed
-        with _omp_threads(self.config.threads):
+        with _omp_threads(self.config.num_threads):
             if self.kind == "hnsw":
                 removed = self._kill(labels)
                 self._refresh_selector()
@@ -359,7 +359,7 @@ class VectorIndex:
             self.dim, f"HNSW{self.config.hnsw_m},Flat", faiss.METRIC_INNER_PRODUCT
         )
         fresh.hnsw.efConstruction = self.config.ef_construction
-        with _omp_threads(self.config.threads):
+        with _omp_threads(self.config.num_threads):
             fresh.add(vectors)
         self._index = fresh
         self._labels = self._labels[self._alive]

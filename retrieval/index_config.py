@@ -33,9 +33,12 @@ The figures: ``docs/benchmarks.md``, "ANN index kinds" (``benchmarks/bench_index
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, get_args
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, get_args
 
+from data.configuration import from_mapping
 from data.errors import ConfigError, DataError
 from data.validation import integer, non_negative_int, one_of, positive_int
 
@@ -84,9 +87,12 @@ class IndexConfig:
         more); the k-means cost is linear in it.
     seed: seeds the training sample and FAISS's k-means, so a rebuild of the IVF kinds is
         reproducible (HNSW's multi-threaded construction is not bit-for-bit reproducible).
-    threads: OpenMP threads for FAISS calls on this index; ``None`` = FAISS's default (all
-        cores). The setting is process-wide in OpenMP and is restored after each call.
+    num_threads: OpenMP threads for FAISS calls on this index; ``None`` = FAISS's default (all
+        cores). The setting is process-wide in OpenMP and is restored after each call. (TOML
+        files and indexes saved before the rename may still call it ``threads``.)
     """
+
+    renamed_keys: ClassVar[Mapping[str, str]] = MappingProxyType({"threads": "num_threads"})
 
     kind: IndexKind = "ivf_fp16"
     nlist: int | None = None
@@ -98,7 +104,7 @@ class IndexConfig:
     pq_nbits: int = 8
     train_sample: int = 200_000
     seed: int = 0
-    threads: int | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         one_of(self.kind, "IndexConfig.kind", get_args(IndexKind))
@@ -107,7 +113,7 @@ class IndexConfig:
         integer(self.hnsw_m, "IndexConfig.hnsw_m", minimum=2)
         integer(self.pq_nbits, "IndexConfig.pq_nbits", minimum=1, maximum=16)
         non_negative_int(self.seed, "IndexConfig.seed")
-        for name in ("nlist", "pq_m", "threads"):
+        for name in ("nlist", "pq_m", "num_threads"):
             integer(getattr(self, name), f"IndexConfig.{name}", minimum=1, none_ok=True)
 
     def resolved_nlist(self, n: int, n_train: int | None = None) -> int:
@@ -132,11 +138,7 @@ class IndexConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> IndexConfig:
         """Build from a dict (a TOML table or ``index.json``); unknown keys raise ConfigError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"IndexConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "IndexConfig")
 
 
 def factory_string(config: IndexConfig, *, n: int, dim: int, n_train: int) -> str:

@@ -21,7 +21,9 @@ KINDS: tuple[IndexKind, ...] = ("flat", "ivf_flat", "ivf_fp16", "hnsw", "ivf_pq"
 N, DIM, CLUSTERS = 5000, 16, 50
 # Generous search knobs (small data, cheap to over-probe); 6-bit PQ needs only 64 training
 # points per sub-quantizer centroid set, so 5000 vectors train it without FAISS's warning.
-SMALL = IndexConfig(nprobe=32, ef_search=128, pq_nbits=6, hnsw_m=16, train_sample=2500, threads=1)
+SMALL = IndexConfig(
+    nprobe=32, ef_search=128, pq_nbits=6, hnsw_m=16, train_sample=2500, num_threads=1
+)
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -72,7 +74,7 @@ def assert_valid_result(ids: np.ndarray, scores: np.ndarray, m: int, k: int) -> 
 
 def test_config_defaults_and_auto_sizes() -> None:
     config = IndexConfig()
-    assert config.kind == "ivf_fp16" and config.threads is None
+    assert config.kind == "ivf_fp16" and config.num_threads is None
     assert config.resolved_nlist(1_000_000) == 4000  # 4 * sqrt(n)
     assert config.resolved_nlist(5000) == 128  # capped: 39 training points per centroid
     assert config.resolved_nlist(10) == 1
@@ -82,7 +84,7 @@ def test_config_defaults_and_auto_sizes() -> None:
 
 
 def test_config_round_trips_through_a_dict() -> None:
-    config = IndexConfig(kind="hnsw", nlist=10, threads=2)
+    config = IndexConfig(kind="hnsw", nlist=10, num_threads=2)
     assert IndexConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
@@ -95,7 +97,7 @@ def test_config_round_trips_through_a_dict() -> None:
         ({"ef_search": True}, "ef_search"),
         ({"hnsw_m": 1}, "hnsw_m"),
         ({"pq_nbits": 17}, "pq_nbits"),
-        ({"threads": 0}, "threads"),
+        ({"num_threads": 0}, "num_threads"),
         ({"train_sample": 2.5}, "train_sample"),
     ],
 )
@@ -215,7 +217,7 @@ def test_ivf_builds_are_reproducible(data) -> None:
 def test_thread_setting_is_restored(data) -> None:
     vectors, ids, queries = data
     before = faiss.omp_get_max_threads()
-    index = VectorIndex.build(IndexConfig(kind="flat", threads=1), vectors, ids)
+    index = VectorIndex.build(IndexConfig(kind="flat", num_threads=1), vectors, ids)
     index.search(queries, 5)
     assert faiss.omp_get_max_threads() == before
 

@@ -37,7 +37,7 @@ from tests.test_ranking_features import TinyFunnel, cut_of, tiny_funnel
 
 # Tiny models, one thread: every fit here takes well under a second.
 LGBM = LightGBMConfig(num_threads=1, min_data_in_leaf=20, max_rounds=200)
-DNN = DNNConfig(hidden_dims=(16,), max_epochs=8, patience=8, batch_groups=16, threads=1)
+DNN = DNNConfig(hidden_dims=(16,), max_epochs=8, patience=8, batch_groups=16, num_threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ hidden_dims = [16]
 output_dim = 8
 max_epochs = 2
 batch_size = 256
-threads = 1
+num_threads = 1
 
 [als]
 factors = 8

@@ -15,7 +15,9 @@ from cli.main import main
 from data.errors import BundleError, ConfigError
 from pipeline.artifacts import load_artifacts
 from pipeline.bundle import verify_bundle
+from ranking.stage import RankingConfig
 from retrieval.base import UserBatch
+from retrieval.index_config import IndexConfig
 from retrieval.stage import RetrievalConfig, RetrievalStage
 
 
@@ -162,6 +164,17 @@ def test_retrieval_config_holds_the_source_and_index_tables() -> None:
     assert config.index.kind == "flat" and set(config.source_configs) == {"als", "popular"}
     with pytest.raises(ConfigError, match="source_configs"):
         RetrievalConfig.from_mapping({"source_configs": {"als": {"factors": 4}}})
+
+
+def test_the_old_threads_key_still_loads(caplog: pytest.LogCaptureFixture) -> None:
+    # `threads` was renamed `num_threads` (the name ALS and LightGBM already used); config files
+    # and saved indexes that still say `threads` load, with a logged warning, not an error.
+    retrieval = RetrievalConfig.from_mapping({"two_tower": {"threads": 1}, "index": {"threads": 2}})
+    assert retrieval.source_config("two_tower").num_threads == 1
+    assert retrieval.index.num_threads == 2
+    assert RankingConfig.from_mapping({"dnn": {"threads": 3}}).dnn.num_threads == 3
+    assert IndexConfig.from_dict({"threads": 4}).num_threads == 4
+    assert "'threads' is deprecated, use 'num_threads'" in caplog.text
 
 
 def test_fetch_per_quota_config() -> None:

@@ -59,7 +59,7 @@ TINY = TwoTowerConfig(
     max_epochs=20,
     learning_rate=1e-2,
     eval_k=5,
-    threads=1,
+    num_threads=1,
 )
 
 
@@ -579,7 +579,7 @@ def test_sparse_training_returns_and_saves_an_ordinary_model(
         ("loss", "hinge"),
         ("age_bucket_days", (7.0, 1.0)),
         ("device", "tpu"),
-        ("threads", 0),
+        ("num_threads", 0),
         ("sparse_embeddings", "yes"),
         ("sparse_embeddings", 1),
     ],

@@ -9,8 +9,10 @@ wider ``embedding_dim`` and bigger batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, get_args
 
 from data.errors import ConfigError
 from data.validation import (
@@ -88,11 +90,14 @@ class TwoTowerConfig:
             (default): sparse when the two tables hold more than ``SPARSE_AUTO_MIN_ROWS`` rows
             together, where the dense update of every row dominates a step.
         device: ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op CPU threads while training and encoding; ``None`` (default)
-            keeps torch's own default (one per core). Set on a shared machine: with every core
-            busy, waiting threads stall each step of a small model.
+        num_threads: torch intra-op CPU threads while training and encoding; ``None``
+            (default) keeps torch's own default (one per core). Set on a shared machine: with
+            every core busy, waiting threads stall each step of a small model. (TOML files may
+            still call it ``threads``.)
         progress: show a tqdm bar per epoch.
     """
+
+    renamed_keys: ClassVar[Mapping[str, str]] = MappingProxyType({"threads": "num_threads"})
 
     # Architecture
     embedding_dim: int = 32
@@ -123,7 +128,7 @@ class TwoTowerConfig:
     encode_batch_size: int = 8_192
     sparse_embeddings: SparseEmbeddings = "auto"
     device: Device = "cpu"
-    threads: int | None = None
+    num_threads: int | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -167,7 +172,7 @@ def _validate(c: TwoTowerConfig) -> None:
         non_negative_float(getattr(c, name), f"TwoTowerConfig.{name}")
     for name in ("n_uniform_negatives", "seed"):
         non_negative_int(getattr(c, name), f"TwoTowerConfig.{name}")
-    integer(c.threads, "TwoTowerConfig.threads", minimum=1, none_ok=True)
+    integer(c.num_threads, "TwoTowerConfig.num_threads", minimum=1, none_ok=True)
     sparse = c.sparse_embeddings
     if not isinstance(sparse, bool) and sparse != "auto":
         raise ConfigError(

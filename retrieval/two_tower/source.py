@@ -157,7 +157,7 @@ class TwoTowerSource:
         vectors, hit = cache.lookup(users.user_idx, digests)
         miss = np.flatnonzero(~hit)
         if miss.size:
-            with torch_threads(self.config.threads):
+            with torch_threads(self.config.num_threads):
                 vectors[miss] = encode_users(
                     self.model_,
                     self.features_,
@@ -350,7 +350,7 @@ class TwoTowerSource:
         return next(self.model_.parameters()).device
 
     def _encode_items(self, items: npt.NDArray[np.int64], at: int) -> npt.NDArray[np.float32]:
-        with torch_threads(self.config.threads):
+        with torch_threads(self.config.num_threads):
             return encode_items(
                 self.model_,
                 self.features_,

@@ -271,7 +271,7 @@ def train_two_tower(
     rng = np.random.default_rng(config.seed)
     # fork_rng: seed torch for init and dropout without changing the caller's global RNG state.
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch_threads(config.threads):
+    with torch.random.fork_rng(devices=rng_devices), torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = TwoTowerModel(
             log.n_users,
