@@ -32,7 +32,6 @@ from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-import scipy.linalg
 import scipy.sparse as sp
 
 from data.errors import ConfigError, DataError, NotFittedError
@@ -40,6 +39,7 @@ from data.interactions import Interactions
 from data.validation import non_negative_int, positive_float, positive_int
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
+from retrieval.item_item import ease_weights
 from retrieval.popular import PopularConfig, PopularSource
 from retrieval.topk import align_exclude, check_k, dense_topk
 
@@ -332,49 +332,6 @@ class EASEBaseline(_FittedBaseline):
         return dense_topk(
             score_rows, rows.size, self.n_items_, k, exclude, self.score_block_elements
         ).item_idx
-
-
-def ease_weights(user_items: sp.spmatrix | sp.sparray, l2: float) -> npt.NDArray[np.float64]:
-    """EASE's ``B`` (n_items, n_items) float64 from a (n_users, n_items) matrix ``X``.
-
-    Steck (2019), eq. 8: ``P = (X^T X + l2 I)^-1``, ``B_ij = -P_ij / P_jj``, ``B_jj = 0``.
-    ``X^T X + l2 I`` is symmetric positive definite (``l2 > 0``), so ``P`` comes from its
-    Cholesky factor (LAPACK ``potrf`` + ``potri``: half the flops of a general inverse), in
-    place: one dense n_items x n_items float64 matrix is all that is allocated.
-    """
-    x = sp.csr_matrix(user_items, dtype=np.float64)
-    gram = (x.T @ x).toarray()
-    gram[np.diag_indices_from(gram)] += l2
-    # The Gram matrix is symmetric: its transpose is the same matrix as a Fortran-ordered view,
-    # which LAPACK can overwrite instead of copying.
-    factor, info = scipy.linalg.lapack.dpotrf(gram.T, lower=False, clean=False, overwrite_a=True)
-    if info == 0:
-        weights, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
-    if info != 0:
-        raise DataError(
-            f"EASE: X^T X + {l2} I is not numerically positive definite (LAPACK info {info}); "
-            "raise l2"
-        )
-    _mirror_upper_triangle(weights)
-    weights /= -np.diag(weights).copy()  # column j divided by -P_jj
-    weights[np.diag_indices_from(weights)] = 0.0
-    return weights
-
-
-def _mirror_upper_triangle(matrix: npt.NDArray[np.float64], block: int = 512) -> None:
-    """Copy the upper triangle onto the lower one in place, ``block`` rows at a time.
-
-    ``potri`` writes only the upper triangle; a block loop keeps the temporary copy at
-    ``block x n`` instead of the full-size index arrays that ``np.tril_indices`` would need.
-    """
-    for start in range(block, matrix.shape[0], block):
-        stop = min(start + block, matrix.shape[0])
-        matrix[start:stop, :start] = matrix[:start, start:stop].T
-    for start in range(0, matrix.shape[0], block):  # the diagonal blocks themselves
-        stop = min(start + block, matrix.shape[0])
-        square = matrix[start:stop, start:stop]
-        lower = np.tril_indices(stop - start, -1)
-        square[lower] = square.T[lower]
 
 
 def default_baselines(*, seed: int = 0) -> dict[str, Baseline]:

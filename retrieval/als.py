@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Self, get_args
 
@@ -77,6 +77,7 @@ from retrieval.topk import align_exclude, check_k, dense_topk
 from retrieval.user_cache import UserVectorCache, history_digest
 
 FoldIn = Literal["unknown", "always", "never"]
+Confidence = Literal["log", "linear", "binary"]
 IndexMode = Literal["auto", "exact", "ann"]
 
 INDEX_DIR = "index"
@@ -93,9 +94,17 @@ class ALSConfig:
 
     factors: latent dimension. 64 is enough for a few thousand items and cheap to score.
     regularization: L2 penalty on every factor (implicit's default, 0.01).
-    alpha: confidence scaling; an observed user-item pair of summed weight ``w`` gets confidence
-        ``alpha * w`` against 1 for unobserved pairs (implicit's form of Hu et al.'s
-        ``1 + alpha * r``). 10: one click is solid but not overwhelming evidence.
+    confidence: how an observed pair's summed weight ``w`` becomes evidence ``t(w)``:
+        ``"log"`` (default) ``log(1 + w)``, ``"linear"`` ``w``, ``"binary"`` 1. Counts such as
+        plays are heavy-tailed (one pair of 5,000 plays would outweigh a user's other 49
+        artists): the log keeps their order without letting the tail swamp the fit.
+    alpha: confidence scaling; an observed pair gets confidence ``alpha * t(w)`` against 1 for
+        unobserved pairs (implicit's form of Hu et al.'s ``1 + alpha * r``). ``None`` (default)
+        sets it from the data: ``mean_confidence / mean(t(w))`` over the training pairs, so the
+        same default holds for clicks, ratings and play counts alike.
+    mean_confidence: the mean confidence of an observed pair when ``alpha`` is ``None``. 8:
+        between the best binary alpha and the best log-count scaling on the validation logs
+        (``docs/benchmarks.md``, quality section).
     iterations: ALS sweeps (implicit's default, 15: the loss has flattened by then).
     random_state: seed of the initial factors and of the index's k-means; same seed, same model.
     num_threads: threads for fitting and for the index; 0 lets implicit and FAISS use every core.
@@ -119,7 +128,9 @@ class ALSConfig:
 
     factors: int = 64
     regularization: float = 0.01
-    alpha: float = 10.0
+    confidence: Confidence = "log"
+    alpha: float | None = None
+    mean_confidence: float = 8.0
     iterations: int = 15
     random_state: int = 0
     num_threads: int = 0
@@ -142,8 +153,11 @@ class ALSConfig:
             positive_int(getattr(self, name), f"ALSConfig.{name}")
         integer(self.index_nlist, "ALSConfig.index_nlist", minimum=1, none_ok=True)
         non_negative_int(self.num_threads, "ALSConfig.num_threads")
-        for name in ("regularization", "alpha", "history_weight"):
+        for name in ("regularization", "mean_confidence", "history_weight"):
             positive_float(getattr(self, name), f"ALSConfig.{name}", finite=False)
+        if self.alpha is not None:
+            positive_float(self.alpha, "ALSConfig.alpha", finite=False)
+        one_of(self.confidence, "ALSConfig.confidence", get_args(Confidence))
         one_of(self.fold_in, "ALSConfig.fold_in", get_args(FoldIn))
         one_of(self.index, "ALSConfig.index", get_args(IndexMode))
 
@@ -170,7 +184,20 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _solver(config: ALSConfig) -> AlternatingLeastSquares:
+def confidence_weights(
+    weights: npt.NDArray[np.floating], confidence: Confidence
+) -> npt.NDArray[np.float32]:
+    """``t(w)`` of summed pair weights (see ``ALSConfig.confidence``); negatives keep their sign
+    (a dislike stays a dislike under the log)."""
+    w = np.asarray(weights, dtype=np.float32)
+    if confidence == "binary":
+        return np.sign(w).astype(np.float32)
+    if confidence == "log":
+        return (np.sign(w) * np.log1p(np.abs(w))).astype(np.float32)
+    return w.copy()
+
+
+def _solver(config: ALSConfig, alpha: float | None = None) -> AlternatingLeastSquares:
     """An implicit ALS model configured from ``config``.
 
     implicit warns (RuntimeWarning) when BLAS runs its own thread pool, because BLAS threads
@@ -181,7 +208,7 @@ def _solver(config: ALSConfig) -> AlternatingLeastSquares:
         return AlternatingLeastSquares(
             factors=config.factors,
             regularization=config.regularization,
-            alpha=config.alpha,
+            alpha=alpha if alpha is not None else config.alpha,
             iterations=config.iterations,
             num_threads=config.num_threads,
             random_state=config.random_state,
@@ -194,7 +221,9 @@ class ALSSource:
     Learned state (after :meth:`fit`):
         user_factors_:  (n_users, factors) float32.
         item_factors_:  (n_items, factors) float32.
-        user_items_:    (n_users, n_items) float32 CSR, summed training weights (fold-in input).
+        user_items_:    (n_users, n_items) float32 CSR, ``t(w)`` of the summed training weights
+                        (fold-in input).
+        alpha_:         the confidence scaling used (``config.alpha`` or the data's).
         trained_until_: int seconds UTC, the last training event; later events are "new".
         index_:         :class:`VectorIndex` of the lifted non-zero item factors (dim factors + 1),
                         or None: exact retrieval (small catalogues, bundles saved without one).
@@ -203,6 +232,7 @@ class ALSSource:
     user_factors_: npt.NDArray[np.float32]
     item_factors_: npt.NDArray[np.float32]
     user_items_: sp.csr_matrix
+    alpha_: float
     trained_until_: int
     index_: VectorIndex | None
 
@@ -229,12 +259,16 @@ class ALSSource:
         not used. ``DataError`` on an empty log."""
         if len(log) == 0:
             raise DataError("ALSSource.fit: the interaction log is empty")
-        model = _solver(self.config)
+        matrix = log.matrix.copy()
+        matrix.data = confidence_weights(matrix.data, self.config.confidence)
+        matrix.eliminate_zeros()
+        self.alpha_ = self._alpha(matrix)
+        model = _solver(self.config, self.alpha_)
         with _blas_controller().limit(limits=1, user_api="blas"):
-            model.fit(log.matrix, show_progress=False)
+            model.fit(matrix, show_progress=False)
         self.user_factors_ = np.ascontiguousarray(model.user_factors, dtype=np.float32)
         self.item_factors_ = np.ascontiguousarray(model.item_factors, dtype=np.float32)
-        self.user_items_ = log.matrix
+        self.user_items_ = matrix
         self.trained_until_ = int(log.timestamp.max())
         self.index_ = (
             build_item_index(self.item_factors_, self.config.index_config())
@@ -245,6 +279,12 @@ class ALSSource:
         self._vectors_memo.clear()
         self._fold_in_cache = None
         return self
+
+    def _alpha(self, matrix: sp.csr_matrix) -> float:
+        if self.config.alpha is not None:
+            return float(self.config.alpha)
+        mean = float(np.abs(matrix.data).mean()) if matrix.nnz else 1.0
+        return self.config.mean_confidence / mean
 
     # ------------------------------------------------------------------------------ user vectors
     def user_vectors(self, users: UserBatch) -> npt.NDArray[np.float32]:
@@ -299,7 +339,7 @@ class ALSSource:
                 self.item_factors_,
                 owner,
                 items,
-                self.config.alpha * weights,
+                self.alpha_ * weights,
                 self.config.regularization,
                 miss.size,
             )
@@ -339,7 +379,12 @@ class ALSSource:
         weight = np.concatenate(
             [
                 self.user_items_.data[entries].astype(np.float64),
-                np.full(event_rows.size, self.config.history_weight),
+                np.full(
+                    event_rows.size,
+                    confidence_weights(
+                        np.array([self.config.history_weight]), self.config.confidence
+                    )[0],
+                ),
             ]
         )
         pairs, slot = np.unique(row * self.n_items + item, return_inverse=True)
@@ -450,6 +495,7 @@ class ALSSource:
             "config": to_mapping(self.config),
             "trained_until": self.trained_until_,
             "n_items": self.n_items,
+            "alpha": self.alpha_,
         }
         arrays = {
             "user_factors": self.user_factors_,
@@ -472,7 +518,11 @@ class ALSSource:
         """
         path = Path(directory)
         meta, arrays = read_state(path, cls.__name__)
-        source = cls(from_mapping(ALSConfig, meta["config"], cls.__name__), name=meta["name"])
+        config = from_mapping(ALSConfig, meta["config"], cls.__name__)
+        if "alpha" not in meta:
+            # Saved before the confidence transform: raw weights and a fixed alpha.
+            config = replace(config, confidence="linear", alpha=config.alpha or 10.0)
+        source = cls(config, name=meta["name"])
         source.user_factors_ = arrays["user_factors"]
         source.item_factors_ = arrays["item_factors"]
         source.user_items_ = sp.csr_matrix(
@@ -480,6 +530,7 @@ class ALSSource:
             shape=(source.user_factors_.shape[0], int(meta["n_items"])),
         )
         source.trained_until_ = int(meta["trained_until"])
+        source.alpha_ = float(meta.get("alpha", config.alpha or 10.0))
         source.index_ = None
         if (path / INDEX_DIR).is_dir():
             index = VectorIndex.load(path / INDEX_DIR, mmap=mmap)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,11 @@ from tests.retrieval_contract import (
     clustered_log,
 )
 
-CONFIG = ALSConfig(factors=8, iterations=10, random_state=0, num_threads=1)
+# Linear confidence and a fixed alpha: the fold-in tests compare with implicit's solve of the
+# same raw weights.
+CONFIG = ALSConfig(
+    factors=8, iterations=10, random_state=0, num_threads=1, confidence="linear", alpha=10.0
+)
 
 
 def cluster(items: np.ndarray) -> np.ndarray:
@@ -402,3 +408,45 @@ def test_warm_folds_in_the_users_it_is_given(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(als, "solve_users", None)  # any solve now would fail
     source._vectors_memo.clear()
     np.testing.assert_array_equal(source.user_vectors(batch), expected)
+
+
+# ------------------------------------------------------------------ confidence transform
+
+
+def test_confidence_transforms_keep_the_sign_of_dislikes() -> None:
+    weights = np.array([0.0, 1.0, 3.0, -2.0, 1000.0], np.float32)
+
+    np.testing.assert_allclose(
+        als.confidence_weights(weights, "log"),
+        [0.0, np.log(2), np.log(4), -np.log(3), np.log(1001)],
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(als.confidence_weights(weights, "binary"), [0, 1, 1, -1, 1])
+    np.testing.assert_array_equal(als.confidence_weights(weights, "linear"), weights)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_automatic_alpha_sets_the_mean_confidence_whatever_the_weight_scale(scale: float) -> None:
+    log, _ = clustered_log()
+    scaled = replace(log, weight=log.weight * np.float32(scale))
+    config = ALSConfig(factors=4, iterations=2, num_threads=1, confidence="linear")
+
+    source = ALSSource(config).fit(scaled)
+
+    mean_confidence = source.alpha_ * float(source.user_items_.data.mean())
+    assert mean_confidence == pytest.approx(config.mean_confidence, rel=1e-5)
+
+
+def test_a_bundle_saved_before_the_transform_loads_with_raw_weights(tmp_path: Path) -> None:
+    log, _ = clustered_log()
+    source = ALSSource(ALSConfig(factors=4, iterations=2, num_threads=1)).fit(log)
+    source.save(tmp_path / "als")
+    state = tmp_path / "als" / "config.json"
+    meta = json.loads(state.read_text())
+    del meta["alpha"], meta["config"]["confidence"], meta["config"]["mean_confidence"]
+    meta["config"]["alpha"] = 10.0
+    state.write_text(json.dumps(meta))
+
+    loaded = ALSSource.load(tmp_path / "als")
+
+    assert loaded.config.confidence == "linear" and loaded.alpha_ == 10.0

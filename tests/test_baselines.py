@@ -20,10 +20,10 @@ from evaluation.baselines import (
     RandomBaseline,
     RecencyPopularityBaseline,
     default_baselines,
-    ease_weights,
 )
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import PAD_ITEM, UserBatch
+from retrieval.item_item import ease_weights
 from tests.retrieval_contract import N_CATEGORIES, N_ITEMS, N_USERS, clustered_log
 
 DAY = 86_400

@@ -1,0 +1,45 @@
+"""The validation measure that fit-time choices use: hand-computed nDCG, the window's labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+
+from data.idmap import IdMap
+from data.interactions import Interactions
+from data.schema import INTERACTION_SCHEMA
+from retrieval.base import PAD_ITEM
+from retrieval.validation import ndcg, validation_window
+
+
+def test_ndcg_matches_a_hand_computation() -> None:
+    relevant = sp.csr_matrix(np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]))
+    ranked = np.array([[2, 1, 0], [0, 1, PAD_ITEM], [0, 1, 2]])
+
+    got = ndcg(ranked, relevant, k=3)
+
+    user0 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))  # hits at ranks 1 and 3 of 2 relevant
+    assert got == pytest.approx((user0 + 0.0 + 0.0) / 3)
+
+
+def test_the_window_labels_only_new_items_of_users_who_have_some() -> None:
+    users, items = IdMap.from_ids(["a", "b", "c"]), IdMap.from_ids(["x", "y", "z"])
+
+    def log(rows: list[tuple[str, str]]) -> Interactions:
+        frame = pl.DataFrame(
+            [(u, i, 0, 1.0) for u, i in rows], schema=INTERACTION_SCHEMA, orient="row"
+        )
+        return Interactions.from_frame(frame, users=users, items=items)
+
+    train = log([("a", "x"), ("b", "y"), ("c", "z")])
+    valid = log([("a", "y"), ("a", "x"), ("b", "y")])  # b only re-engages: not a label
+
+    window = validation_window(train, valid)
+
+    assert window is not None
+    assert window.user_idx.tolist() == [0]
+    assert window.relevant.toarray().tolist() == [[0, 1, 0]]
+    assert window.seen.toarray().tolist() == [[1, 0, 0]]
+    assert validation_window(train, log([("b", "y")])) is None
