@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from data.validation import positive_int
 from pipeline.funnel import Pipeline, RecommendRequest
 
 OUTPUT_SCHEMA = {"user_id": pl.String, "item_id": pl.String, "rank": pl.Int32, "score": pl.Float32}
@@ -42,8 +43,7 @@ def recommend_batch(
     retrieval, ranking, reranking, total) are added to it, in seconds; with several workers
     their sum exceeds the wall time.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    positive_int(workers, "workers", error=ValueError)
     request_time = now if now is not None else int(pipeline.clock())
     if pipeline.ranker is not None:
         pipeline.ranker.warm()  # LightGBM compiles its trees: less CPU for every batch after

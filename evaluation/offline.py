@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from data.dataset import load_dataset
 from data.errors import ConfigError
 from data.interactions import Interactions
+from data.validation import positive_int
 from evaluation import metrics as m
 from evaluation.baselines import default_baselines
 from evaluation.beyond_accuracy import beyond_accuracy
@@ -81,10 +82,11 @@ class OfflineConfig:
     now: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.ks or min(self.ks) <= 0 or min(self.recall_cutoffs, default=1) <= 0:
-            raise ConfigError(
-                f"cutoffs must be positive: ks={self.ks}, recall={self.recall_cutoffs}"
-            )
+        if not self.ks:
+            raise ConfigError("OfflineConfig.ks is empty: give at least one cutoff")
+        for name in ("ks", "recall_cutoffs"):
+            for k in getattr(self, name):
+                positive_int(k, f"OfflineConfig.{name}")
 
 
 def evaluate_offline(
