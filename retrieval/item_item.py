@@ -44,6 +44,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.validation import integer, non_negative_float, one_of, positive_float
 from retrieval.base import Candidates, UserBatch
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k, dense_topk
@@ -85,37 +86,22 @@ class ItemItemConfig:
     score_block_elements: int = 1 << 22
 
     def __post_init__(self) -> None:
-        if self.method not in get_args(Method):
-            raise ConfigError(
-                f"ItemItemConfig.method must be one of {list(get_args(Method))}, "
-                f"got {self.method!r}"
-            )
-        if self.l2 is not None and not (isinstance(self.l2, int | float) and self.l2 > 0):
-            raise ConfigError(f"ItemItemConfig.l2 must be None or > 0, got {self.l2!r}")
-        if (
-            isinstance(self.shrinkage, bool)
-            or not isinstance(self.shrinkage, int | float)
-            or (self.shrinkage < 0)
-        ):
-            raise ConfigError(
-                f"ItemItemConfig.shrinkage must be a number >= 0, got {self.shrinkage!r}"
-            )
+        one_of(self.method, "ItemItemConfig.method", get_args(Method))
+        if self.l2 is not None:  # None: chosen on the validation window
+            positive_float(self.l2, "ItemItemConfig.l2", finite=False)
+        non_negative_float(self.shrinkage, "ItemItemConfig.shrinkage", finite=False)
         object.__setattr__(self, "l2_grid", tuple(self.l2_grid))  # TOML gives a list
-        if not self.l2_grid or any(
-            isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 for v in self.l2_grid
-        ):
-            raise ConfigError(f"ItemItemConfig.l2_grid must hold numbers > 0, got {self.l2_grid!r}")
+        if not self.l2_grid:
+            raise ConfigError("ItemItemConfig.l2_grid is empty: give at least one l2 to try")
+        for value in self.l2_grid:
+            positive_float(value, "ItemItemConfig.l2_grid", finite=False)
         for name, low in (
             ("max_dense_items", 1),
             ("neighbors", 0),
             ("score_block_elements", 1),
             ("validation_users", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(
-                    f"ItemItemConfig.{name} must be an integer >= {low}, got {value!r}"
-                )
+            integer(getattr(self, name), f"ItemItemConfig.{name}", minimum=low)
 
 
 def binary_matrix(matrix: sp.csr_matrix) -> sp.csr_matrix:
