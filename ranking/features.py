@@ -97,6 +97,11 @@ class FeatureConfig:
         may drop one.
     covisit_history_decay: weight ``decay ** p`` of the ``p``-th most recent history item in the
         co-visitation score; 1.0 (default) is the plain sum of neighbour weights.
+    normalized_scores: also give each model score standardised within the user's retrieved
+        candidates (``<name>_score_z``: minus the row's mean, over its standard deviation). Raw
+        scores live on scales that differ from user to user (an ALS user vector's norm, an EASE
+        row's history length); a tree splits one threshold for all users, so it needs the
+        per-user scale to compare two sources' opinions, which is what a score blend does.
     """
 
     popularity_windows_days: tuple[int, ...] = (1, 7, 30)
@@ -105,8 +110,9 @@ class FeatureConfig:
     session_gap_seconds: int = 1_800
     recent_window_seconds: int = SECONDS_PER_DAY
     missing_rank: float = 10_000.0
-    model_scores: tuple[str, ...] = ("two_tower", "als")
+    model_scores: tuple[str, ...] = ("two_tower", "als", "item_item")
     covisit_history_decay: float = 1.0
+    normalized_scores: bool = True
 
     def __post_init__(self) -> None:
         for name in ("popularity_windows_days", "activity_windows_days"):
@@ -539,6 +545,10 @@ def feature_names(store: FeatureStore, sources: tuple[str, ...]) -> tuple[str, .
         *store.item_table_,
         "item_age_days",
         *(f"{name}_score" for name in store.config.model_scores),
+        *(
+            f"{name}_score_z"
+            for name in (store.config.model_scores if store.config.normalized_scores else ())
+        ),
         "covisit_score",
         "category_affinity",
         "category_recent_share",
@@ -619,11 +629,15 @@ def _columns(
     columns["item_age_days"] = np.where(
         created != UNKNOWN_TIME, (now[:, None] - created) / SECONDS_PER_DAY, np.nan
     )
+    retrieved = np.asarray(merged.present.any(axis=2), dtype=bool)
     for name in config.model_scores:
         source = stage.sources_.get(name)
         columns[f"{name}_score"] = (
             source.score(users, items) if isinstance(source, ScoringSource) else np.nan
         )
+    if config.normalized_scores:
+        for name in config.model_scores:
+            columns[f"{name}_score_z"] = row_standardized(columns[f"{name}_score"], retrieved)
     columns["covisit_score"] = _covisit_score(stage, users, items, config)
     columns["category_affinity"] = store.category_match(store.current_affinity(users), items)
     columns["category_recent_share"] = store.category_match(
@@ -641,6 +655,25 @@ def _columns(
         columns[f"src_{name}_present"] = present[:, :, s]
         columns[f"src_{name}_score"] = merged.source_scores[:, :, s]
     return columns
+
+
+def row_standardized(values: npt.ArrayLike, reference: npt.NDArray[np.bool_]) -> FloatArray:
+    """``values`` (n, m) minus each row's mean over its ``reference`` entries, divided by their
+    standard deviation (1 when it is 0); NaN stays NaN, a row without finite reference values
+    is all NaN. The statistics come from the retrieved candidates only, so the rows a training
+    set appends (missed positives, sampled negatives) do not shift them away from serving's."""
+    array = np.broadcast_to(np.asarray(values, dtype=np.float64), reference.shape)
+    use = reference & np.isfinite(array)
+    count = use.sum(axis=1, keepdims=True)
+    safe = np.where(use, array, 0.0)
+    mean = safe.sum(axis=1, keepdims=True) / np.maximum(count, 1)
+    spread = np.sqrt(
+        np.where(use, (array - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / np.maximum(count, 1)
+    )
+    spread = np.where(spread > 0, spread, 1.0)
+    out = (array - mean) / spread
+    out[np.broadcast_to(count == 0, out.shape)] = np.nan
+    return out.astype(np.float32)
 
 
 def _online_user_features(

@@ -270,7 +270,14 @@ class RankingStage:
                 f"{directory}: ranking stage format {meta.get('format_version')!r}, "
                 f"expected {FORMAT_VERSION}"
             )
-        stage = cls(RankingConfig.from_mapping(meta["config"]))
+        config = dict(meta["config"])
+        # Bundles ranked without the standardised scores (and without the item-item source).
+        config["features"] = {
+            "normalized_scores": False,
+            "model_scores": ["two_tower", "als"],
+            **config.get("features", {}),
+        }
+        stage = cls(RankingConfig.from_mapping(config))
         stage.store_ = FeatureStore.load(directory / STORE_DIR)
         model_dir = directory / MODEL_DIR
         stage.ranker_ = (

@@ -267,10 +267,13 @@ def test_scores_are_minus_inf_at_padding_and_batch_invariant(
     test = evaluation(funnel)
     users = test.users.take([0, 1])
     merged = funnel.retrieval.retrieve(users, exclude=test.seen[[0, 1]])
+    n_sources = len(merged.sources)
     padded = MergedCandidates(
         np.concatenate([merged.item_idx, np.full((2, 3), PAD_ITEM, np.int32)], axis=1),
-        np.concatenate([merged.source_scores, np.full((2, 3, 5), np.nan, np.float32)], axis=1),
-        np.concatenate([merged.source_ranks, np.full((2, 3, 5), -1, np.int32)], axis=1),
+        np.concatenate(
+            [merged.source_scores, np.full((2, 3, n_sources), np.nan, np.float32)], axis=1
+        ),
+        np.concatenate([merged.source_ranks, np.full((2, 3, n_sources), -1, np.int32)], axis=1),
         merged.sources,
     )
     scores = lightgbm_stage.score(funnel.retrieval, users, padded)

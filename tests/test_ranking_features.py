@@ -25,7 +25,13 @@ from data.interactions import Interactions
 from data.schema import ITEM_ID, USER_ID
 from data.splits import SplitConfig, split_interactions
 from data.synthetic import WorldConfig, generate
-from ranking.features import FeatureConfig, FeatureStore, assemble, feature_names
+from ranking.features import (
+    FeatureConfig,
+    FeatureStore,
+    assemble,
+    feature_names,
+    row_standardized,
+)
 from ranking.training_set import TrainingSet, TrainingSetConfig, build_training_set
 from retrieval.base import PAD_ITEM, UserBatch
 from retrieval.covisit import CoVisitationSource
@@ -529,3 +535,31 @@ def test_catalogue_without_categories_gives_empty_category_share() -> None:
     store = FeatureStore(FeatureConfig()).fit(log, ItemCatalog.empty(log.items), as_of=10)
     share = store.recent_category_share(np.array([[0, 1], [-1, -1]], dtype=np.int32))
     assert share.shape == (2, 0)
+
+
+# ------------------------------------------------------------------ fit-time choices on valid
+
+
+def test_sources_merge_best_first_on_validation_with_the_largest_quotas() -> None:
+    funnel = tiny_funnel()
+    stage = funnel.retrieval
+    quality = stage.validation_
+
+    assert set(quality) == set(stage.sources_) and all(0 <= v <= 1 for v in quality.values())
+    order = list(stage.sources_)
+    assert [quality[name] for name in order] == sorted(quality.values(), reverse=True)
+    assert stage.config.sources == tuple(order)
+    quotas = [stage.config.quotas[name] for name in order]
+    assert quotas == sorted(quotas, reverse=True)
+
+
+def test_row_standardized_uses_only_the_reference_entries() -> None:
+    values = np.array([[1.0, 3.0, 100.0, np.nan], [5.0, 5.0, 5.0, 5.0]])
+    reference = np.array([[True, True, False, True], [True, True, True, True]])
+
+    got = row_standardized(values, reference)
+
+    # Row 0: mean 2 and deviation 1 over the two finite reference entries; 100 is scaled, not used.
+    np.testing.assert_allclose(got[0, :3], [-1.0, 1.0, 98.0])
+    assert np.isnan(got[0, 3])
+    np.testing.assert_allclose(got[1], 0.0)  # no spread: centred, not divided by 0

@@ -26,13 +26,11 @@ def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:
     manifest = verify_bundle(bundle)
     assert manifest["config"]["retrieval"]["n_candidates"] == 60
     artifacts = load_artifacts(bundle)
-    assert artifacts.retrieval.source_names == (
-        "two_tower",
-        "als",
-        "covisit",
-        "popular",
-        "coldstart",
-    )
+    names = artifacts.retrieval.source_names
+    assert sorted(names) == sorted(RetrievalConfig().sources)
+    # Merged best first on validation, and the order survives the round trip.
+    quality = artifacts.retrieval.validation_
+    assert [quality[name] for name in names] == sorted(quality.values(), reverse=True)
     assert artifacts.model_version == manifest["model_version"]
 
 
@@ -57,7 +55,7 @@ def test_evaluate_reports_recall_per_source(
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     recall = report["retrieval"]
-    assert set(recall) == {"two_tower", "als", "covisit", "popular", "coldstart", "merged", "_meta"}
+    assert set(recall) == {*RetrievalConfig().sources, "merged", "_meta"}
     for name in ("two_tower", "als", "popular", "merged"):
         assert 0.0 <= recall[name]["recall@10"] <= recall[name]["recall@50"] <= 1.0
     # the synthetic world has real structure: a learned source beats chance by a wide margin
@@ -178,7 +176,9 @@ def test_the_old_threads_key_still_loads(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_fetch_per_quota_config() -> None:
-    config = RetrievalConfig.from_mapping({"quotas": {"als": 10}, "fetch_per_quota": 3})
+    config = RetrievalConfig.from_mapping(
+        {"quotas": {"als": 10, "two_tower": 250}, "fetch_per_quota": 3}
+    )
     assert config.fetch_depth("als") == 30
     assert config.fetch_depth("two_tower") == config.n_candidates  # 3 x 250 capped at 500
     assert replace(config, fetch_per_quota=None).fetch_depth("als") == config.n_candidates
