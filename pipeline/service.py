@@ -20,14 +20,15 @@ import polars as pl
 
 from data.dataset import load_dataset
 from data.errors import BundleError, DataError
-from data.schema import ITEM_ID, TIMESTAMP, WEIGHT
+from data.idmap import IdMap
+from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from pipeline.artifacts import Artifacts, load_artifacts, load_history
 from pipeline.bundle_check import BundleChecker, describe, smoke_test
 from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from pipeline.factory import make_pipeline
 from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, FeedbackLogBusyError
 from pipeline.funnel import BudgetConfig, Pipeline
-from pipeline.online_state import OnlineState, observe_frame
+from pipeline.online_state import OnlineState, RestoredEvents, observe_frame
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 
@@ -35,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 # The history cut of an empty seed history: below every event time, so every event is new.
 _NO_HISTORY = np.iinfo(np.int64).min
+# Users held in memory per worker beyond the bundle's own (its history snapshot's users, always
+# held): anyone may post feedback under a new user id, so this is what bounds a worker's memory.
+# ~1 KB each with the default history_length (docs/benchmarks.md, online memory), so ~100 MB per
+# worker at the cap; an evicted user costs one indexed log read on their next request. The
+# A/B simulator's 50k-user world stays under it, so simulations never evict.
+DEFAULT_MAX_ONLINE_USERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,23 @@ class SimilarItem:
 
 class UnknownItemError(DataError):
     """The item id is not in the served catalogue (HTTP 404)."""
+
+
+@dataclass
+class _LogRestore:
+    """Reads evicted users' events back from the feedback log (``OnlineState.bound``), by the
+    rule the log replay follows (``_usable_events``)."""
+
+    feedback: FeedbackLog
+    history_cut: int
+    # The served item map: replaced when items are added live, so their events count.
+    items: IdMap
+
+    def __call__(self, user_ids: list[str]) -> RestoredEvents:
+        watermark = self.feedback.last_seq()
+        frame = self.feedback.read_users(user_ids, until=watermark)
+        users, items, times, _ = _usable_events(frame, self.history_cut, self.items)
+        return RestoredEvents(users, items, times, watermark)
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,8 @@ class _Served:
     history_cut: int
     # The state holds every new logged event with seq <= replayed_seq (0: none replayed yet).
     replayed_seq: int = 0
+    # Rebuilds the users the state evicted (None: the state is not bounded).
+    restore: _LogRestore | None = None
 
 
 class RecommenderService:
@@ -74,6 +100,9 @@ class RecommenderService:
     inline in the caller's thread and never degrades for time (offline callers such as the
     simulator, whose batches of hundreds of users would overrun any per-request budget). A stage
     that raises still degrades either way.
+    max_online_users: users held in memory beyond the bundle's own, least recently used evicted
+    first and read back from the feedback log when they return (``pipeline/online_state.py``);
+    None holds every user. online_user_ttl_s: also evict users unused this long (None: never).
     check_reloads_in_child: load and smoke-test a reload's candidate bundle in a child process
     before this one loads it (``pipeline/bundle_check.py``): a loader that crashes the process
     (LightGBM on a truncated model) then costs the child, not the service. Off, a reload is
@@ -88,9 +117,13 @@ class RecommenderService:
         history: str | Path | None = None,
         budgets: BudgetConfig | None = None,
         enforce_budgets: bool = True,
+        max_online_users: int | None = DEFAULT_MAX_ONLINE_USERS,
+        online_user_ttl_s: float | None = None,
         check_reloads_in_child: bool = True,
     ) -> None:
         self.feedback = feedback
+        self.max_online_users = max_online_users
+        self.online_user_ttl_s = online_user_ttl_s
         self.history = Path(history) if history is not None else None
         self.budgets = budgets if budgets is not None else BudgetConfig()
         self.enforce_budgets = enforce_budgets
@@ -114,10 +147,15 @@ class RecommenderService:
         # index through the page cache; items added live go to private overlays (add_items).
         artifacts = self._replay_items(load_artifacts(bundle, mmap=True))
         state, cut = self._seed_state(artifacts)
+        restore = None
+        if self.max_online_users is not None:
+            # After the seed, which stays; before the replay, which the cap bounds.
+            restore = _LogRestore(self.feedback, cut, artifacts.items)
+            state.bound(self.max_online_users, restore=restore, ttl_s=self.online_user_ttl_s)
         pipeline = make_pipeline(
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
         )
-        served = self._replay_log(_Served(pipeline, cut))
+        served = self._replay_log(_Served(pipeline, cut, restore=restore))
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
         started = time.perf_counter()
@@ -185,18 +223,7 @@ class RecommenderService:
         items = served.pipeline.artifacts.items
         for frame in self.feedback.iter_all(since=replayed):
             replayed = int(frame["seq"][-1])
-            # Impressions (weight 0) are logged for training and monitoring, not histories.
-            fresh = frame.filter((pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > served.history_cut))
-            index = items.index(fresh["item_id"], allow_unknown=True)
-            known = index != PAD_ITEM
-            kept = fresh.filter(pl.Series(known))
-            _observe(
-                served.pipeline,
-                kept["user_id"],
-                index[known],
-                kept[TIMESTAMP].to_numpy(),
-                kept[WEIGHT].to_numpy(),
-            )
+            _observe(served.pipeline, *_usable_events(frame, served.history_cut, items))
         return replace(served, replayed_seq=replayed)
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
@@ -268,6 +295,8 @@ class RecommenderService:
             )
             state = served.pipeline.state
             state.n_items = len(artifacts.items)
+            if served.restore is not None:
+                served.restore.items = artifacts.items
             pipeline = make_pipeline(
                 artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
             )
@@ -292,13 +321,14 @@ class RecommenderService:
                 # reload that swapped in after the commit read them from the log, they are in
                 # its state already; otherwise none of them is.
                 if result.last_seq > served.replayed_seq:
-                    self._observe_events(served, result.accepted_events)
+                    self._observe_events(served, result.accepted_events, result.last_seq)
             self.last_feedback_timestamp = max(e.timestamp for e in result.accepted_events)
         return result
 
     @staticmethod
-    def _observe_events(served: _Served, events: Sequence[FeedbackEvent]) -> None:
-        """Add live events to the state, by the rule the log replay follows (_replay_log)."""
+    def _observe_events(served: _Served, events: Sequence[FeedbackEvent], seq: int) -> None:
+        """Add live events (committed by the append that ended at ``seq``) to the state, by the
+        rule the log replay follows (``_usable_events``)."""
         times = np.array([e.timestamp for e in events], dtype=np.int64)
         weights = np.array([e.weight for e in events], dtype=np.float64)
         keep = (weights > 0) & (times > served.history_cut)
@@ -313,6 +343,7 @@ class RecommenderService:
             items[known],
             times[keep][known],
             weights[keep][known],
+            seq=seq,
         )
 
     # ---------------------------------------------------------------------------- similar
@@ -356,17 +387,38 @@ class RecommenderService:
         return max(0.0, time.time() - self.last_feedback_timestamp)
 
 
+def _usable_events(
+    frame: pl.DataFrame, history_cut: int, items: IdMap
+) -> tuple[pl.Series, npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """(user ids, item indices, timestamps, weights) of the logged events (``LOG_SCHEMA``) that
+    reach the online state: positive weights (impressions are logged for training and
+    monitoring, not histories), after the seed history's cut (see ``_seed_state``), on items
+    the served bundle knows."""
+    fresh = frame.filter((pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > history_cut))
+    index = items.index(fresh[ITEM_ID], allow_unknown=True)
+    known = index != PAD_ITEM
+    kept = fresh.filter(pl.Series(known))
+    return (
+        kept[USER_ID],
+        index[known],
+        kept[TIMESTAMP].to_numpy(),
+        kept[WEIGHT].to_numpy(),
+    )
+
+
 def _observe(
     pipeline: Pipeline,
     user_ids: pl.Series,
     item_idx: npt.NDArray[np.int32],
     timestamps: npt.NDArray[np.int64],
     weights: npt.NDArray[np.float64],
+    *,
+    seq: int | None = None,
 ) -> None:
     """Events (known items, positive weights) reach everything that follows the live stream:
     each user's state (history, seen items: what the models read) and the population-level
-    sources (trending). Model weights stay as trained."""
+    sources (trending). Model weights stay as trained. ``seq``: see ``OnlineState.observe``."""
     if item_idx.size == 0:
         return
-    pipeline.state.observe(user_ids, item_idx, timestamps)
+    pipeline.state.observe(user_ids, item_idx, timestamps, seq=seq)
     pipeline.artifacts.retrieval.observe(item_idx, timestamps, weights)
