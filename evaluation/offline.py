@@ -51,7 +51,7 @@ from evaluation.segments import (
     training_event_counts,
 )
 from pipeline.artifacts import Artifacts, load_artifacts
-from pipeline.factory import make_pipeline
+from pipeline.factory import make_pipeline, served_ranker
 from pipeline.funnel import Pipeline, RecommendRequest
 from pipeline.online_state import OnlineState, observe_frame
 from pipeline.rules_adapter import RuleReranker
@@ -182,6 +182,7 @@ def evaluate_offline(
         "rules": rule_costs,
         "segments": _segments(history_log, rows, per_user, relevant, systems, config),
         "skipped": skipped,
+        "funnel": funnel_choices(artifacts, timed=dataset.timed),
     }
     if oracle is not None:
         ndcg = f"ndcg@{config.ks[0]}"
@@ -192,6 +193,23 @@ def evaluate_offline(
         }
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def funnel_choices(artifacts: Artifacts, *, timed: bool) -> dict[str, Any]:
+    """What training chose on the validation window, as the report shows it: the merge order
+    with each source's own nDCG@10, and whether the ranker beat that order (and so serves)."""
+    choices: dict[str, Any] = {
+        "timed": timed,
+        "merge_order": list(artifacts.retrieval.source_names),
+        "source_validation_ndcg@10": dict(artifacts.retrieval.validation_),
+    }
+    ranking = artifacts.ranking
+    if ranking is not None:
+        summary = ranking.summary_
+        choices["ranker"] = {"served": ranking.selected_} | {
+            key: value for key, value in summary.items() if key.startswith("valid_ndcg")
+        }
+    return choices
 
 
 def request_time(history: pl.DataFrame, test: pl.DataFrame) -> int:
@@ -262,7 +280,11 @@ def _rule_costs(
     for i in range(len(rules) + 1):
         reranker = RuleReranker(RerankerConfig(tuple(rules[:i])), artifacts.catalog)
         pipeline = Pipeline(
-            artifacts, state, ranker=artifacts.ranking, reranker=reranker, enforce_budgets=False
+            artifacts,
+            state,
+            ranker=served_ranker(artifacts),
+            reranker=reranker,
+            enforce_budgets=False,
         )
         rec = _recommend(pipeline, user_ids, k, now, config.batch_size)
         cut = config.ks[0]
@@ -428,12 +450,40 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- after {r['after']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "after")
         for r in report["rules"]
     ]
+    lines += _render_funnel_choices(report.get("funnel"))
     if "oracle_fraction" in report:
         lines += ["", "## Fraction of the oracle's NDCG (synthetic ground truth)", ""]
         lines += [f"- {name}: {value:.3f}" for name, value in report["oracle_fraction"].items()]
     if report["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _render_funnel_choices(choices: dict[str, Any] | None) -> list[str]:
+    if not choices:
+        return []
+    lines = ["", "## Choices made on the validation window", ""]
+    quality = choices["source_validation_ndcg@10"]
+    lines.append(
+        "- merge order (best first): "
+        + ", ".join(
+            f"{name} ({quality[name]:.4f})" if name in quality else name
+            for name in choices["merge_order"]
+        )
+    )
+    ranker = choices.get("ranker")
+    if ranker is None:
+        lines.append("- ranker: none trained (no validation window); the merge order is served")
+    else:
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in ranker.items() if k != "served")
+        verdict = "served" if ranker["served"] else "not served: the merge order is"
+        lines.append(f"- ranker: {verdict} ({figures})")
+    if not choices["timed"]:
+        lines.append(
+            "- untimed log: every event shares one time, so the ranker's time features are "
+            "constant (unused), trending ranks as popularity and recency rules change nothing"
+        )
+    return lines
 
 
 def _json_default(value: object) -> object:

@@ -10,6 +10,7 @@ from pipeline.artifacts import Artifacts, load_history
 from pipeline.funnel import BudgetConfig, Pipeline
 from pipeline.online_state import OnlineState, observe_frame
 from pipeline.rules_adapter import RuleReranker
+from ranking.stage import RankingStage
 from reranking.config import RerankerConfig
 
 
@@ -22,6 +23,13 @@ def online_state_for(artifacts: Artifacts) -> OnlineState:
     return state
 
 
+def served_ranker(artifacts: Artifacts) -> RankingStage | None:
+    """The bundle's ranker if it was trained and selected on validation (it beat the retrieval
+    order there: ``RankingConfig.min_lift``); ``None`` serves the retrieval order."""
+    ranking = artifacts.ranking
+    return ranking if ranking is not None and ranking.selected_ else None
+
+
 def make_pipeline(
     artifacts: Artifacts,
     state: OnlineState,
@@ -29,12 +37,12 @@ def make_pipeline(
     budgets: BudgetConfig | None = None,
     enforce_budgets: bool = True,
 ) -> Pipeline:
-    """The bundle's funnel: retrieval, its ranker (if trained) and its re-ranking rules."""
+    """The bundle's funnel: retrieval, its served ranker and its re-ranking rules."""
     rules = RerankerConfig.from_mapping(artifacts.manifest["config"].get("reranking"))
     return Pipeline(
         artifacts,
         state,
-        ranker=artifacts.ranking,
+        ranker=served_ranker(artifacts),
         reranker=RuleReranker(rules, artifacts.catalog),
         budgets=budgets,
         enforce_budgets=enforce_budgets,

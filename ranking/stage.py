@@ -30,7 +30,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
-from data.validation import fraction, one_of
+from data.validation import finite_float, fraction, one_of
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import (
     FeatureConfig,
@@ -68,12 +68,19 @@ class RankingConfig:
         serve) or ``"dnn"`` (an MLP with a listwise loss).
     valid_fraction: share of the training users held out for early stopping (user-disjoint).
     split_seed: seed of that split.
+    min_lift: the ranker serves only if its nDCG on those held-out users beats the retrieval
+        order's (the merged list, best source first) on the same rows by this relative margin;
+        otherwise the pipeline keeps the retrieval order, and the report shows both. A ranker
+        that adds nothing costs latency and, on small logs, often quality (the held-out users
+        also chose its early-stopping round, so a small margin guards that optimism). ``None``
+        serves the ranker whatever it scores.
     features, training, lightgbm, dnn: the sub-tables ``[ranking.features]`` etc.
     """
 
     model: RankerKind = "lightgbm"
     valid_fraction: float = 0.2
     split_seed: int = 0
+    min_lift: float | None = 0.01
     features: FeatureConfig = field(default_factory=FeatureConfig)
     training: TrainingSetConfig = field(default_factory=TrainingSetConfig)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
@@ -82,6 +89,8 @@ class RankingConfig:
     def __post_init__(self) -> None:
         one_of(self.model, "[ranking] model", get_args(RankerKind))
         fraction(self.valid_fraction, "[ranking] valid_fraction", high_open=True)
+        if self.min_lift is not None:
+            finite_float(self.min_lift, "[ranking] min_lift")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> RankingConfig:
@@ -99,6 +108,7 @@ class RankingConfig:
             "model": self.model,
             "valid_fraction": self.valid_fraction,
             "split_seed": self.split_seed,
+            "min_lift": self.min_lift,
         }
         for name in _SUB_TABLES:
             out[name] = to_mapping(getattr(self, name))
@@ -133,12 +143,15 @@ class RankingStage:
     Learned state (after :meth:`fit` or :meth:`load`):
         store_:   the serving :class:`FeatureStore` (as of the end of the serving log).
         ranker_:  the trained ranker.
-        summary_: {name: value} training-set counts, cut, validation NDCG (for reports).
+        summary_: {name: value} training-set counts, cut, validation NDCG of the ranker and of
+                  the retrieval order (for reports).
+        selected_: whether the pipeline serves the ranker (``RankingConfig.min_lift``).
     """
 
     store_: FeatureStore
     ranker_: RankingModel
     summary_: dict[str, float]
+    selected_: bool
 
     def __init__(self, config: RankingConfig | None = None) -> None:
         self.config = config if config is not None else RankingConfig()
@@ -173,19 +186,25 @@ class RankingStage:
         ranker.fit(train, valid)
         summary = {f"training_{k}": v for k, v in training.describe().items()}
         summary["cut"] = float(cut)
+        selected = True
         if valid is not None:
             k = config.lightgbm.eval_at if config.model == "lightgbm" else config.dnn.eval_at
             scores = ranker.predict(valid.values)
-            summary[f"valid_ndcg@{k}"] = float(
-                np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k))
-            )
+            ranked = float(np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k)))
+            position = valid.values[:, valid.names.index("merged_position")]
+            in_order = float(np.nanmean(group_ndcg(-position, valid.labels, valid.groups, k)))
+            summary[f"valid_ndcg@{k}"] = ranked
+            summary[f"valid_ndcg@{k}_retrieval_order"] = in_order
+            if config.min_lift is not None:
+                selected = ranked > in_order * (1.0 + config.min_lift)
+        summary["selected"] = float(selected)
         if len(feature_log_for_serving) == 0:
             raise DataError("RankingStage.fit: feature_log_for_serving is empty")
         serving_as_of = int(feature_log_for_serving.timestamp[-1]) + 1  # include the last event
         self.store_ = FeatureStore(config.features).fit(
             feature_log_for_serving, catalog, as_of=serving_as_of
         )
-        self.ranker_, self.summary_ = ranker, summary
+        self.ranker_, self.summary_, self.selected_ = ranker, summary, selected
         return self
 
     def features(
@@ -234,7 +253,7 @@ class RankingStage:
         self._check_fitted()
         stage = RankingStage(self.config)
         stage.store_ = self.store_.with_items(catalog)
-        stage.ranker_, stage.summary_ = self.ranker_, self.summary_
+        stage.ranker_, stage.summary_, stage.selected_ = self.ranker_, self.summary_, self.selected_
         return stage
 
     def _check_fitted(self) -> None:
@@ -286,4 +305,5 @@ class RankingStage:
             else DNNRanker.load(model_dir)
         )
         stage.summary_ = {k: float(v) for k, v in meta["summary"].items()}
+        stage.selected_ = bool(stage.summary_.get("selected", 1.0))  # older bundles: served
         return stage

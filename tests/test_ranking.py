@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from hypothesis import strategies as st
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
 from evaluation.metrics import ndcg_at_k
+from pipeline.artifacts import Artifacts
+from pipeline.factory import served_ranker
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import FeatureStore
 from ranking.lgbm import LightGBMConfig, LightGBMRanker
@@ -373,3 +377,24 @@ def fit_stage_with_labels(funnel: TinyFunnel, labels: Interactions) -> RankingSt
     return RankingStage(RankingConfig(lightgbm=LGBM)).fit(
         funnel.retrieval, funnel.train, labels, funnel.catalog, funnel.train_valid
     )
+
+
+# ---------------------------------------------------------------------- served only if it helps
+@pytest.mark.parametrize(
+    ("min_lift", "served"),
+    [(None, True), (1e6, False)],  # None: always served; 1e6: a margin no ranker clears
+)
+def test_the_ranker_serves_only_if_it_beats_the_retrieval_order(
+    funnel: TinyFunnel, lightgbm_stage: RankingStage, min_lift: float | None, served: bool
+) -> None:
+    stage = fit_stage(funnel, RankingConfig(lightgbm=LGBM, min_lift=min_lift))
+    summary = stage.summary_
+
+    assert stage.selected_ is served and summary["selected"] == float(served)
+    bundle = cast(Artifacts, SimpleNamespace(ranking=stage))
+    assert served_ranker(bundle) is (stage if served else None)
+    assert 0.0 <= summary["valid_ndcg@10_retrieval_order"] <= 1.0
+    # The default margin: served exactly when the ranker clears it.
+    default = lightgbm_stage.summary_
+    expected = default["valid_ndcg@10"] > 1.01 * default["valid_ndcg@10_retrieval_order"]
+    assert lightgbm_stage.selected_ is expected
