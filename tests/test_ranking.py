@@ -25,7 +25,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.factory import served_ranker
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import FeatureStore
-from ranking.lgbm import LightGBMConfig, LightGBMRanker
+from ranking.lgbm import LightGBMConfig, LightGBMRanker, monotone_direction
 from ranking.stage import RankingConfig, RankingStage
 from ranking.training_set import (
     TrainingSet,
@@ -398,3 +398,26 @@ def test_the_ranker_serves_only_if_it_beats_the_retrieval_order(
     default = lightgbm_stage.summary_
     expected = default["valid_ndcg@10"] > 1.01 * default["valid_ndcg@10_retrieval_order"]
     assert lightgbm_stage.selected_ is expected
+
+
+def test_monotone_directions_of_known_features() -> None:
+    assert monotone_direction("merged_position") == -1
+    assert monotone_direction("src_als_rank") == -1
+    assert monotone_direction("item_item_score_z") == 1
+    assert monotone_direction("src_two_tower_score") == 1
+    assert monotone_direction("item_pop_7d") == 0
+    assert monotone_direction("src_als_present") == 0
+
+
+def test_a_better_merged_position_never_lowers_the_score(
+    lightgbm_stage: RankingStage, training: TrainingSet
+) -> None:
+    ranker = lightgbm_stage.ranker_
+    rows = training.values[:200].copy()
+    column = training.names.index("merged_position")
+    before = ranker.predict(rows)
+    rows[:, column] = np.where(np.isnan(rows[:, column]), np.nan, rows[:, column] + 50)
+
+    after = ranker.predict(rows)
+
+    assert np.all(after <= before + 1e-6)
