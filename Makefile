@@ -10,7 +10,7 @@ QUICKSTART_DIR ?= .quickstart
 # `make install TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test browser run test bench lint clean
+.PHONY: install install-test install-bench browser run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
+install-bench: $(VENV)/.installed-bench
+
 run: install
 	$(BIN)/recsys quickstart --out $(QUICKSTART_DIR)
 
@@ -44,7 +50,8 @@ browser:
 test: install-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: install
+# The benchmarks' own extra (pyproject.toml [bench]): a fresh clone runs them without the tests'.
+bench: install-bench
 	$(BIN)/python -m benchmarks.run
 
 lint: install-test
