@@ -1,12 +1,22 @@
-"""``recsys serve``: run the HTTP service with uvicorn."""
+"""``recsys serve``: run the HTTP service with uvicorn.
+
+Settings reach the worker processes through the environment (``RECSYS_*``, read by
+``serving.settings.ServiceSettings``); connection limits go to uvicorn itself
+(``cli/connection_limits.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from cli.connection_limits import ConnectionLimits, GuardedHttpToolsProtocol, raise_open_file_limit
+from data.errors import ConfigError
 from pipeline.bundle import verify_bundle
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -31,17 +41,100 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--feedback-db", type=Path, default=Path("feedback.sqlite3"))
-    serve.add_argument("--admin-token", help="bearer token for /admin/* (or RECSYS_ADMIN_TOKEN)")
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the bearer token for /admin/* (or set RECSYS_ADMIN_TOKEN_FILE, or "
+        "RECSYS_ADMIN_TOKEN to the token); without one, /admin/* is off",
+    )
+    token.add_argument(
+        "--admin-token",
+        help="deprecated: a command line is visible to every user of the machine (ps); use "
+        "--admin-token-file or RECSYS_ADMIN_TOKEN",
+    )
+    serve.add_argument(
+        "--max-online-users",
+        type=int,
+        help="users held in memory per worker beyond the bundle's own, the least recently used "
+        "read back from the feedback log when they return (default: the service's, 100,000)",
+    )
     serve.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
         help="least severe log records shown, for uvicorn and the service (default: info)",
     )
+    defaults = ConnectionLimits()
+    limits = serve.add_argument_group(
+        "connection limits", "per worker; see cli/connection_limits.py for the defaults' reasons"
+    )
+    limits.add_argument(
+        "--timeout-header",
+        type=float,
+        default=defaults.header_timeout_s,
+        metavar="SECONDS",
+        help="a request head must arrive within this; idle new connections are closed after it "
+        f"(default: {defaults.header_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--timeout-body",
+        type=float,
+        default=defaults.body_timeout_s,
+        metavar="SECONDS",
+        help=f"a request body must arrive within this (default: {defaults.body_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=defaults.keep_alive_s,
+        metavar="SECONDS",
+        help="idle time allowed between requests on one connection "
+        f"(default: {defaults.keep_alive_s})",
+    )
+    limits.add_argument(
+        "--limit-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"open connections per worker; more are answered 503 (default: "
+        f"{defaults.max_connections})",
+    )
+    limits.add_argument(
+        "--limit-header-bytes",
+        type=int,
+        default=defaults.max_header_bytes,
+        metavar="BYTES",
+        help=f"largest request head; larger: 431 (default: {defaults.max_header_bytes})",
+    )
+    limits.add_argument(
+        "--limit-header-count",
+        type=int,
+        default=defaults.max_header_count,
+        metavar="N",
+        help=f"most header lines in a request; more: 431 (default: {defaults.max_header_count})",
+    )
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.admin_token is not None:
+        print(
+            "warning: --admin-token is deprecated: every user of this machine can read it in "
+            "the process list; use --admin-token-file or RECSYS_ADMIN_TOKEN",
+            file=sys.stderr,
+        )
+    try:
+        limits = ConnectionLimits(
+            header_timeout_s=args.timeout_header,
+            body_timeout_s=args.timeout_body,
+            keep_alive_s=args.timeout_keep_alive,
+            max_connections=args.limit_connections,
+            max_header_bytes=args.limit_header_bytes,
+            max_header_count=args.limit_header_count,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     run_server(
         args.bundle,
         data=args.data,
@@ -50,7 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         feedback_db=args.feedback_db,
         admin_token=args.admin_token,
+        admin_token_file=args.admin_token_file,
+        max_online_users=args.max_online_users,
         log_level=args.log_level,
+        limits=limits,
     )
     return 0
 
@@ -127,11 +223,19 @@ def run_server(
     workers: int = 1,
     feedback_db: Path = Path("feedback.sqlite3"),
     admin_token: str | None = None,
+    admin_token_file: Path | None = None,
+    max_online_users: int | None = None,
     log_level: str = "info",
+    limits: ConnectionLimits | None = None,
 ) -> None:
-    """Verify the bundle, then run uvicorn until interrupted."""
+    """Verify the bundle and the settings, then run uvicorn until interrupted.
+
+    admin_token is deprecated (visible in the process list): prefer admin_token_file, or
+    ``RECSYS_ADMIN_TOKEN`` in the environment.
+    """
     import uvicorn
 
+    limits = limits if limits is not None else ConnectionLimits()
     verify_bundle(bundle)  # fail fast with a one-line error, before uvicorn starts
     limit_library_threads(workers)
     # Workers are separate processes: they read their settings from the environment.
@@ -141,6 +245,14 @@ def run_server(
         os.environ["RECSYS_DATA"] = str(data.resolve())
     if admin_token:
         os.environ["RECSYS_ADMIN_TOKEN"] = admin_token
+    if admin_token_file is not None:
+        os.environ["RECSYS_ADMIN_TOKEN_FILE"] = str(admin_token_file.resolve())
+    if max_online_users is not None:
+        os.environ["RECSYS_MAX_ONLINE_USERS"] = str(max_online_users)
+    check_settings()
+    max_connections = raise_open_file_limit(limits.max_connections)
+    if max_connections != limits.max_connections:
+        limits = dataclasses.replace(limits, max_connections=max_connections)
     print(f"serving {bundle} on http://{host}:{port} (API docs at /docs)", flush=True)
     uvicorn.run(
         "serving.app:app_from_env",
@@ -151,4 +263,21 @@ def run_server(
         log_level=log_level,
         log_config=logging_config(log_level),
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+        # The service has no WebSocket route; an upgraded connection would also leave the
+        # limits' protocol (and its body deadline would close it).
+        ws="none",
+        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
+        timeout_keep_alive=limits.keep_alive_s,
     )
+
+
+def check_settings() -> None:
+    """Read the service settings from the environment as each worker will, so that a bad one
+    (an admin token file that cannot be read, a token too short) fails here, in one line,
+    instead of in every worker."""
+    from serving.settings import ServiceSettings
+
+    try:
+        ServiceSettings()  # type: ignore[call-arg]  # filled from the environment
+    except ValueError as exc:  # pydantic's ValidationError; secrets are not echoed
+        raise ConfigError(f"service settings: {exc}") from exc
