@@ -110,7 +110,7 @@ class FeatureConfig:
     session_gap_seconds: int = 1_800
     recent_window_seconds: int = SECONDS_PER_DAY
     missing_rank: float = 10_000.0
-    model_scores: tuple[str, ...] = ("two_tower", "als", "item_item")
+    model_scores: tuple[str, ...] = ("two_tower", "als", "item_item", "item_knn")
     covisit_history_decay: float = 1.0
     normalized_scores: bool = True
 

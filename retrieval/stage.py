@@ -33,7 +33,7 @@ from retrieval.base import (
 from retrieval.coldstart import ColdStartConfig, ColdStartSource
 from retrieval.covisit import CoVisitationConfig, CoVisitationSource
 from retrieval.index_config import IndexConfig
-from retrieval.item_item import ItemItemConfig, ItemItemSource
+from retrieval.item_item import ItemItemConfig, ItemItemSource, ItemKNNConfig
 from retrieval.merge import MergedCandidates, merge_candidates
 from retrieval.popular import PopularConfig, PopularSource
 from retrieval.two_tower.config import TwoTowerConfig
@@ -46,6 +46,7 @@ SOURCE_KINDS: Mapping[str, tuple[type[Any], type[Any]]] = MappingProxyType(
         "two_tower": (TwoTowerSource, TwoTowerConfig),
         "als": (ALSSource, ALSConfig),
         "item_item": (ItemItemSource, ItemItemConfig),
+        "item_knn": (ItemItemSource, ItemKNNConfig),
         "covisit": (CoVisitationSource, CoVisitationConfig),
         "popular": (PopularSource, PopularConfig),
         "coldstart": (ColdStartSource, ColdStartConfig),
@@ -65,6 +66,7 @@ def _default_quotas() -> dict[str, int]:
         "item_item": 150,
         "two_tower": 150,
         "als": 100,
+        "item_knn": 50,
         "covisit": 50,
         "popular": 25,
         "coldstart": 25,
@@ -100,7 +102,15 @@ class RetrievalConfig:
     index: the ANN index of the sources that search one (``[retrieval.index]``).
     """
 
-    sources: tuple[str, ...] = ("two_tower", "item_item", "als", "covisit", "popular", "coldstart")
+    sources: tuple[str, ...] = (
+        "two_tower",
+        "item_item",
+        "als",
+        "item_knn",
+        "covisit",
+        "popular",
+        "coldstart",
+    )
     quotas: Mapping[str, int] = field(default_factory=_default_quotas)
     n_candidates: int = 500
     history_length: int = 50

@@ -129,7 +129,7 @@ def test_l2_is_the_grid_value_with_the_best_validation_ndcg() -> None:
     source = ItemItemSource(config).fit(history, valid=log)
 
     assert set(source.validation_) == {0.5, 5.0, 500.0}
-    assert source.l2_ == max(source.validation_, key=lambda l2: source.validation_[l2])
+    assert source.validation_[source.l2_] == max(source.validation_.values())
     assert all(0.0 <= v <= 1.0 for v in source.validation_.values())
 
 
