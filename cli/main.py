@@ -11,7 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli import data_commands, model_commands, quickstart, serve_command, simulate_command
+from cli import (
+    data_commands,
+    model_commands,
+    quickstart,
+    serve_command,
+    simulate_command,
+    tune_command,
+)
 from data.errors import RecsysError
 
 
@@ -25,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.register(commands)
     serve_command.register(commands)
     simulate_command.register(commands)
+    tune_command.register(commands)
     quickstart.register(commands)
     return parser
 
