@@ -14,9 +14,12 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from benchmarks import bench_quality
 from benchmarks.common import RESULTS_DIR
 
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -31,6 +34,9 @@ class Benchmark:
     module: str
     title: str
     target: str  # the figure an issue asks for, quoted in the docs next to the measurement
+    # Markdown lines of the section from the results file (below the heading and target); None:
+    # the default, one measurement of flat figures as a table.
+    render: Callable[[dict[str, Any]], list[str]] | None = None
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -65,6 +71,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "benchmarks.bench_feedback",
         "Feedback log appends (SQLite WAL)",
         "issue 5: durable feedback log; appends/s with synchronous FULL vs NORMAL",
+    ),
+    Benchmark(
+        "online_memory",
+        "benchmarks.bench_online_memory",
+        "Online state memory: 1M distinct feedback users, one worker",
+        "issue 21: after 1M distinct feedback users one worker holds no more users than its "
+        "cap, and its RSS growth stays within the cap's documented budget",
     ),
     Benchmark(
         "ranking",
@@ -109,6 +122,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "Two-tower training throughput",
         "issue 3: training examples/s on CPU (and CUDA where available)",
     ),
+    Benchmark(
+        "quality",
+        "benchmarks.bench_quality",
+        "Recommendation quality",
+        bench_quality.TARGET,
+        render=bench_quality.render_section,
+    ),
 )
 
 
@@ -151,6 +171,9 @@ def render_docs() -> str:
             lines += ["_Not measured yet._", ""]
             continue
         result = json.loads(path.read_text())
+        if bench.render is not None:
+            lines += bench.render(result)
+            continue
         machine = result["machine"]
         lines += [
             f"Measured {result['date']} on {machine['cpu']} ({machine['cores']} cores), "
