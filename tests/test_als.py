@@ -450,3 +450,18 @@ def test_a_bundle_saved_before_the_transform_loads_with_raw_weights(tmp_path: Pa
     loaded = ALSSource.load(tmp_path / "als")
 
     assert loaded.config.confidence == "linear" and loaded.alpha_ == 10.0
+
+
+def test_regularization_is_chosen_on_the_validation_window() -> None:
+    log, _ = clustered_log()
+    history = log.before(int(np.quantile(log.timestamp, 0.7)))
+    config = ALSConfig(
+        factors=4, iterations=3, num_threads=1, regularization_grid=(0.01, 1.0, 100.0)
+    )
+
+    source = ALSSource(config).fit(history, valid=log)  # the window: the last 30% of events
+
+    assert set(source.validation_) <= {0.01, 1.0, 100.0} and 1.0 in source.validation_
+    assert source.validation_[source.regularization_] == max(source.validation_.values())
+    fixed = ALSSource(replace(config, regularization=0.5)).fit(history, valid=log)
+    assert fixed.regularization_ == 0.5 and fixed.validation_ == {}
