@@ -38,9 +38,11 @@ logger = logging.getLogger(__name__)
 _NO_HISTORY = np.iinfo(np.int64).min
 # Users held in memory per worker beyond the bundle's own (its history snapshot's users, always
 # held): anyone may post feedback under a new user id, so this is what bounds a worker's memory.
-# ~1 KB each with the default history_length (docs/benchmarks.md, online memory), so ~100 MB per
-# worker at the cap; an evicted user costs one indexed log read on their next request. The
-# A/B simulator's 50k-user world stays under it, so simulations never evict.
+# Budget: 2 KiB per held user with the default history_length (measured ~1.5 KB: history, seen
+# items and the LRU's bookkeeping; docs/benchmarks.md, online state memory), so at most ~200 MB
+# per worker at this cap. An evicted user costs one indexed log read on their next request (~2 ms
+# for a batch of 8 on a 1M-item bundle, under the state's lock). The A/B simulator's 50k-user
+# world stays under the cap, so simulations never evict.
 DEFAULT_MAX_ONLINE_USERS = 100_000
 
 
@@ -56,7 +58,7 @@ class UnknownItemError(DataError):
 
 
 @dataclass
-class _LogRestore:
+class LogRestore:
     """Reads evicted users' events back from the feedback log (``OnlineState.bound``), by the
     rule the log replay follows (``_usable_events``)."""
 
@@ -86,7 +88,7 @@ class _Served:
     # The state holds every new logged event with seq <= replayed_seq (0: none replayed yet).
     replayed_seq: int = 0
     # Rebuilds the users the state evicted (None: the state is not bounded).
-    restore: _LogRestore | None = None
+    restore: LogRestore | None = None
 
 
 class RecommenderService:
@@ -150,7 +152,7 @@ class RecommenderService:
         restore = None
         if self.max_online_users is not None:
             # After the seed, which stays; before the replay, which the cap bounds.
-            restore = _LogRestore(self.feedback, cut, artifacts.items)
+            restore = LogRestore(self.feedback, cut, artifacts.items)
             state.bound(self.max_online_users, restore=restore, ttl_s=self.online_user_ttl_s)
         pipeline = make_pipeline(
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
@@ -397,12 +399,11 @@ def _usable_events(
     fresh = frame.filter((pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > history_cut))
     index = items.index(fresh[ITEM_ID], allow_unknown=True)
     known = index != PAD_ITEM
-    kept = fresh.filter(pl.Series(known))
     return (
-        kept[USER_ID],
+        fresh[USER_ID].filter(pl.Series(known)),
         index[known],
-        kept[TIMESTAMP].to_numpy(),
-        kept[WEIGHT].to_numpy(),
+        fresh[TIMESTAMP].to_numpy()[known],
+        fresh[WEIGHT].to_numpy()[known],
     )
 
 
