@@ -80,13 +80,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "cap, and its RSS growth stays within the cap's documented budget",
     ),
     Benchmark(
-        "online_memory",
-        "benchmarks.bench_online_memory",
-        "Online state memory: 1M distinct feedback users, one worker",
-        "issue 21: after 1M distinct feedback users one worker holds no more users than its "
-        "cap, and its RSS growth stays within the cap's documented budget",
-    ),
-    Benchmark(
         "ranking",
         "benchmarks.bench_ranking",
         "Ranking 500 candidates for one request",
