@@ -350,7 +350,8 @@ class RecommenderService:
 
     # ---------------------------------------------------------------------------- similar
     def similar_items(self, item_id: str, k: int) -> list[SimilarItem]:
-        """Items closest to ``item_id``: two-tower vector neighbours, else co-visitation."""
+        """Items closest to ``item_id``: two-tower vector neighbours, else the first of the
+        item-to-item sources the bundle has (EASE, item-kNN, co-visitation)."""
         pipeline = self.pipeline
         index = pipeline.artifacts.items.index([item_id], allow_unknown=True)
         if index[0] == PAD_ITEM:
@@ -366,13 +367,12 @@ class RecommenderService:
                 scores = tower.item_vectors(found) @ vector[0]
                 best = np.argsort(-scores, kind="stable")[:k]
                 return self._similar(pipeline, found[best], scores[best], "two_tower")
-        covisit = sources.get("covisit")
-        if covisit is not None and hasattr(covisit, "neighbors"):
-            found = covisit.neighbors(index, k)
-            keep = found.item_idx[0] >= 0
-            return self._similar(
-                pipeline, found.item_idx[0][keep], found.scores[0][keep], "covisit"
-            )
+        for name in ("item_item", "item_knn", "covisit"):
+            source = sources.get(name)
+            if source is not None and hasattr(source, "neighbors"):
+                found = source.neighbors(index, k)
+                keep = found.item_idx[0] >= 0
+                return self._similar(pipeline, found.item_idx[0][keep], found.scores[0][keep], name)
         return []
 
     @staticmethod

@@ -388,6 +388,24 @@ class ItemItemSource:
         has_history = (np.diff(rows.indptr) > 0)[:, None]
         return np.where(valid & has_history, out, np.nan).astype(np.float32)
 
+    def neighbors(self, item_idx: npt.ArrayLike, k: int) -> Candidates:
+        """The ``k`` items with the largest weights in each of ``item_idx``'s rows (m,):
+        "similar items". An item outside the training catalogue gets padding."""
+        self._check_fitted()
+        k = check_k(k)
+        items = np.asarray(item_idx, dtype=np.int64).ravel()
+        known = (items >= 0) & (items < self.n_items)
+        rows = np.full((items.size, self.n_items), -np.inf, dtype=np.float32)
+        if known.any():
+            if self.dense_ is not None:
+                rows[known] = self.dense_[items[known]]
+            else:
+                assert self.sparse_ is not None
+                block = self.sparse_[items[known]].toarray()
+                rows[known] = np.where(block != 0, block, -np.inf)
+        rows[np.flatnonzero(known), items[known]] = -np.inf  # an item is not its own neighbour
+        return Candidates.from_scores(rows, k, None)
+
     def save(self, directory: Path) -> None:
         """Write ``config.json`` and the arrays (weights and training rows), no pickle."""
         self._check_fitted()

@@ -148,3 +148,19 @@ def test_l2_without_a_validation_window_is_the_default_or_the_configured_value()
 def test_bad_config_is_refused(values: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         ItemItemConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["ease", "cosine"])
+def test_neighbors_are_the_largest_weights_of_the_items_row(method: str) -> None:
+    log, _ = clustered_log()
+    source = ItemItemSource(ItemItemConfig(method=method, l2=2.0, neighbors=10)).fit(log)
+    weights = source.dense_ if source.dense_ is not None else source.sparse_.toarray()
+
+    found = source.neighbors(np.array([0, 5, -1]), 3)
+
+    for row, item in ((0, 0), (1, 5)):
+        assert item not in found.item_idx[row]
+        np.testing.assert_allclose(
+            found.scores[row], np.sort(np.delete(weights[item], item))[::-1][:3], rtol=1e-6
+        )
+    assert (found.item_idx[2] == PAD_ITEM).all()

@@ -95,6 +95,12 @@ class TwoTowerConfig:
             every core busy, waiting threads stall each step of a small model. (TOML files may
             still call it ``threads``.)
         progress: show a tqdm bar per epoch.
+        min_interactions: the retrieval stage leaves the two-tower out of a bundle whose
+            training log has fewer events. Below ~100k events a neural retriever has too
+            little to learn from to beat the neighbourhood models and ALS, and it dominates the
+            training time: on Last.fm (48k events) it was 93% of a default ``recsys train``
+            and scored nDCG@10 0.247 alone against EASE's 0.278 (``docs/benchmarks.md``,
+            quality section). 0 always trains it.
     """
 
     renamed_keys: ClassVar[Mapping[str, str]] = MappingProxyType({"threads": "num_threads"})
@@ -130,6 +136,7 @@ class TwoTowerConfig:
     device: Device = "cpu"
     num_threads: int | None = None
     progress: bool = False
+    min_interactions: int = 100_000
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and the round trip exact.
@@ -152,6 +159,7 @@ class TwoTowerConfig:
 
 def _validate(c: TwoTowerConfig) -> None:
     """Raise ``ConfigError`` naming the first invalid field and its value."""
+    non_negative_int(c.min_interactions, "TwoTowerConfig.min_interactions")
     positive_ints = ("embedding_dim", "output_dim", "history_length", "batch_size", "max_epochs",
                      "patience", "eval_k", "valid_max_users", "encode_batch_size")  # fmt: skip
     for name in positive_ints:
