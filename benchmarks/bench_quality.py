@@ -131,6 +131,7 @@ def measure(dataset_command: list[str], workdir: Path, config: Path | None) -> d
     """Build the dataset with ``dataset_command`` (a ``recsys data ...`` command without
     ``--out``), train on it with ``config`` (None: the defaults) and evaluate; the figures."""
     data, bundle, report = workdir / "data", workdir / "bundle", workdir / "report"
+    git = git_state()  # before: a commit made while this runs is not what was measured
     _recsys([*dataset_command, "--out", str(data)])
     started = time.perf_counter()
     _recsys(
@@ -150,7 +151,7 @@ def measure(dataset_command: list[str], workdir: Path, config: Path | None) -> d
         "load_average_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(),
-        "git": git_state(),
+        "git": git,
     }
 
 
