@@ -11,7 +11,9 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from cli.progress import add_progress_flag, stage_summary, terminal_progress, wants_progress
 from data.errors import DataError
+from data.progress import StageLog
 from evaluation.offline import OfflineConfig, evaluate_offline, write_report
 from pipeline.artifacts import load_artifacts, load_config_file, train_bundle
 
@@ -24,6 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     train.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
     train.add_argument("--device", choices=("cpu", "cuda"), help="two-tower training device")
+    add_progress_flag(train)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
@@ -50,6 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         " report.json records it)",
     )
     evaluate.add_argument("--report", type=Path, help="directory for report.json, report.md, plots")
+    add_progress_flag(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     recommend = commands.add_parser("recommend", help="batch recommendations through the Pipeline")
@@ -74,10 +78,16 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    manifest = train_bundle(
-        args.data, args.out, config=load_config_file(args.config), device=args.device
+    config = load_config_file(args.config)
+    with terminal_progress(wants_progress(args.progress)) as display:
+        stages = StageLog(display)
+        manifest = train_bundle(
+            args.data, args.out, config=config, device=args.device, progress=stages
+        )
+    print(
+        f"wrote bundle {args.out} (model_version {manifest['model_version']}) in "
+        f"{stage_summary(stages.seconds)}"
     )
-    print(f"wrote bundle {args.out} (model_version {manifest['model_version']})")
     return 0
 
 
@@ -93,6 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             now=args.now,
         ),
         report_dir=args.report,
+        progress=wants_progress(args.progress),
     )
     return 0
 
@@ -103,9 +114,13 @@ def run_evaluation(
     *,
     config: OfflineConfig | None = None,
     report_dir: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``bundle`` on the test split of ``data``; print tables, optionally write files."""
-    report = evaluate_offline(data, bundle, config)
+    """Evaluate ``bundle`` on the test split of ``data``; print tables, optionally write files.
+
+    progress: show the evaluation's stages on stderr while it runs."""
+    with terminal_progress(progress) as display:
+        report = evaluate_offline(data, bundle, config, progress=display)
     print_recall_table(report["retrieval"])
     print_systems_table(report)
     if report_dir is not None:

@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from data.dataset import load_dataset
 from data.errors import ConfigError
 from data.interactions import Interactions
+from data.progress import ProgressReporter, StageSteps, stage
 from data.validation import positive_int
 from evaluation import metrics as m
 from evaluation.baselines import default_baselines
@@ -90,23 +91,31 @@ class OfflineConfig:
 
 
 def evaluate_offline(
-    data_dir: str | Path, bundle_dir: str | Path, config: OfflineConfig | None = None
+    data_dir: str | Path,
+    bundle_dir: str | Path,
+    config: OfflineConfig | None = None,
+    *,
+    progress: ProgressReporter | None = None,
 ) -> dict[str, Any]:
-    """Run the whole evaluation; returns the report (the content of ``report.json``)."""
+    """Run the whole evaluation; returns the report (the content of ``report.json``).
+
+    ``progress`` receives the stages: loading, each system's recommendations (one step per
+    batch of users), the rules, the sources, each baseline, the oracle, metrics, bootstrap."""
     config = config or OfflineConfig()
     started = time.perf_counter()
-    artifacts = load_artifacts(bundle_dir)
-    dataset = load_dataset(data_dir)
-    history = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
-    test = dataset.splits["test"]
-    evaluation = build_evaluation_users(
-        artifacts,
-        history,
-        test,
-        history_length=artifacts.retrieval.config.history_length,
-        max_users=config.max_users,
-        seed=config.seed,
-    )
+    with stage(progress, "load bundle and data"):
+        artifacts = load_artifacts(bundle_dir)
+        dataset = load_dataset(data_dir)
+        history = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
+        test = dataset.splits["test"]
+        evaluation = build_evaluation_users(
+            artifacts,
+            history,
+            test,
+            history_length=artifacts.retrieval.config.history_length,
+            max_users=config.max_users,
+            seed=config.seed,
+        )
     keep = np.diff(evaluation.relevant.indptr) > 0  # users with something new to find
     relevant = evaluation.relevant[keep]
     user_ids = evaluation.user_ids.filter(pl.Series(keep)).to_list()
@@ -116,13 +125,19 @@ def evaluate_offline(
 
     systems: dict[str, npt.NDArray[np.int32]] = {}
     state = _history_state(artifacts, history)
+    n_batches = -(-len(user_ids) // config.batch_size)
     for name, pipeline in _stage_pipelines(artifacts, state).items():
-        systems[name] = _recommend(pipeline, user_ids, k_max, now, config.batch_size)
-    rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, now, config)
+        with stage(progress, f"recommend: {name}", total=n_batches) as batches:
+            systems[name] = _recommend(
+                pipeline, user_ids, k_max, now, config.batch_size, batches=batches
+            )
+    with stage(progress, "re-ranking rules"):
+        rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, now, config)
     # Each candidate source's own order: the bar the ranker has to clear.
-    own_order = artifacts.retrieval.retrieve_each(
-        evaluation.users.take(np.flatnonzero(keep)), k_max, exclude=seen
-    )
+    with stage(progress, "recommend: each source"):
+        own_order = artifacts.retrieval.retrieve_each(
+            evaluation.users.take(np.flatnonzero(keep)), k_max, exclude=seen
+        )
     for name, candidates in own_order.items():
         systems[f"source:{name}"] = candidates.item_idx
 
@@ -135,30 +150,40 @@ def evaluate_offline(
         if name == "ease" and len(artifacts.items) > config.ease_max_items:
             skipped[name] = f"{len(artifacts.items)} items > ease_max_items {config.ease_max_items}"
             continue
-        systems[name] = baseline.fit(history_log).recommend(rows, k_max, seen)
+        with stage(progress, f"baseline: {name}"):
+            systems[name] = baseline.fit(history_log).recommend(rows, k_max, seen)
 
     test_start = int(test["timestamp"].to_numpy().min())
-    oracle = _oracle(dataset.path, artifacts, user_ids, seen, k_max, test_start)
+    with stage(progress, "oracle"):
+        oracle = _oracle(dataset.path, artifacts, user_ids, seen, k_max, test_start)
     if oracle is not None:
         systems["oracle"] = oracle
 
-    per_user = {name: _per_user_metrics(rec, relevant, config.ks) for name, rec in systems.items()}
-    report: dict[str, Any] = {
-        "bundle": str(bundle_dir),
-        "model_version": artifacts.model_version,
-        "data": str(data_dir),
-        "n_users": int(keep.sum()),
-        "now": now,
-        "ks": list(config.ks),
-        "retrieval": retrieval_recall(artifacts, evaluation, tuple(sorted(config.recall_cutoffs))),
-        "systems": {
+    with stage(progress, "metrics"):
+        per_user = {
+            name: _per_user_metrics(rec, relevant, config.ks) for name, rec in systems.items()
+        }
+        recall = retrieval_recall(artifacts, evaluation, tuple(sorted(config.recall_cutoffs)))
+    with stage(progress, "bootstrap"):
+        intervals = {
             name: {
                 metric: bootstrap_ci(values, n_boot=config.n_boot, seed=config.seed).to_dict()
                 for metric, values in metrics_.items()
             }
             for name, metrics_ in per_user.items()
-        },
-        "beyond_accuracy": {
+        }
+        paired = {
+            name: paired_comparison(
+                per_user[name][f"ndcg@{config.ks[0]}"],
+                per_user[PIPELINE][f"ndcg@{config.ks[0]}"],
+                n_boot=config.n_boot,
+                seed=config.seed,
+            ).to_dict()
+            for name in per_user
+            if name not in (PIPELINE, "oracle") and not name.startswith("source:")
+        }
+    with stage(progress, "beyond accuracy and segments"):
+        beyond = {
             name: beyond_accuracy(
                 rec,
                 history_log.item_counts,
@@ -168,19 +193,21 @@ def evaluate_offline(
                 else None,
             )
             for name, rec in systems.items()
-        },
-        "paired_vs_pipeline": {
-            name: paired_comparison(
-                per_user[name][f"ndcg@{config.ks[0]}"],
-                per_user[PIPELINE][f"ndcg@{config.ks[0]}"],
-                n_boot=config.n_boot,
-                seed=config.seed,
-            ).to_dict()
-            for name in per_user
-            if name not in (PIPELINE, "oracle") and not name.startswith("source:")
-        },
+        }
+        segments = _segments(history_log, rows, per_user, relevant, systems, config)
+    report: dict[str, Any] = {
+        "bundle": str(bundle_dir),
+        "model_version": artifacts.model_version,
+        "data": str(data_dir),
+        "n_users": int(keep.sum()),
+        "now": now,
+        "ks": list(config.ks),
+        "retrieval": recall,
+        "systems": intervals,
+        "beyond_accuracy": beyond,
+        "paired_vs_pipeline": paired,
         "rules": rule_costs,
-        "segments": _segments(history_log, rows, per_user, relevant, systems, config),
+        "segments": segments,
         "skipped": skipped,
         "funnel": funnel_choices(artifacts, timed=dataset.timed),
     }
@@ -250,9 +277,16 @@ def _stage_pipelines(artifacts: Artifacts, state: OnlineState) -> dict[str, Pipe
 
 
 def _recommend(
-    pipeline: Pipeline, user_ids: list[str], k: int, now: int, batch_size: int
+    pipeline: Pipeline,
+    user_ids: list[str],
+    k: int,
+    now: int,
+    batch_size: int,
+    *,
+    batches: StageSteps | None = None,
 ) -> npt.NDArray[np.int32]:
-    """(n, k) item indices in the bundle's item space, through ``Pipeline.recommend`` at ``now``."""
+    """(n, k) item indices in the bundle's item space, through ``Pipeline.recommend`` at ``now``;
+    ``batches`` advances once per batch of ``batch_size`` users."""
     out = np.full((len(user_ids), k), PAD_ITEM, dtype=np.int32)
     items = pipeline.artifacts.items
     for start in range(0, len(user_ids), batch_size):
@@ -262,6 +296,8 @@ def _recommend(
             if answer.item_ids:
                 index = items.index(answer.item_ids)
                 out[start + offset, : index.size] = index
+        if batches is not None:
+            batches.advance()
     return out
 
 

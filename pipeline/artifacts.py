@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from data.dataset import load_dataset
 from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
+from data.progress import ProgressReporter, StageLog, stage
 from data.schema import INTERACTION_SCHEMA, ITEM_ID, TIMESTAMP, USER_ID
 from pipeline.bundle import bundle_writer, verify_bundle
 from ranking.stage import RankingConfig, RankingStage
@@ -33,6 +35,8 @@ CATALOG = "catalog/items.parquet"
 HISTORY = "state/history.parquet"
 RETRIEVAL_DIR = "retrieval"
 RANKING_DIR = "ranking"
+# Wall seconds of each training stage: diagnostics, left out of model_version (pipeline/bundle.py).
+TIMINGS = "timings.json"
 KNOWN_SECTIONS = ("retrieval", "ranking", "reranking")
 
 
@@ -60,11 +64,14 @@ def train_bundle(
     *,
     config: dict[str, Any] | None = None,
     device: str | None = None,
+    progress: ProgressReporter | None = None,
 ) -> dict[str, Any]:
     """Train every stage on the dataset's train split (valid split for early stopping).
 
     Returns the bundle manifest. ``config`` is the parsed TOML (``None`` = all defaults);
-    ``device`` overrides ``[retrieval.two_tower] device``.
+    ``device`` overrides ``[retrieval.two_tower] device``; ``progress`` receives each stage
+    (loading, each source's fit, the ranker's, writing), the two-tower's epochs and the ranker's
+    boosting rounds. The bundle's ``timings.json`` keeps each stage's wall seconds.
     """
     config = dict(config or {})
     unknown = sorted(set(config) - set(KNOWN_SECTIONS))
@@ -78,7 +85,9 @@ def train_bundle(
     # Validated now, so a bad rule fails the training run, not the first request.
     reranking = RerankerConfig.from_mapping(config.get("reranking")).to_mapping()
 
-    dataset = load_dataset(data_dir)
+    stages = StageLog(progress)
+    with stage(stages, "load dataset"):
+        dataset = load_dataset(data_dir)
     train, valid = dataset.splits["train"], dataset.splits["valid"]
     users = IdMap.from_ids(train[USER_ID])
     # Items listed in the catalogue but never trained on still get an index: the item tower embeds
@@ -94,7 +103,7 @@ def train_bundle(
         else None
     )
     catalog = ItemCatalog.from_frame(dataset.items, items)
-    stage = RetrievalStage(retrieval_config).fit(log, catalog, valid_log)
+    retrieval = RetrievalStage(retrieval_config).fit(log, catalog, valid_log, progress=stages)
     # The ranker learns from the funnel as it will see it: candidates from retrieval fitted on
     # train, labels from the valid window after it; its feature tables are then refreshed as of
     # the end of train + valid for serving (same code, later as-of time).
@@ -103,7 +112,9 @@ def train_bundle(
         serving_log = Interactions.from_frame(
             pl.concat([train, valid]), users=users, items=items, drop_unknown=True
         )
-        ranking = RankingStage(ranking_config).fit(stage, log, valid_log, catalog, serving_log)
+        ranking = RankingStage(ranking_config).fit(
+            retrieval, log, valid_log, catalog, serving_log, progress=stages
+        )
 
     full_config = {
         "retrieval": retrieval_values,
@@ -111,16 +122,19 @@ def train_bundle(
         "reranking": reranking,
         "data": {"path": str(data_dir)},
     }
-    with bundle_writer(
-        out, config=full_config, dataset_fingerprint=dataset.meta["fingerprint"]
-    ) as staging:
+    with (
+        stage(stages, "write bundle"),
+        bundle_writer(
+            out, config=full_config, dataset_fingerprint=dataset.meta["fingerprint"]
+        ) as staging,
+    ):
         (staging / "ids").mkdir()
         users.to_frame().write_parquet(staging / USERS_MAP)
         items.to_frame().write_parquet(staging / ITEMS_MAP)
         (staging / "catalog").mkdir()
         if dataset.items is not None:
             dataset.items.write_parquet(staging / CATALOG)
-        stage.save(staging / RETRIEVAL_DIR)
+        retrieval.save(staging / RETRIEVAL_DIR)
         if ranking is not None:
             ranking.save(staging / RANKING_DIR)
         (staging / "state").mkdir()
@@ -131,7 +145,11 @@ def train_bundle(
         history.filter(pl.Series(known)).sort(TIMESTAMP, maintain_order=True).write_parquet(
             staging / HISTORY
         )
-    return verify_bundle(out)
+        # The stages so far: training's share of the time (writing is still under way).
+        timings = {"stage_seconds": stages.seconds}
+        (staging / TIMINGS).write_text(json.dumps(timings, indent=2) + "\n")
+    with stage(stages, "verify bundle"):
+        return verify_bundle(out)
 
 
 def load_history(artifacts: Artifacts) -> pl.DataFrame:

@@ -37,6 +37,7 @@ from torch import nn
 
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, DataError, NotFittedError
+from data.progress import ProgressReporter, stage
 from data.validation import (
     fraction,
     integer,
@@ -187,8 +188,16 @@ class DNNRanker:
     def __init__(self, config: DNNConfig | None = None) -> None:
         self.config = config if config is not None else DNNConfig()
 
-    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> Self:
-        """Train on ``train``'s groups; early-stop on ``valid`` NDCG@eval_at (None: all epochs)."""
+    def fit(
+        self,
+        train: TrainingSet,
+        valid: TrainingSet | None = None,
+        *,
+        progress: ProgressReporter | None = None,
+    ) -> Self:
+        """Train on ``train``'s groups; early-stop on ``valid`` NDCG@eval_at (None: all epochs).
+
+        ``progress`` receives each epoch with its losses and NDCG."""
         if train.n_rows == 0:
             raise DataError("DNNRanker.fit: the training set is empty")
         if valid is not None and valid.names != train.names:
@@ -200,7 +209,11 @@ class DNNRanker:
         rng = np.random.default_rng(config.seed)
         curves = DNNCurves()
         # fork_rng: seed torch for init and dropout without changing the caller's global RNG.
-        with torch.random.fork_rng(devices=[]), torch_threads(config.num_threads):
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch_threads(config.num_threads),
+            stage(progress, "dnn epochs", total=config.max_epochs) as epochs,
+        ):
             torch.manual_seed(config.seed)
             model = RankerMLP(len(train.names), config.hidden_dims, config.dropout)
             model.set_statistics(train.values)
@@ -222,11 +235,13 @@ class DNNRanker:
                 curves.train_loss.append(float(np.mean(losses)))
                 curves.train_ndcg.append(self._ndcg(model, train))
                 if valid_groups is None or valid is None:
+                    epochs.advance(loss=curves.train_loss[-1])
                     best_state, curves.best_epoch = copy.deepcopy(model.state_dict()), epoch
                     continue
                 curves.valid_loss.append(self._mean_loss(model, valid_groups))
                 ndcg = self._ndcg(model, valid)
                 curves.valid_ndcg.append(ndcg)
+                epochs.advance(loss=curves.train_loss[-1], valid_ndcg=ndcg)
                 if ndcg > best_ndcg + 1e-9:
                     best_ndcg, best_state, stale = ndcg, copy.deepcopy(model.state_dict()), 0
                     curves.best_epoch = epoch
@@ -312,7 +327,9 @@ class DNNRanker:
             "kind": KIND,
             "config": to_mapping(self.config),
             "feature_names": list(self.feature_names_),
-            "curves": curves.to_dict(),
+            # Without the wall seconds: this file is part of model_version (pipeline/bundle.py),
+            # which must not change between two runs that train the same model.
+            "curves": {k: v for k, v in curves.to_dict().items() if k != "seconds"},
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
+from data.progress import ProgressReporter, StageSteps, stage
 from data.validation import boolean, fraction, non_negative_float, non_negative_int, positive_int
 from ranking.compiled_forest import CompiledForest, compile_forest
 from ranking.training_set import TrainingSet, write_curves
@@ -152,8 +153,16 @@ class LightGBMRanker:
         self.compiled_: CompiledForest | None = None
         self._compile_tried = False
 
-    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> Self:
-        """Boost on ``train``; early-stop on ``valid`` NDCG@eval_at (None: ``max_rounds``)."""
+    def fit(
+        self,
+        train: TrainingSet,
+        valid: TrainingSet | None = None,
+        *,
+        progress: ProgressReporter | None = None,
+    ) -> Self:
+        """Boost on ``train``; early-stop on ``valid`` NDCG@eval_at (None: ``max_rounds``).
+
+        ``progress`` receives each boosting round with its train / valid NDCG@eval_at."""
         if train.n_rows == 0:
             raise DataError("LightGBMRanker.fit: the training set is empty")
         if valid is not None and valid.names != train.names:
@@ -179,14 +188,16 @@ class LightGBMRanker:
             )
         history: dict[str, dict[str, list[float]]] = {}
         callbacks.append(lgb.record_evaluation(history))
-        booster = lgb.train(
-            params,
-            train_data,
-            num_boost_round=config.max_rounds,
-            valid_sets=sets,
-            valid_names=set_names,
-            callbacks=callbacks,
-        )
+        with stage(progress, "lightgbm rounds", total=config.max_rounds) as rounds:
+            callbacks.append(_ReportRound(rounds))
+            booster = lgb.train(
+                params,
+                train_data,
+                num_boost_round=config.max_rounds,
+                valid_sets=sets,
+                valid_names=set_names,
+                callbacks=callbacks,
+            )
         best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
         metric = f"ndcg@{config.eval_at}"
         self.curves_ = {name: list(map(float, values[metric])) for name, values in history.items()}
@@ -292,6 +303,20 @@ def read_meta(directory: Path, kind: str) -> dict[str, Any]:
             f"expected {kind!r} format {FORMAT_VERSION}"
         )
     return meta
+
+
+class _ReportRound:
+    """LightGBM callback: one progress step per boosting round, with its evaluation results."""
+
+    # After record_evaluation (20), before early_stopping (30), which ends training by raising.
+    order = 25
+
+    def __init__(self, rounds: StageSteps) -> None:
+        self.rounds = rounds
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        results = env.evaluation_result_list or []
+        self.rounds.advance(**{f"{data} {metric}": value for data, metric, value, *_ in results})
 
 
 def _dataset(

@@ -30,6 +30,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.progress import ProgressReporter, stage
 from data.validation import finite_float, fraction, one_of
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import (
@@ -128,7 +129,13 @@ class RankingModel(Protocol):
 
     feature_names_: tuple[str, ...]
 
-    def fit(self, train: TrainingSet, valid: TrainingSet | None = None) -> RankingModel: ...
+    def fit(
+        self,
+        train: TrainingSet,
+        valid: TrainingSet | None = None,
+        *,
+        progress: ProgressReporter | None = None,
+    ) -> RankingModel: ...
 
     def predict(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
@@ -163,27 +170,32 @@ class RankingStage:
         label_log: Interactions,
         catalog: ItemCatalog,
         feature_log_for_serving: Interactions,
+        *,
+        progress: ProgressReporter | None = None,
     ) -> Self:
         """Train the ranker on the label window, then build the serving feature store.
 
         history_log: what the retrieval stage was trained on (events before the label window);
         label_log: the label window (same id maps); catalog: aligned with the item map;
         feature_log_for_serving: the log whose end the serving features describe (same id maps),
-        typically history + label window.
+        typically history + label window; progress: receives the stages (training set, ranker
+        with its rounds or epochs, serving features).
         """
         config = self.config
         if len(label_log) == 0:
             raise DataError("RankingStage.fit: the label log is empty")
-        cut = label_cut(history_log, label_log)
-        training_store = FeatureStore(config.features).fit(history_log, catalog, as_of=cut)
-        training = build_training_set(
-            retrieval_stage, training_store, history_log, label_log, catalog, config.training
-        )
+        with stage(progress, "ranker training set"):
+            cut = label_cut(history_log, label_log)
+            training_store = FeatureStore(config.features).fit(history_log, catalog, as_of=cut)
+            training = build_training_set(
+                retrieval_stage, training_store, history_log, label_log, catalog, config.training
+            )
         train, valid = split_groups(training, config.valid_fraction, config.split_seed)
         ranker: RankingModel = (
             LightGBMRanker(config.lightgbm) if config.model == "lightgbm" else DNNRanker(config.dnn)
         )
-        ranker.fit(train, valid)
+        with stage(progress, f"train ranker ({config.model})"):
+            ranker.fit(train, valid, progress=progress)
         summary = {f"training_{k}": v for k, v in training.describe().items()}
         summary["cut"] = float(cut)
         selected = True
@@ -201,9 +213,10 @@ class RankingStage:
         if len(feature_log_for_serving) == 0:
             raise DataError("RankingStage.fit: feature_log_for_serving is empty")
         serving_as_of = int(feature_log_for_serving.timestamp[-1]) + 1  # include the last event
-        self.store_ = FeatureStore(config.features).fit(
-            feature_log_for_serving, catalog, as_of=serving_as_of
-        )
+        with stage(progress, "ranker serving features"):
+            self.store_ = FeatureStore(config.features).fit(
+                feature_log_for_serving, catalog, as_of=serving_as_of
+            )
         self.ranker_, self.summary_, self.selected_ = ranker, summary, selected
         return self
 

@@ -21,6 +21,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, ConfigError, NotFittedError
 from data.interactions import Interactions
+from data.progress import ProgressReporter, stage
 from data.validation import is_number, positive_int
 from retrieval.als import ALSConfig, ALSSource
 from retrieval.base import (
@@ -195,30 +196,41 @@ class RetrievalStage:
         return source
 
     def fit(
-        self, log: Interactions, catalog: ItemCatalog, valid: Interactions | None = None
+        self,
+        log: Interactions,
+        catalog: ItemCatalog,
+        valid: Interactions | None = None,
+        *,
+        progress: ProgressReporter | None = None,
     ) -> RetrievalStage:
         """Fit every configured source on ``log``; ``valid`` (same id maps) drives early stopping
-        and hyperparameter choices where sources use it, and the merge order."""
+        and hyperparameter choices where sources use it, and the merge order. ``progress``
+        receives one stage per source fit (the two-tower's epochs inside it) and the merge
+        order's validation."""
         sources: dict[str, CandidateSource] = {}
         for kind in self.config.sources:
             source = self._make(kind)
-            if isinstance(source, TwoTowerSource | ItemItemSource):
-                source.fit(log, catalog, valid)
-            else:
-                source.fit(log, catalog)
+            with stage(progress, f"fit {kind}"):
+                if isinstance(source, TwoTowerSource):
+                    source.fit(log, catalog, valid, progress=progress)
+                elif isinstance(source, ItemItemSource):
+                    source.fit(log, catalog, valid)
+                else:
+                    source.fit(log, catalog)
             sources[kind] = source
         self.sources_ = sources
         self.validation_ = {}
         window = validation_window(log, valid, max_users=VALIDATION_USERS)
         if window is not None:
-            batch = window.batch(log, self.config.history_length)
-            self.validation_ = {
-                name: ndcg(
-                    source.retrieve(batch, VALIDATION_K, exclude=window.seen).item_idx,
-                    window.relevant,
-                )
-                for name, source in sources.items()
-            }
+            with stage(progress, "order sources on validation"):
+                batch = window.batch(log, self.config.history_length)
+                self.validation_ = {
+                    name: ndcg(
+                        source.retrieve(batch, VALIDATION_K, exclude=window.seen).item_idx,
+                        window.relevant,
+                    )
+                    for name, source in sources.items()
+                }
             if self.config.order_by_validation:
                 self._order_by(self.validation_)
         return self

@@ -30,6 +30,7 @@ from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
 from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
+from data.progress import ProgressReporter
 from retrieval.base import Candidates, LastBatchMemo, UserBatch
 from retrieval.index import VectorIndex
 from retrieval.index_config import IndexConfig
@@ -100,6 +101,7 @@ class TwoTowerSource:
         valid: Interactions | None = None,
         *,
         user_features: npt.ArrayLike | None = None,
+        progress: ProgressReporter | None = None,
     ) -> Self:
         """Train on ``log``, early-stopping on ``valid``; embed and index the whole catalogue.
 
@@ -107,6 +109,7 @@ class TwoTowerSource:
             which are embedded from features only); None = ids only.
         valid: later events with the training id maps (early stopping); None = no stopping.
         user_features: optional (n_users, F) dense features aligned with ``log.users``.
+        progress: receives the training epochs (``train_two_tower``).
         """
         catalog = catalog if catalog is not None else ItemCatalog.empty(log.items)
         _check_catalog(catalog, log)
@@ -117,7 +120,7 @@ class TwoTowerSource:
             config=self.config,
             user_features=user_features,
         )
-        trained = train_two_tower(log, features, self.config, valid=valid)
+        trained = train_two_tower(log, features, self.config, valid=valid, progress=progress)
         self.model_, self.features_, self.curves_ = trained.model, features, trained.curves
         self._vectors_memo.clear()
         self._user_cache = None

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from data.errors import ConfigError, DataError
 from data.interactions import Interactions
+from data.progress import ProgressReporter, stage
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
@@ -260,18 +261,24 @@ def train_two_tower(
     config: TwoTowerConfig,
     *,
     valid: Interactions | None = None,
+    progress: ProgressReporter | None = None,
 ) -> TrainedTwoTower:
     """Train on every event of ``log``; early-stop on ``valid`` (later events, same id maps).
 
     ``features`` covers at least the log's items (``TowerFeatures.build``). Without ``valid``
-    (or with an empty one) all ``max_epochs`` run and the last weights are kept.
+    (or with an empty one) all ``max_epochs`` run and the last weights are kept. ``progress``
+    receives each epoch with its training loss and validation loss and recall@``eval_k``.
     """
     _check_inputs(log, features, valid)
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     # fork_rng: seed torch for init and dropout without changing the caller's global RNG state.
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch_threads(config.num_threads):
+    with (
+        torch.random.fork_rng(devices=rng_devices),
+        torch_threads(config.num_threads),
+        stage(progress, "two_tower epochs", total=config.max_epochs) as epochs,
+    ):
         torch.manual_seed(config.seed)
         model = TwoTowerModel(
             log.n_users,
@@ -306,6 +313,11 @@ def train_two_tower(
                     valid_seconds=time.perf_counter() - started,
                     examples_per_second=len(log) / train_seconds,
                 )
+            )
+            epochs.advance(
+                loss=train_loss,
+                valid_loss=valid_loss,
+                **{f"valid_recall@{config.eval_k}": valid_recall},
             )
             if valid_recall is None:  # nothing to select on: keep the last weights
                 curves.best_epoch = epoch
