@@ -147,7 +147,10 @@ class BundleChecker:
 
     def check(self, bundle: str | Path) -> None:
         """Return if the bundle loads and answers in the child; ``BundleError`` otherwise."""
-        path = str(Path(bundle).resolve())
+        # Absolute (the child keeps the working directory it started in), but not resolved:
+        # a path the OS refuses (a NUL byte, a name too long) is the child's to refuse, as
+        # verify_bundle refuses it in this process.
+        path = os.path.abspath(os.fspath(bundle))
         with self._lock:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()

@@ -175,3 +175,13 @@ def test_the_checker_replaces_a_dead_child_and_names_a_crash() -> None:
     finally:
         checker.close()
     assert checker._child[0] is None
+
+
+@pytest.mark.parametrize("path", ["b" * 300, "bundle\x00"])
+def test_a_path_the_os_refuses_is_a_refusal_not_an_error(
+    service: RecommenderService, path: str
+) -> None:
+    version = service.pipeline.model_version
+    with pytest.raises(BundleError, match="cannot be read|does not exist"):
+        service.reload(path)
+    assert service.pipeline.model_version == version
