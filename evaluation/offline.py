@@ -229,11 +229,12 @@ def funnel_choices(artifacts: Artifacts, *, timed: bool) -> dict[str, Any]:
         "timed": timed,
         "merge_order": list(artifacts.retrieval.source_names),
         "source_validation_ndcg@10": dict(artifacts.retrieval.validation_),
+        "skipped_sources": dict(artifacts.retrieval.skipped_),
     }
     ranking = artifacts.ranking
     if ranking is not None:
         summary = ranking.summary_
-        choices["ranker"] = {"served": ranking.selected_} | {
+        choices["ranker"] = {"served": ranking.selected_, "model": ranking.model_kind} | {
             key: value for key, value in summary.items() if key.startswith("valid_ndcg")
         }
     return choices
@@ -507,12 +508,16 @@ def _render_funnel_choices(choices: dict[str, Any] | None) -> list[str]:
             for name in choices["merge_order"]
         )
     )
+    for name, reason in choices.get("skipped_sources", {}).items():
+        lines.append(f"- {name} left out: {reason}")
     ranker = choices.get("ranker")
     if ranker is None:
         lines.append("- ranker: none trained (no validation window); the merge order is served")
     else:
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in ranker.items() if k != "served")
-        verdict = "served" if ranker["served"] else "not served: the merge order is"
+        figures = ", ".join(
+            f"{k} {v:.4f}" for k, v in ranker.items() if k not in ("served", "model")
+        )
+        verdict = f"{ranker['model']} served" if ranker["served"] else "not served: merge order"
         lines.append(f"- ranker: {verdict} ({figures})")
     if not choices["timed"]:
         lines.append(

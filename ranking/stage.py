@@ -18,8 +18,8 @@ one score per merged candidate. What ``recsys train`` stores under the bundle's 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self, get_args
 
@@ -32,6 +32,8 @@ from data.errors import BundleError, DataError, NotFittedError
 from data.interactions import Interactions
 from data.progress import ProgressReporter, stage
 from data.validation import finite_float, fraction, one_of
+from ranking.blend import KIND as BLEND
+from ranking.blend import Z_SUFFIX, BlendConfig, BlendRanker
 from ranking.dnn import DNNConfig, DNNRanker
 from ranking.features import (
     FeatureConfig,
@@ -75,7 +77,7 @@ class RankingConfig:
         that adds nothing costs latency and, on small logs, often quality (the held-out users
         also chose its early-stopping round, so a small margin guards that optimism). ``None``
         serves the ranker whatever it scores.
-    features, training, lightgbm, dnn: the sub-tables ``[ranking.features]`` etc.
+    features, training, lightgbm, dnn, blend: the sub-tables ``[ranking.features]`` etc.
     """
 
     model: RankerKind = "lightgbm"
@@ -83,6 +85,7 @@ class RankingConfig:
     split_seed: int = 0
     min_lift: float | None = 0.01
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
     training: TrainingSetConfig = field(default_factory=TrainingSetConfig)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
     dnn: DNNConfig = field(default_factory=DNNConfig)
@@ -121,6 +124,7 @@ _SUB_TABLES: Mapping[str, type[Any]] = {
     "training": TrainingSetConfig,
     "lightgbm": LightGBMConfig,
     "dnn": DNNConfig,
+    "blend": BlendConfig,
 }
 
 
@@ -149,7 +153,8 @@ class RankingStage:
 
     Learned state (after :meth:`fit` or :meth:`load`):
         store_:   the serving :class:`FeatureStore` (as of the end of the serving log).
-        ranker_:  the trained ranker.
+        ranker_:  the model the stage scores with: the trained forest (or DNN), or the score
+                  blend when it ordered the held-out users better (:meth:`_select`).
         summary_: {name: value} training-set counts, cut, validation NDCG of the ranker and of
                   the retrieval order (for reports).
         selected_: whether the pipeline serves the ranker (``RankingConfig.min_lift``).
@@ -201,14 +206,7 @@ class RankingStage:
         selected = True
         if valid is not None:
             k = config.lightgbm.eval_at if config.model == "lightgbm" else config.dnn.eval_at
-            scores = ranker.predict(valid.values)
-            ranked = float(np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k)))
-            position = valid.values[:, valid.names.index("merged_position")]
-            in_order = float(np.nanmean(group_ndcg(-position, valid.labels, valid.groups, k)))
-            summary[f"valid_ndcg@{k}"] = ranked
-            summary[f"valid_ndcg@{k}_retrieval_order"] = in_order
-            if config.min_lift is not None:
-                selected = ranked > in_order * (1.0 + config.min_lift)
+            ranker, selected = self._select(ranker, train, valid, k, summary, progress)
         summary["selected"] = float(selected)
         if len(feature_log_for_serving) == 0:
             raise DataError("RankingStage.fit: feature_log_for_serving is empty")
@@ -219,6 +217,47 @@ class RankingStage:
             )
         self.ranker_, self.summary_, self.selected_ = ranker, summary, selected
         return self
+
+    def _select(
+        self,
+        forest: RankingModel,
+        train: TrainingSet,
+        valid: TrainingSet,
+        k: int,
+        summary: dict[str, float],
+        progress: ProgressReporter | None,
+    ) -> tuple[RankingModel, bool]:
+        """The served model and whether it is served, judged on the held-out users.
+
+        Three orders compete on ``valid``'s groups: the merged retrieval order, the score blend
+        (:class:`BlendRanker`, fitted on ``train``'s groups) and the trained ``forest``. The
+        forest serves only if it beats both others by ``min_lift`` (it also chose its early
+        stopping round on these users); otherwise the blend, if it beats the merged order;
+        otherwise the merged order (the forest is kept for reports). Figures go to ``summary``.
+        """
+        config = self.config
+
+        def held_out_ndcg(scores: npt.NDArray[np.floating]) -> float:
+            return float(np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k)))
+
+        ranked = held_out_ndcg(forest.predict(valid.values))
+        in_order = held_out_ndcg(-valid.values[:, valid.names.index("merged_position")])
+        summary[f"valid_ndcg@{k}"] = ranked
+        summary[f"valid_ndcg@{k}_retrieval_order"] = in_order
+        if config.min_lift is None:
+            return forest, True
+        blended = -np.inf
+        blend: BlendRanker | None = None
+        if any(name.endswith(Z_SUFFIX) for name in train.names):
+            with stage(progress, "score blend"):
+                blend = BlendRanker(replace(config.blend, eval_at=k)).fit(train)
+            blended = held_out_ndcg(blend.predict(valid.values))
+            summary[f"valid_ndcg@{k}_blend"] = blended
+        if ranked > max(in_order, blended) * (1.0 + config.min_lift):
+            return forest, True
+        if blend is not None and blended > in_order:
+            return blend, True
+        return forest, False
 
     def features(
         self,
@@ -274,6 +313,11 @@ class RankingStage:
             raise NotFittedError("RankingStage is not fitted: call fit() or load() first")
 
     # ---------------------------------------------------------------------------- persistence
+    @property
+    def model_kind(self) -> str:
+        """``"blend"`` when the score blend won the held-out users, else the configured model."""
+        return BLEND if isinstance(self.ranker_, BlendRanker) else self.config.model
+
     def save(self, directory: Path) -> None:
         """Write ``store/``, ``model/``, then ``ranking.json``."""
         self._check_fitted()
@@ -284,6 +328,7 @@ class RankingStage:
             "format_version": FORMAT_VERSION,
             "config": self.config.to_mapping(),
             "summary": self.summary_,
+            "model_kind": self.model_kind,
         }
         (directory / STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -312,11 +357,15 @@ class RankingStage:
         stage = cls(RankingConfig.from_mapping(config))
         stage.store_ = FeatureStore.load(directory / STORE_DIR)
         model_dir = directory / MODEL_DIR
-        stage.ranker_ = (
-            LightGBMRanker.load(model_dir)
-            if stage.config.model == "lightgbm"
-            else DNNRanker.load(model_dir)
-        )
+        loaders: dict[str, Callable[[Path], RankingModel]] = {
+            "lightgbm": LightGBMRanker.load,
+            "dnn": DNNRanker.load,
+            BLEND: BlendRanker.load,
+        }
+        kind = meta.get("model_kind", stage.config.model)
+        if kind not in loaders:
+            raise BundleError(f"{directory}: unknown ranking model kind {kind!r}")
+        stage.ranker_ = loaders[kind](model_dir)
         stage.summary_ = {k: float(v) for k, v in meta["summary"].items()}
         stage.selected_ = bool(stage.summary_.get("selected", 1.0))  # older bundles: served
         return stage

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from data.catalog import ItemCatalog
 from data.configuration import from_mapping, to_mapping
-from data.errors import BundleError, ConfigError, NotFittedError
+from data.errors import BundleError, ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
 from data.progress import ProgressReporter, stage
 from data.validation import is_number, positive_int
@@ -72,6 +72,23 @@ def _default_quotas() -> dict[str, int]:
         "popular": 25,
         "coldstart": 25,
     }
+
+
+def skip_reason(kind: str, config: Any, log: Interactions) -> str | None:
+    """Why source ``kind`` is left out of a stage fitted on ``log``, or ``None`` to fit it.
+
+    The two-tower needs ``min_interactions`` events (``TwoTowerConfig``); co-visitation pairs
+    events by their order in time, which an untimed log (every event at one time) does not
+    have: its file order would pass for behaviour.
+    """
+    if isinstance(config, TwoTowerConfig) and len(log) < config.min_interactions:
+        return (
+            f"{len(log):,} training events < min_interactions {config.min_interactions:,}: "
+            "the neighbourhood models and ALS serve a log this small better and faster"
+        )
+    if kind == "covisit" and len(log) and int(log.timestamp.min()) == int(log.timestamp.max()):
+        return "the log has no event times to pair events by"
+    return None
 
 
 class RetrievalAbandonedError(Exception):
@@ -178,14 +195,16 @@ class RetrievalConfig:
 class RetrievalStage:
     """The fitted sources of one bundle plus the merge policy.
 
-    Learned state: ``sources_`` (name -> fitted source, in merge order) and ``validation_``
-    (name -> validation nDCG@10 of the source alone; empty without a validation window).
+    Learned state: ``sources_`` (name -> fitted source, in merge order), ``validation_``
+    (name -> validation nDCG@10 of the source alone; empty without a validation window) and
+    ``skipped_`` (name -> why a configured source was left out: :func:`skip_reason`).
     """
 
     def __init__(self, config: RetrievalConfig | None = None) -> None:
         self.config = config if config is not None else RetrievalConfig()
         self.sources_: dict[str, CandidateSource] = {}
         self.validation_: dict[str, float] = {}
+        self.skipped_: dict[str, str] = {}
 
     def _make(self, kind: str) -> CandidateSource:
         cls = SOURCE_KINDS[kind][0]
@@ -208,17 +227,25 @@ class RetrievalStage:
         receives one stage per source fit (the two-tower's epochs inside it) and the merge
         order's validation."""
         sources: dict[str, CandidateSource] = {}
+        self.skipped_ = {}
         for kind in self.config.sources:
+            reason = skip_reason(kind, self.config.source_config(kind), log)
+            if reason is not None:
+                self.skipped_[kind] = reason
+                continue
             source = self._make(kind)
             with stage(progress, f"fit {kind}"):
                 if isinstance(source, TwoTowerSource):
                     source.fit(log, catalog, valid, progress=progress)
-                elif isinstance(source, ItemItemSource):
+                elif isinstance(source, ItemItemSource | ALSSource):
                     source.fit(log, catalog, valid)
                 else:
                     source.fit(log, catalog)
             sources[kind] = source
+        if not sources:
+            raise DataError(f"no retrieval source can be fitted: {self.skipped_}")
         self.sources_ = sources
+        self.config = replace(self.config, sources=tuple(sources))
         self.validation_ = {}
         window = validation_window(log, valid, max_users=VALIDATION_USERS)
         if window is not None:
@@ -340,6 +367,7 @@ class RetrievalStage:
                 for name in self.sources_
             },
             "validation_ndcg@10": self.validation_,
+            "skipped": self.skipped_,
         }
         (directory / STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name, source in self.sources_.items():
@@ -380,4 +408,5 @@ class RetrievalStage:
                 else source_cls.load(directory / name)
             )
         stage.validation_ = {k: float(v) for k, v in meta.get("validation_ndcg@10", {}).items()}
+        stage.skipped_ = {str(k): str(v) for k, v in meta.get("skipped", {}).items()}
         return stage

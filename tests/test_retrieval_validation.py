@@ -43,3 +43,24 @@ def test_the_window_labels_only_new_items_of_users_who_have_some() -> None:
     assert window.relevant.toarray().tolist() == [[0, 1, 0]]
     assert window.seen.toarray().tolist() == [[1, 0, 0]]
     assert validation_window(train, log([("b", "y")])) is None
+
+
+def test_sources_that_need_more_data_or_event_times_are_left_out() -> None:
+    from retrieval.covisit import CoVisitationConfig
+    from retrieval.stage import skip_reason
+    from retrieval.two_tower.config import TwoTowerConfig
+
+    users, items = IdMap.from_ids(["a", "b"]), IdMap.from_ids(["x", "y"])
+
+    def log(times: list[int]) -> Interactions:
+        rows = [("a", "x", times[0], 1.0), ("b", "y", times[1], 1.0)]
+        frame = pl.DataFrame(rows, schema=INTERACTION_SCHEMA, orient="row")
+        return Interactions.from_frame(frame, users=users, items=items)
+
+    timed, untimed = log([10, 20]), log([0, 0])
+    assert "min_interactions 3" in str(
+        skip_reason("two_tower", TwoTowerConfig(min_interactions=3), timed)
+    )
+    assert skip_reason("two_tower", TwoTowerConfig(min_interactions=2), timed) is None
+    assert "no event times" in str(skip_reason("covisit", CoVisitationConfig(), untimed))
+    assert skip_reason("covisit", CoVisitationConfig(), timed) is None
