@@ -124,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
             "the process list; use --admin-token-file or RECSYS_ADMIN_TOKEN",
             file=sys.stderr,
         )
+    if args.max_online_users is not None and args.max_online_users < 1:
+        raise ConfigError(f"--max-online-users must be >= 1, got {args.max_online_users}")
     try:
         limits = ConnectionLimits(
             header_timeout_s=args.timeout_header,

@@ -266,7 +266,7 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
         else:
             reply = {"ok": True, "model_version": version}
             logging.getLogger(__name__).info(
-                "bundle %s (%s) checked in %.1f s", path, version, time.perf_counter() - started
+                "bundle %r (%s) checked in %.1f s", path, version, time.perf_counter() - started
             )
         replies.write(json.dumps(reply).encode() + b"\n")
         replies.flush()

@@ -254,7 +254,9 @@ class RecommenderService:
         # them (their stages fail and the answer degrades). The last of them drops the last
         # reference; its stage threads exit when the executor is freed.
         old, new = previous.pipeline.model_version, fresh.pipeline.model_version
-        logger.info("reloaded bundle %s (%s -> %s)", bundle, old, new)
+        # Quoted and escaped: a path is the caller's text, and a control character in it must
+        # not reach the log raw (a NUL byte once made the log a binary file).
+        logger.info("reloaded bundle %r (%s -> %s)", str(bundle), old, new)
         return new, old
 
     def _load_candidate(self, bundle: Path) -> _Served:

@@ -185,3 +185,18 @@ def test_a_path_the_os_refuses_is_a_refusal_not_an_error(
     with pytest.raises(BundleError, match="cannot be read|does not exist"):
         service.reload(path)
     assert service.pipeline.model_version == version
+
+
+def test_the_reloaded_path_is_logged_escaped(
+    tiny_bundle: tuple[Path, Path],
+    service: RecommenderService,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, bundle = tiny_bundle
+    odd = tmp_path / "new\nline\x1b"
+    shutil.copytree(bundle, odd)
+    with caplog.at_level("INFO", logger="pipeline.service"):
+        service.reload(odd)
+    [line] = [r.getMessage() for r in caplog.records if "reloaded bundle" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line and "new\\nline\\x1b" in line
