@@ -154,7 +154,8 @@ def _check_range(path: str, low: float, high: float, default: float, log: bool) 
 # Defaults are the built-in configs' values (the quota decay approximates the shape of the
 # default quotas), so trial 0 of every study is, but for that, the untuned ``recsys train``.
 # Ranges span what the sources' docstrings and the literature report as useful; the EASE ridge
-# is not here because the item-item source already chooses it on the validation window.
+# and the ALS regularisation are not here because their sources already choose them on the
+# validation window (a fixed value from the search would override that choice).
 DEFAULT_SPACE: tuple[Param, ...] = (
     # The funnel's width: more candidates give the ranker more to find, and cost ranking time.
     IntParam("retrieval.n_candidates", 100, 500, 500, log=True),
@@ -165,9 +166,8 @@ DEFAULT_SPACE: tuple[Param, ...] = (
     FloatParam("retrieval.two_tower.learning_rate", 3e-4, 1e-2, 3e-3, log=True),
     FloatParam("retrieval.two_tower.weight_decay", 1e-6, 1e-2, 1e-4, log=True),
     FloatParam("retrieval.two_tower.dropout", 0.0, 0.5, 0.1),
-    # ALS: Hu et al.'s confidence and the factor count.
+    # ALS: Hu et al.'s confidence and the factor count (the penalty is chosen per fit).
     IntParam("retrieval.als.factors", 16, 256, 64, log=True),
-    FloatParam("retrieval.als.regularization", 1e-3, 1.0, 0.01, log=True),
     ChoiceParam("retrieval.als.confidence", ("log", "linear", "binary"), "log"),
     FloatParam("retrieval.als.mean_confidence", 1.0, 64.0, 8.0, log=True),
     # LightGBM LambdaRank: tree size, shrinkage, leaf support.

@@ -167,7 +167,7 @@ def test_space_leaves_out_pinned_keys_and_unused_stages() -> None:
     paths = {param.path for param in active_space(DEFAULT_SPACE, base)}
     assert "retrieval.als.factors" not in paths  # pinned by the base config
     assert QUOTA_DECAY not in paths  # the base config sets the quotas
-    assert "retrieval.als.regularization" in paths
+    assert "retrieval.als.confidence" in paths
     assert not any(p.startswith(("retrieval.two_tower.", "ranking.lightgbm.")) for p in paths)
     assert {p.path for p in active_space(DEFAULT_SPACE, {})} == {p.path for p in DEFAULT_SPACE}
     assert 8 <= len(DEFAULT_SPACE) <= 14
