@@ -5,12 +5,20 @@ config and the SHA-256 of every file. :func:`verify_bundle` refuses a bundle who
 missing, altered or unlisted, so a half-copied or corrupted bundle is never served. No pickle:
 weights are ``state_dict``s, arrays ``.npy``/``.npz``, tables parquet, indexes FAISS files.
 
+``model_version`` names the model: a digest of the checksums of every file except the training
+diagnostics (:data:`UNVERSIONED`: learning curves and their plots, stage wall times). Those are
+checksummed like every other file, but two runs that train the same model write different ones
+(seconds per epoch, examples per second), and the same data, config and seeds must give the same
+``model_version`` (``tests/test_reproducible_bundle.py``). The manifest lists them under
+``unversioned``.
+
 A bundle is written into a temporary sibling directory and renamed into place once its manifest
 is complete, so readers never see a partial bundle.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -28,6 +36,9 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Streaming hash chunk: keeps memory flat on multi-GB indexes.
 _HASH_CHUNK_BYTES = 1 << 22
+# Bundle paths (fnmatch patterns; ``*`` also matches ``/``) left out of model_version: what
+# training measured about itself rather than what it learned.
+UNVERSIONED = ("timings.json", "*curves.json", "*curves.png")
 
 
 def sha256_file(path: Path) -> str:
@@ -74,19 +85,31 @@ def write_manifest(
         if path.is_file() and path.name != MANIFEST_NAME
     }
     created = int(time.time())
+    unversioned = sorted(name for name in files if is_unversioned(name))
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "created_at": created,
-        # Short, human-quotable identity of exactly these artifacts (served as model_version).
-        "model_version": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[
-            :12
-        ],
+        "model_version": model_version(files, unversioned),
         "dataset_fingerprint": dataset_fingerprint,
         "config": config,
         "files": files,
+        "unversioned": unversioned,
     }
     (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
+
+
+def is_unversioned(name: str) -> bool:
+    """Whether bundle path ``name`` (POSIX, relative) is a diagnostic left out of the version."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in UNVERSIONED)
+
+
+def model_version(files: dict[str, str], unversioned: list[str]) -> str:
+    """Short, human-quotable identity of the model (served as ``model_version``): 12 hex digits
+    of the SHA-256 over ``files`` (path -> checksum) less the ``unversioned`` paths."""
+    left_out = set(unversioned)
+    versioned = {name: digest for name, digest in files.items() if name not in left_out}
+    return hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
