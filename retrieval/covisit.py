@@ -45,6 +45,7 @@ from retrieval.topk import (
     check_k,
     concatenated_ranges,
     entries_topk,
+    prune_rows,
     sparse_topk,
 )
 
@@ -143,7 +144,7 @@ def co_visitation_matrix(log: Interactions, config: CoVisitationConfig) -> sp.cs
             block = block[:-1]
         else:
             carry = sp.coo_matrix((1, n_items), dtype=np.float32)
-        top = _top_per_row(block, config.neighbors).tocoo()
+        top = prune_rows(block, config.neighbors).tocoo()
         kept.append(sp.coo_matrix((top.data, (top.row + first, top.col)), shape=(n_items, n_items)))
     matrix = sp.csr_matrix(
         (
@@ -210,18 +211,6 @@ def _block_pairs(
             targets.append(target)
             weights.append((events.weight[source] + events.weight[target]) * gap_weight)
     return np.concatenate(sources), np.concatenate(targets), np.concatenate(weights)
-
-
-def _top_per_row(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
-    """``matrix`` keeping the ``n`` largest entries of each row (ties: lower column)."""
-    coo = matrix.tocoo()
-    order = np.lexsort((coo.col, -coo.data, coo.row))
-    rows, cols, data = coo.row[order], coo.col[order], coo.data[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
-    keep = rank < n
-    pruned = sp.csr_matrix((data[keep], (rows[keep], cols[keep])), shape=matrix.shape)
-    pruned.sort_indices()
-    return pruned
 
 
 class CoVisitationSource:

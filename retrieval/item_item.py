@@ -48,7 +48,7 @@ from data.interactions import Interactions
 from data.validation import integer, non_negative_float, one_of, positive_float
 from retrieval.base import Candidates, UserBatch
 from retrieval.state_io import read_state, write_state
-from retrieval.topk import align_exclude, check_k, dense_topk
+from retrieval.topk import align_exclude, check_k, dense_topk, prune_rows
 from retrieval.validation import ValidationWindow, ndcg, validation_window
 
 Method = Literal["auto", "ease", "cosine"]
@@ -198,21 +198,6 @@ def cosine_neighbors(
         block = sp.csr_matrix((values, (rows, cols)), shape=(stop - start, n_items))
         blocks.append(prune_rows(block, neighbors))
     return sp.csr_matrix(sp.vstack(blocks), dtype=np.float32)
-
-
-def prune_rows(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
-    """The ``keep`` largest entries of each row (ties to the lower column); ``0`` keeps all."""
-    matrix = sp.csr_matrix(matrix)
-    if keep == 0 or np.diff(matrix.indptr).max(initial=0) <= keep:
-        return matrix
-    coo = matrix.tocoo()
-    order = np.lexsort((coo.col, -coo.data, coo.row))
-    rows, cols, data = coo.row[order], coo.col[order], coo.data[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
-    kept = rank < keep
-    pruned = sp.csr_matrix((data[kept], (rows[kept], cols[kept])), shape=matrix.shape)
-    pruned.sort_indices()
-    return pruned
 
 
 class ItemItemSource:

@@ -254,3 +254,18 @@ __all__ = [
     "entries_topk",
     "sparse_topk",
 ]
+
+
+def prune_rows(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
+    """The ``keep`` largest entries of each row (ties to the lower column); ``0`` keeps all."""
+    matrix = sp.csr_matrix(matrix)
+    if keep == 0 or np.diff(matrix.indptr).max(initial=0) <= keep:
+        return matrix.sorted_indices()
+    coo = matrix.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    rows, cols, data = coo.row[order], coo.col[order], coo.data[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+    kept = rank < keep
+    pruned = sp.csr_matrix((data[kept], (rows[kept], cols[kept])), shape=matrix.shape)
+    pruned.sort_indices()
+    return pruned

@@ -16,8 +16,8 @@ from retrieval.item_item import (
     ItemItemSource,
     cosine_neighbors,
     ease_weights,
-    prune_rows,
 )
+from retrieval.topk import prune_rows
 from tests.retrieval_contract import CandidateSourceContract, clustered_log
 
 # Users x items, binary: two taste groups {0, 1, 2} and {3, 4}, item 2 shared with user 3.
