@@ -13,7 +13,7 @@ the dataset's valid split; ``recsys train --config`` on the result then trains o
 split and ``recsys evaluate`` scores on test, which no choice here has seen.
 
 **Search.** Optuna's TPE sampler (Bergstra et al. 2011, "Algorithms for hyper-parameter
-optimization"), seeded, over :data:`DEFAULT_SPACE`: 14 settings of the two-tower, ALS, the
+optimization"), seeded, over :data:`DEFAULT_SPACE`: the main settings of the two-tower, ALS, the
 LightGBM ranker and the merge, log-uniform where a setting acts multiplicatively (learning rates,
 penalties, widths). Keys set in the base config (``recsys tune --config``) are kept fixed and
 left out of the search; settings of sources or rankers the base config does not use are too.
