@@ -61,11 +61,11 @@ VALIDATION_USERS = 5_000
 
 def _default_quotas() -> dict[str, int]:
     # The learned sources get most of the slate; the safety nets keep a few slots each so that a
-    # user the models know little about still gets a full candidate list. With
-    # order_by_validation, the slot counts go to the sources in order of measured quality.
+    # user the models know little about still gets a full candidate list. They sum to the
+    # default n_candidates, so every source places its quota whatever the merge order.
     return {
-        "item_item": 150,
-        "two_tower": 150,
+        "item_item": 125,
+        "two_tower": 125,
         "als": 100,
         "item_knn": 50,
         "covisit": 50,
@@ -113,10 +113,10 @@ class RetrievalConfig:
     source_configs: source kind -> its config (the ``[retrieval.<kind>]`` tables); a kind
         without one uses its config's defaults (:meth:`source_config`).
     order_by_validation: after fitting, measure each source's own top-10 on the validation
-        window (nDCG@10) and merge in that order, best first, handing the largest quotas to the
-        best sources. Which source is best differs between logs (the two-tower leads on the
-        synthetic world, EASE on Last.fm), and the merged order is what the pipeline serves
-        when the ranker is off or out of budget.
+        window (nDCG@10) and merge in that order, best first (each keeps its quota). Which
+        source is best differs between logs (the two-tower leads on the synthetic world, ALS
+        and EASE on Last.fm), and the merged order is what the pipeline serves when the
+        ranker is off or out of budget.
     index: the ANN index of the sources that search one (``[retrieval.index]``).
     """
 
@@ -263,12 +263,9 @@ class RetrievalStage:
         return self
 
     def _order_by(self, quality: Mapping[str, float]) -> None:
-        """Merge the sources best first (ties keep the configured order); the configured quota
-        sizes, largest first, go to the sources in that order."""
+        """Merge the sources best first (ties keep the configured order)."""
         order = sorted(self.sources_, key=lambda name: -quality[name])
-        sizes = sorted((self.config.quotas[name] for name in self.sources_), reverse=True)
-        quotas = {**self.config.quotas, **dict(zip(order, sizes, strict=True))}
-        self.config = replace(self.config, sources=tuple(order), quotas=quotas)
+        self.config = replace(self.config, sources=tuple(order))
         self.sources_ = {name: self.sources_[name] for name in order}
 
     @property

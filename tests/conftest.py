@@ -14,10 +14,16 @@ TINY_CONFIG = """
 [retrieval]
 n_candidates = 60
 history_length = 10
+# The service tests pin the merge order (trending's share of 60 slots depends on it); the order
+# chosen on validation is tested on test_ranking_features' tiny funnel.
+order_by_validation = false
+sources = ["two_tower", "als", "covisit", "popular", "coldstart", "item_item", "item_knn"]
 
 [retrieval.quotas]
 two_tower = 25
 als = 15
+item_item = 10
+item_knn = 5
 
 [retrieval.index]
 kind = "flat"

