@@ -43,6 +43,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             feedback,
             history=settings.data,
             budgets=settings.budgets(),
+            max_online_users=settings.max_online_users,
+            online_user_ttl_s=settings.online_user_ttl_s,
         )
         app.state.service = service
         app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.funnel import BudgetConfig
+from pipeline.service import DEFAULT_MAX_ONLINE_USERS
 from serving.schemas import MAX_EVENTS
 
 # A token an attacker cannot guess in a reasonable number of tries: 16 characters of visible
@@ -60,6 +61,12 @@ class ServiceSettings(BaseSettings):
     feedback_events_per_s: float = Field(default=1_000.0, ge=0)
     # Must hold the largest request (MAX_EVENTS events), or that request could never pass.
     feedback_burst_events: int = Field(default=5_000, ge=MAX_EVENTS)
+    # Users held in this worker's online state beyond the bundle's own (least recently used
+    # evicted first, read back from the feedback log when they return): bounds the memory that
+    # unauthenticated feedback can claim (docs/benchmarks.md, "Online state memory").
+    max_online_users: int = Field(default=DEFAULT_MAX_ONLINE_USERS, ge=1)
+    # Seconds after which an idle held user is evicted too; None keeps them until the cap.
+    online_user_ttl_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _read_admin_token(self) -> ServiceSettings:

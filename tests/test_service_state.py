@@ -237,3 +237,16 @@ def test_event_types_are_documented_in_the_schema_and_others_refused(
         refused = client.post("/v1/feedback", json={"events": [unknown]})
         assert refused.status_code == 422
         assert "teleport" in refused.json()["error"] and "purchase" in refused.json()["error"]
+
+
+def test_the_online_user_cap_reaches_the_service_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, bundle = tiny_bundle
+    monkeypatch.setenv("RECSYS_MAX_ONLINE_USERS", "1234")
+    monkeypatch.setenv("RECSYS_ONLINE_USER_TTL_S", "60")
+    settings = ServiceSettings(bundle=bundle, feedback_db=tmp_path / "feedback.sqlite3")
+
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        assert service.max_online_users == 1234 and service.online_user_ttl_s == 60.0
