@@ -269,5 +269,8 @@ def start_arm(
     # No budgets: the simulator calls the pipeline with hundreds of users per batch, which the
     # service's per-request budgets (tens of ms) would degrade every time; stages run inline in
     # the arm's thread (see simulator._Run). A stage that raises still degrades, and it counts.
-    service = RecommenderService(bundle, log, history=history, enforce_budgets=False)
+    # Retrained bundles are the simulator's own, just written: no checker process to vet them.
+    service = RecommenderService(
+        bundle, log, history=history, enforce_budgets=False, check_reloads_in_child=False
+    )
     return ArmRunner(arm, service, training, trainer, pre_period)
