@@ -72,6 +72,9 @@ class ItemItemConfig:
     validation_users: users the choice is measured on at most (a seeded subset; nDCG@10 over a
         few thousand users is stable to the third decimal).
     max_dense_items: the largest catalogue EASE inverts (10k items: 0.8 GB and ~30 s on 2 cores).
+    max_items: the retrieval stage leaves the source out of a bundle with a larger catalogue:
+        the kNN build's co-occurrence blocks and the per-request scoring grow with the catalogue,
+        and at that scale the two-tower and ALS indexes serve (the 1M-item load benchmark).
     neighbors: entries kept per item row of the learned matrix (cosine always; EASE when smaller
         than the catalogue); 0 keeps every entry.
     shrinkage: cosine only, added to the norm product (Bell & Koren's shrinkage): similarities of
@@ -85,6 +88,7 @@ class ItemItemConfig:
     tune_max_items: int = 4_000
     validation_users: int = 5_000
     max_dense_items: int = 10_000
+    max_items: int = 100_000
     neighbors: int = 0
     shrinkage: float = 10.0
     score_block_elements: int = 1 << 22
@@ -101,6 +105,7 @@ class ItemItemConfig:
             positive_float(value, "ItemItemConfig.l2_grid", finite=False)
         for name, low in (
             ("max_dense_items", 1),
+            ("max_items", 1),
             ("neighbors", 0),
             ("score_block_elements", 1),
             ("validation_users", 1),

@@ -77,7 +77,8 @@ def _default_quotas() -> dict[str, int]:
 def skip_reason(kind: str, config: Any, log: Interactions) -> str | None:
     """Why source ``kind`` is left out of a stage fitted on ``log``, or ``None`` to fit it.
 
-    The two-tower needs ``min_interactions`` events (``TwoTowerConfig``); co-visitation pairs
+    The two-tower needs ``min_interactions`` events (``TwoTowerConfig``); the item-item sources
+    stop at ``max_items`` items (``ItemItemConfig``); co-visitation pairs
     events by their order in time, which an untimed log (every event at one time) does not
     have: its file order would pass for behaviour.
     """
@@ -86,6 +87,8 @@ def skip_reason(kind: str, config: Any, log: Interactions) -> str | None:
             f"{len(log):,} training events < min_interactions {config.min_interactions:,}: "
             "the neighbourhood models and ALS serve a log this small better and faster"
         )
+    if isinstance(config, ItemItemConfig) and log.n_items > config.max_items:
+        return f"{log.n_items:,} items > max_items {config.max_items:,}"
     if kind == "covisit" and len(log) and int(log.timestamp.min()) == int(log.timestamp.max()):
         return "the log has no event times to pair events by"
     return None

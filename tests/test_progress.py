@@ -11,7 +11,6 @@ from cli.main import main
 from data.progress import StageLog, stage
 from evaluation.offline import OfflineConfig, evaluate_offline
 from pipeline.artifacts import train_bundle
-from retrieval.stage import RetrievalConfig
 from tests.conftest import TINY_CONFIG
 
 
@@ -55,7 +54,7 @@ def test_training_reports_every_stage_in_order(
     log = StageLog()
     train_bundle(data, tmp_path / "bundle", config=config, progress=log)
 
-    sources = [f"fit {kind}" for kind in RetrievalConfig().sources]
+    sources = [f"fit {kind}" for kind in config["retrieval"]["sources"]]
     ranker = ["ranker training set", "train ranker (lightgbm)", "ranker serving features"]
     retrieval = ["load dataset", *sources, "order sources on validation"]
     outermost = list(log.seconds)

@@ -64,3 +64,15 @@ def test_sources_that_need_more_data_or_event_times_are_left_out() -> None:
     assert skip_reason("two_tower", TwoTowerConfig(min_interactions=2), timed) is None
     assert "no event times" in str(skip_reason("covisit", CoVisitationConfig(), untimed))
     assert skip_reason("covisit", CoVisitationConfig(), timed) is None
+
+
+def test_item_item_sources_stop_at_their_catalogue_size() -> None:
+    from retrieval.item_item import ItemItemConfig, ItemKNNConfig
+    from retrieval.stage import skip_reason
+
+    users, items = IdMap.from_ids(["a"]), IdMap.from_ids(["x", "y", "z"])
+    frame = pl.DataFrame([("a", "x", 1, 1.0)], schema=INTERACTION_SCHEMA, orient="row")
+    log = Interactions.from_frame(frame, users=users, items=items)
+
+    assert "3 items > max_items 2" in str(skip_reason("item_knn", ItemKNNConfig(max_items=2), log))
+    assert skip_reason("item_item", ItemItemConfig(max_items=3), log) is None
