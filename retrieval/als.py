@@ -75,7 +75,13 @@ from retrieval.index_search import search_exact_topk
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k, dense_topk
 from retrieval.user_cache import UserVectorCache, history_digest
-from retrieval.validation import VALIDATION_K, ValidationWindow, ndcg, validation_window
+from retrieval.validation import (
+    VALIDATION_K,
+    ValidationWindow,
+    hill_climb,
+    ndcg,
+    validation_window,
+)
 
 FoldIn = Literal["unknown", "always", "never"]
 # implicit's default L2 penalty: the regularisation without a validation window to choose one.
@@ -340,13 +346,7 @@ class ALSSource:
                 self.validation_[grid[i]] = ndcg(found.item_idx, window.relevant)
             return self.validation_[grid[i]]
 
-        best = (len(grid) - 1) // 2
-        while True:
-            neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(grid)]
-            better = max(neighbours, key=score, default=best)
-            if score(better) <= score(best):
-                break
-            best = better
+        best = hill_climb(len(grid), score)
         self.regularization_ = grid[best]
         return models[best]
 

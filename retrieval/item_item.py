@@ -49,7 +49,7 @@ from data.validation import integer, non_negative_float, one_of, positive_float
 from retrieval.base import Candidates, UserBatch
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k, dense_topk, prune_rows
-from retrieval.validation import ValidationWindow, ndcg, validation_window
+from retrieval.validation import ValidationWindow, hill_climb, ndcg, validation_window
 
 Method = Literal["auto", "ease", "cosine"]
 
@@ -282,13 +282,7 @@ class ItemItemSource:
                 self.validation_[grid[i]] = _window_ndcg(weights[i], window)
             return self.validation_[grid[i]]
 
-        best = (len(grid) - 1) // 2
-        while True:
-            neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(grid)]
-            better = max(neighbours, key=score, default=best)
-            if score(better) <= score(best):
-                break
-            best = better
+        best = hill_climb(len(grid), score)
         for i in list(weights):  # only the chosen matrix is kept
             if i != best:
                 del weights[i]

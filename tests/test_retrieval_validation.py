@@ -76,3 +76,20 @@ def test_item_item_sources_stop_at_their_catalogue_size() -> None:
 
     assert "3 items > max_items 2" in str(skip_reason("item_knn", ItemKNNConfig(max_items=2), log))
     assert skip_reason("item_item", ItemItemConfig(max_items=3), log) is None
+
+
+@pytest.mark.parametrize(
+    ("curve", "expected"),
+    [([1, 2, 3, 4, 5], 4), ([5, 4, 3, 2, 1], 0), ([1, 3, 2], 1), ([2, 2, 2, 2], 1), ([7], 0)],
+)
+def test_hill_climb_finds_the_peak_of_a_unimodal_curve(curve: list[int], expected: int) -> None:
+    from retrieval.validation import hill_climb
+
+    asked: list[int] = []
+
+    def score(i: int) -> float:
+        asked.append(i)
+        return float(curve[i])
+
+    assert hill_climb(len(curve), score) == expected
+    assert set(asked) <= set(range(len(curve)))
