@@ -178,7 +178,8 @@ class OnlineState:
                         return
             self._merge(self._slots(users), items, times)
             if self._bounded:
-                self._touch(users.unique().to_list())
+                # In the order they arrived: the last user of a batch is the most recently used.
+                self._touch(users.unique(maintain_order=True).to_list())
                 self._shrink()
 
     def _kept_events(self, users: list[str], seq: int | None) -> npt.NDArray[np.bool_] | None:
