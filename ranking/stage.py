@@ -229,13 +229,16 @@ class RankingStage:
     ) -> tuple[RankingModel, bool]:
         """The served model and whether it is served, judged on the held-out users.
 
-        Three orders compete on ``valid``'s groups: the merged retrieval order, the score blend
+        Three orders compete on ``valid``'s groups, on the rows retrieval returned (the missed
+        positives a training set appends are never in a served list, and a model that finds them
+        there would look better than it serves): the merged retrieval order, the score blend
         (:class:`BlendRanker`, fitted on ``train``'s groups) and the trained ``forest``. The
         forest serves only if it beats both others by ``min_lift`` (it also chose its early
         stopping round on these users); otherwise the blend, if it beats the merged order;
         otherwise the merged order (the forest is kept for reports). Figures go to ``summary``.
         """
         config = self.config
+        valid = valid.retrieved_only()
 
         def held_out_ndcg(scores: npt.NDArray[np.floating]) -> float:
             return float(np.nanmean(group_ndcg(scores, valid.labels, valid.groups, k)))

@@ -154,6 +154,25 @@ class TrainingSet:
         """(G + 1,) int64 first row of each group, then ``n_rows``."""
         return np.concatenate([[0], np.cumsum(self.groups)]).astype(np.int64)
 
+    def retrieved_only(self) -> TrainingSet:
+        """The rows retrieval returned (no missed positives, no sampled negatives), groups kept
+        in order and emptied ones dropped: the candidates a served request would rank."""
+        keep = self.retrieved
+        group_of = np.repeat(np.arange(self.n_groups), self.groups)
+        sizes = np.bincount(group_of[keep], minlength=self.n_groups).astype(np.int64)
+        present = sizes > 0
+        return TrainingSet(
+            self.values[keep],
+            self.labels[keep],
+            sizes[present],
+            self.weights[keep],
+            self.names,
+            self.group_users[present],
+            self.item_idx[keep],
+            self.retrieved[keep],
+            self.cut,
+        )
+
     def take_groups(self, group_index: npt.ArrayLike) -> TrainingSet:
         """The sub-set of the given groups, in the given order."""
         index = np.asarray(group_index, dtype=np.int64)
