@@ -315,9 +315,14 @@ def _render_funnel(funnel: dict[str, Any]) -> list[str]:
     if ranker is None:
         lines.append("- ranker: none trained; the merge order is served")
     else:
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in ranker.items() if k != "served")
-        verdict = "served" if ranker["served"] else "not served (the merge order is)"
-        lines.append(f"- ranker: {verdict}; {scores}")
+        scores = ", ".join(
+            f"{k} {v:.4f}" for k, v in ranker.items() if isinstance(v, float) and k != "served"
+        )
+        model = ranker.get("model", "ranker")
+        verdict = f"{model} served" if ranker["served"] else "not served (the merge order is)"
+        lines.append(f"- ranker: {verdict}; held-out {scores}")
+    for name, reason in funnel.get("skipped_sources", {}).items():
+        lines.append(f"- {name} left out: {reason}")
     return lines
 
 
