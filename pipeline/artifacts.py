@@ -115,6 +115,8 @@ def train_bundle(
         ranking = RankingStage(ranking_config).fit(
             retrieval, log, valid_log, catalog, serving_log, progress=stages
         )
+        if retrieval_config.refit_after_validation:
+            retrieval.refit(serving_log, catalog, progress=stages)
 
     full_config = {
         "retrieval": retrieval_values,

@@ -324,6 +324,15 @@ class ALSSource:
         self._fold_in_cache = None
         return self
 
+    def refit(self, log: Interactions, catalog: ItemCatalog | None = None) -> ALSSource:
+        """A new source fitted on ``log`` (training plus the validation window) with the
+        regularisation this one chose on validation; ``validation_`` is carried over."""
+        self._check_fitted()
+        config = replace(self.config, regularization=self.regularization_)
+        fresh = type(self)(config, name=self.name).fit(log, catalog)
+        fresh.validation_ = dict(self.validation_)
+        return fresh
+
     def _factorise(self, matrix: sp.csr_matrix, regularization: float) -> AlternatingLeastSquares:
         model = _solver(self.config, self.alpha_, regularization)
         with _blas_controller().limit(limits=1, user_api="blas"):

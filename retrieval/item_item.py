@@ -32,7 +32,7 @@ entries want more), in ways no single formula we measured follows across logs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Self, get_args
 
@@ -261,6 +261,18 @@ class ItemItemSource:
             keep = config.neighbors or 100  # a dense cosine matrix defeats its purpose
             self.dense_, self.sparse_ = None, cosine_neighbors(x, keep, config.shrinkage)
         return self
+
+    def refit(self, log: Interactions, catalog: ItemCatalog | None = None) -> ItemItemSource:
+        """A new source fitted on ``log`` (training plus the validation window) with the ``l2``
+        this one chose on validation: the served weights learn from every event, the
+        hyperparameters only from held-out ones. ``validation_`` is carried over."""
+        self._check_fitted()
+        config = self.config
+        if self.method_ == "ease":
+            config = replace(config, l2=self.l2_)
+        fresh = type(self)(config, name=self.name).fit(log, catalog)
+        fresh.validation_ = dict(self.validation_)
+        return fresh
 
     def _fit_ease(
         self, x: sp.csr_matrix, log: Interactions, valid: Interactions | None

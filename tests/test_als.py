@@ -465,3 +465,18 @@ def test_regularization_is_chosen_on_the_validation_window() -> None:
     assert source.validation_[source.regularization_] == max(source.validation_.values())
     fixed = ALSSource(replace(config, regularization=0.5)).fit(history, valid=log)
     assert fixed.regularization_ == 0.5 and fixed.validation_ == {}
+
+
+def test_refit_learns_the_longer_log_with_the_regularization_chosen_on_validation() -> None:
+    log, _ = clustered_log()
+    history = log.before(int(np.quantile(log.timestamp, 0.7)))
+    config = ALSConfig(factors=4, iterations=3, num_threads=1, regularization_grid=(0.01, 100.0))
+    validated = ALSSource(config).fit(history, valid=log)
+
+    refitted = validated.refit(log)
+
+    assert refitted.regularization_ == validated.regularization_
+    assert refitted.validation_ == validated.validation_
+    assert refitted.trained_until_ == int(log.timestamp.max()) > validated.trained_until_
+    direct = ALSSource(replace(config, regularization=validated.regularization_)).fit(log)
+    np.testing.assert_array_equal(refitted.item_factors_, direct.item_factors_)

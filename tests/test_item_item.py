@@ -14,6 +14,7 @@ from retrieval.item_item import (
     DEFAULT_L2,
     ItemItemConfig,
     ItemItemSource,
+    binary_matrix,
     cosine_neighbors,
     ease_weights,
 )
@@ -131,6 +132,20 @@ def test_l2_is_the_grid_value_with_the_best_validation_ndcg() -> None:
     assert set(source.validation_) == {0.5, 5.0, 500.0}
     assert source.validation_[source.l2_] == max(source.validation_.values())
     assert all(0.0 <= v <= 1.0 for v in source.validation_.values())
+
+
+def test_refit_learns_the_longer_log_with_the_l2_chosen_on_validation() -> None:
+    log, _ = clustered_log()
+    history = log.before(int(np.quantile(log.timestamp, 0.7)))
+    config = ItemItemConfig(method="ease", l2_grid=(0.5, 5.0, 500.0))
+    validated = ItemItemSource(config).fit(history, valid=log)
+
+    refitted = validated.refit(log)
+
+    assert refitted.l2_ == validated.l2_ and refitted.validation_ == validated.validation_
+    assert refitted.trained_.nnz == binary_matrix(log.matrix).nnz > validated.trained_.nnz
+    direct = ItemItemSource(ItemItemConfig(method="ease", l2=validated.l2_)).fit(log)
+    np.testing.assert_array_equal(refitted.dense_, direct.dense_)
 
 
 def test_l2_without_a_validation_window_is_the_default_or_the_configured_value() -> None:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from cli.main import main
+from data.dataset import load_dataset
 from data.errors import BundleError, ConfigError
+from data.schema import TIMESTAMP
 from pipeline.artifacts import load_artifacts
 from pipeline.bundle import verify_bundle
 from ranking.stage import RankingConfig
@@ -31,6 +33,19 @@ def test_bundle_is_verified_and_loads(tiny_bundle: tuple[Path, Path]) -> None:
     assert names == ("two_tower", "als", "covisit", "popular", "coldstart", "item_item", "item_knn")
     assert set(artifacts.retrieval.validation_) == set(names)
     assert artifacts.model_version == manifest["model_version"]
+
+
+def test_served_sources_learn_the_validation_window_and_the_tower_keeps_its_fit(
+    tiny_bundle: tuple[Path, Path],
+) -> None:
+    data, bundle = tiny_bundle
+    splits = {name: frame[TIMESTAMP].max() for name, frame in load_dataset(data).splits.items()}
+    retrieval = load_artifacts(bundle).retrieval
+
+    # Refitted on train + valid with the validated hyperparameters (refit_after_validation);
+    # the two-tower's fit stops at the end of train.
+    assert retrieval.sources_["als"].trained_until_ == splits["valid"] > splits["train"]
+    assert retrieval.sources_["popular"].t_ref_ == splits["valid"]
 
 
 def test_evaluate_reports_recall_per_source(
