@@ -46,7 +46,7 @@ from data.configuration import from_mapping, to_mapping
 from data.errors import ConfigError, DataError, NotFittedError
 from data.interactions import Interactions
 from data.validation import integer, non_negative_float, one_of, positive_float
-from retrieval.base import Candidates, UserBatch
+from retrieval.base import Candidates, LastBatchMemo, UserBatch
 from retrieval.state_io import read_state, write_state
 from retrieval.topk import align_exclude, check_k, dense_topk, prune_rows
 from retrieval.validation import ValidationWindow, hill_climb, ndcg, validation_window
@@ -229,6 +229,8 @@ class ItemItemSource:
     ) -> None:
         self.config = config if config is not None else ItemItemConfig()
         self.name = name
+        # retrieve() and the ranker's score features ask for the same batch's rows in one pass.
+        self._rows_memo: LastBatchMemo[sp.csr_matrix] = LastBatchMemo()
 
     @property
     def n_items(self) -> int:
@@ -249,6 +251,7 @@ class ItemItemSource:
         if method == "auto":
             method = "ease" if n_items <= config.max_dense_items else "cosine"
         self.method_, self.trained_, self.validation_ = method, x, {}
+        self._rows_memo.clear()
         if method == "ease":
             weights = self._fit_ease(x, log, valid)
             keep = config.neighbors
@@ -302,8 +305,12 @@ class ItemItemSource:
         return weights[best]
 
     def user_rows(self, users: UserBatch) -> sp.csr_matrix:
-        """(n, n_items) float32 binary CSR: training row + seen set + recent items of each user."""
+        """(n, n_items) float32 binary CSR: training row + seen set + recent items of each user
+        (read-only: the last batch's rows are remembered)."""
         self._check_fitted()
+        return self._rows_memo.get(users, self._build_user_rows)
+
+    def _build_user_rows(self, users: UserBatch) -> sp.csr_matrix:
         n, n_items = len(users), self.n_items
         known = (users.user_idx >= 0) & (users.user_idx < self.trained_.shape[0])
         rows = sp.csr_matrix((n, n_items), dtype=np.float32)
