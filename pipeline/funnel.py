@@ -46,7 +46,7 @@ from data.errors import ConfigError
 from pipeline.artifacts import Artifacts
 from pipeline.online_state import OnlineState
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
-from retrieval.merge import MergedCandidates, merge_candidates
+from retrieval.merge import MergedCandidates, merge_candidates, merge_order_scores
 from retrieval.stage import RetrievalAbandonedError, RetrievalStage
 
 logger = logging.getLogger(__name__)
@@ -257,13 +257,13 @@ class Pipeline:
             scores = self._stage(
                 "ranking",
                 lambda: ranker.score(self.artifacts.retrieval, users, merged, now),
-                lambda: _merge_order_scores(merged.item_idx),
+                lambda: merge_order_scores(merged.item_idx),
                 degraded,
                 timings,
                 n,
             )
         else:
-            scores = _merge_order_scores(merged.item_idx)
+            scores = merge_order_scores(merged.item_idx)
             timings["ranking"] = 0.0
         order = np.argsort(-scores, axis=1, kind="stable")
         ranked_items = np.take_along_axis(merged.item_idx, order, axis=1)
@@ -319,7 +319,7 @@ class Pipeline:
         order = np.broadcast_to(np.arange(merged.item_idx.shape[1]), merged.item_idx.shape)
         items, scores = top_k_minus_blocked(
             merged.item_idx,
-            _merge_order_scores(merged.item_idx),
+            merge_order_scores(merged.item_idx),
             blocked,
             max(r.k for r in requests),
         )
@@ -516,14 +516,6 @@ def top_k_minus_blocked(
     out_items[r, position[r, c]] = item_idx[r, c]
     out_scores[r, position[r, c]] = scores[r, c]
     return out_items, out_scores
-
-
-def _merge_order_scores(item_idx: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
-    """Scores that reproduce the merge order (the ranking fallback): -position, -inf at padding."""
-    n, m = item_idx.shape
-    scores = np.broadcast_to(-np.arange(m, dtype=np.float32), (n, m)).copy()
-    scores[item_idx == PAD_ITEM] = -np.inf
-    return scores
 
 
 def _add_rows(

@@ -53,7 +53,7 @@ from ranking.training_set import (
     split_groups,
 )
 from retrieval.base import UserBatch
-from retrieval.merge import MergedCandidates
+from retrieval.merge import MergedCandidates, merge_order_scores
 from retrieval.stage import RetrievalStage
 
 RankerKind = Literal["lightgbm", "dnn"]
@@ -77,6 +77,11 @@ class RankingConfig:
         that adds nothing costs latency and, on small logs, often quality (the held-out users
         also chose its early-stopping round, so a small margin guards that optimism). ``None``
         serves the ranker whatever it scores.
+    rank_users_without_history: rank the candidates of a user with no event at all (a new
+        user) too. Off by default: such a user gives the ranker nothing personal to order by,
+        it learned from users who had history (where popularity means "already seen"), and
+        the merge order, led by the trending and cold-start sources for that user, served new
+        users better (``docs/benchmarks.md``, "Measurements behind the defaults").
     features, training, lightgbm, dnn, blend: the sub-tables ``[ranking.features]`` etc.
     """
 
@@ -84,6 +89,7 @@ class RankingConfig:
     valid_fraction: float = 0.2
     split_seed: int = 0
     min_lift: float | None = 0.01
+    rank_users_without_history: bool = False
     features: FeatureConfig = field(default_factory=FeatureConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     training: TrainingSetConfig = field(default_factory=TrainingSetConfig)
@@ -288,11 +294,16 @@ class RankingStage:
         """(n, m) float32 ranker scores of the merged candidates; -inf at padding.
 
         ``now``: (n,) request times, default ``users.now``. Higher is better; sort each row by
-        it to rank.
+        it to rank. Users without history keep the merge order unless
+        ``RankingConfig.rank_users_without_history``.
         """
         matrix = self.features(retrieval_stage, users, merged, now)
         scores = np.full(matrix.valid.shape, -np.inf, dtype=np.float32)
         scores[matrix.valid] = self.ranker_.predict(matrix.rows())
+        if not self.config.rank_users_without_history:
+            new_users = ~users.has_history
+            if new_users.any():
+                scores[new_users] = merge_order_scores(merged.item_idx[new_users])
         return scores
 
     def warm(self) -> None:

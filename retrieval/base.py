@@ -70,6 +70,15 @@ class UserBatch:
     def __len__(self) -> int:
         return int(self.user_idx.shape[0])
 
+    @property
+    def has_history(self) -> npt.NDArray[np.bool_]:
+        """(n,) bool: whether each user has any event a model can read (known at training, a
+        recent event, or a seen item)."""
+        known = self.user_idx >= 0
+        recent = (self.recent_items >= 0).any(axis=1)
+        seen = np.diff(self.seen.indptr) > 0 if self.seen is not None else False
+        return np.asarray(known | recent | seen, dtype=bool)
+
     def take(self, rows: npt.ArrayLike) -> UserBatch:
         """The sub-batch of the given rows (same order)."""
         index = np.asarray(rows)

@@ -114,6 +114,15 @@ def merge_candidates(
     return MergedCandidates(out_items, out_scores, out_ranks, names)
 
 
+def merge_order_scores(item_idx: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+    """(n, m) float32 scores that reproduce the merge order of ``item_idx`` (n, m): -position,
+    -inf at padding. What the pipeline serves when it does not rank."""
+    n, m = item_idx.shape
+    scores = np.broadcast_to(-np.arange(m, dtype=np.float32), (n, m)).copy()
+    scores[item_idx == PAD_ITEM] = -np.inf
+    return scores
+
+
 @dataclass(frozen=True)
 class _Columns:
     """The sources' candidate slots in merge priority order: ``order`` indexes the sources'

@@ -35,7 +35,7 @@ from ranking.training_set import (
     split_groups,
 )
 from retrieval.base import PAD_ITEM, UserBatch
-from retrieval.merge import MergedCandidates
+from retrieval.merge import MergedCandidates, merge_order_scores
 from retrieval.stage import RetrievalStage
 from tests.test_ranking_features import TinyFunnel, cut_of, tiny_funnel
 
@@ -289,6 +289,35 @@ def test_scores_are_minus_inf_at_padding_and_batch_invariant(
     assert np.isneginf(scores[:, -3:]).all() and np.isfinite(scores[:, :-3]).all()
     alone = lightgbm_stage.score(funnel.retrieval, users.take([0]), _take(padded, [0]))
     np.testing.assert_allclose(alone[0], scores[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_user_without_history_keeps_the_merge_order_unless_configured(
+    funnel: TinyFunnel, lightgbm_stage: RankingStage
+) -> None:
+    test = evaluation(funnel)
+    known = test.users.take([0])
+    empty = np.full_like(known.recent_items, PAD_ITEM)
+    both = UserBatch(  # a known user, then one the bundle has never seen (no events at all)
+        np.concatenate([known.user_idx, [-1]]).astype(np.int32),
+        np.concatenate([known.recent_items, empty]),
+        np.concatenate([known.recent_times, np.zeros_like(known.recent_times)]),
+        np.concatenate([known.now, known.now]),
+    )
+    assert both.has_history.tolist() == [True, False]
+    merged = funnel.retrieval.retrieve(both)
+
+    scores = lightgbm_stage.score(funnel.retrieval, both, merged)
+
+    np.testing.assert_array_equal(scores[1], merge_order_scores(merged.item_idx[[1]])[0])
+    assert not np.array_equal(np.argsort(-scores[0]), np.arange(scores.shape[1]))
+    ranking_all = replace(lightgbm_stage.config, rank_users_without_history=True)
+    lightgbm_stage.config, default = ranking_all, lightgbm_stage.config
+    try:
+        ranked = lightgbm_stage.score(funnel.retrieval, both, merged)
+    finally:
+        lightgbm_stage.config = default
+    assert not np.array_equal(ranked[1], scores[1])
+    np.testing.assert_array_equal(ranked[0], scores[0])
 
 
 def _take(merged: MergedCandidates, rows: list[int]) -> MergedCandidates:
