@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
@@ -37,6 +38,7 @@ from retrieval.index_config import IndexConfig
 from retrieval.item_item import ItemItemConfig, ItemItemSource, ItemKNNConfig
 from retrieval.merge import MergedCandidates, merge_candidates
 from retrieval.popular import PopularConfig, PopularSource
+from retrieval.quotas import learn_quotas, relevant_ranks
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.source import TwoTowerSource
 from retrieval.validation import VALIDATION_K, ndcg, validation_window
@@ -57,6 +59,9 @@ STAGE_FILE = "stage.json"
 # Users the merge order is measured on at most: nDCG@10 over a few thousand users separates
 # sources that differ by more than noise, at a fraction of a full evaluation's cost.
 VALIDATION_USERS = 5_000
+# Learned quotas move in steps of n_candidates / QUOTA_STEPS (25 of the default 500 slots): fine
+# enough to follow a source's recall curve, coarse enough that a step's gain is not noise.
+QUOTA_STEPS = 20
 
 
 def _default_quotas() -> dict[str, int]:
@@ -121,6 +126,12 @@ class RetrievalConfig:
         and EASE on Last.fm), and the merged order is what the pipeline serves when the
         ranker is off or out of budget.
     index: the ANN index of the sources that search one (``[retrieval.index]``).
+    learn_quotas: replace ``quotas`` by quotas learned on the validation window: slots go, a
+        step at a time, to the source whose next candidates cover the most validation items no
+        other quota covers yet (``retrieval/quotas.py``); every source keeps a floor of one step
+        (``n_candidates / QUOTA_STEPS``). Off by default: on Last.fm it cost 0.004 nDCG@10
+        (``docs/benchmarks.md``, "Measurements behind the defaults"); turn it on where one
+        source finds much of what the others miss.
     refit_after_validation: once the validation window has chosen the hyperparameters, the
         merge order and the ranker, fit the sources again on training plus that window (with
         the chosen hyperparameters), so the served models learn from every event. The most
@@ -145,6 +156,7 @@ class RetrievalConfig:
     source_configs: Mapping[str, Any] = field(default_factory=dict)
     index: IndexConfig = field(default_factory=IndexConfig)
     order_by_validation: bool = True
+    learn_quotas: bool = False
     refit_after_validation: bool = True
 
     def __post_init__(self) -> None:
@@ -259,18 +271,35 @@ class RetrievalStage:
         self.validation_ = {}
         window = validation_window(log, valid, max_users=VALIDATION_USERS)
         if window is not None:
+            depth = self.config.n_candidates if self.config.learn_quotas else VALIDATION_K
             with stage(progress, "order sources on validation"):
                 batch = window.batch(log, self.config.history_length)
-                self.validation_ = {
-                    name: ndcg(
-                        source.retrieve(batch, VALIDATION_K, exclude=window.seen).item_idx,
-                        window.relevant,
-                    )
+                lists = {
+                    name: source.retrieve(batch, depth, exclude=window.seen).item_idx
                     for name, source in sources.items()
+                }
+                self.validation_ = {
+                    name: ndcg(items, window.relevant) for name, items in lists.items()
                 }
             if self.config.order_by_validation:
                 self._order_by(self.validation_)
+            if self.config.learn_quotas:
+                with stage(progress, "learn merge quotas on validation"):
+                    self._learn_quotas(lists, window.relevant)
         return self
+
+    def _learn_quotas(
+        self, lists: Mapping[str, npt.NDArray[np.int32]], relevant: sp.csr_matrix
+    ) -> None:
+        """Set the quotas of the fitted sources from their validation lists (merge order)."""
+        names = self.source_names
+        n_candidates = self.config.n_candidates
+        step = max(1, n_candidates // QUOTA_STEPS)
+        if step * len(names) > n_candidates:  # more sources than steps: keep the configured
+            return
+        ranks = relevant_ranks({name: lists[name] for name in names}, relevant)
+        learned = dict(zip(names, learn_quotas(ranks, n_candidates, step), strict=True))
+        self.config = replace(self.config, quotas={**self.config.quotas, **learned})
 
     def refit(
         self,

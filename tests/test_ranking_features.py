@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,7 @@ class TinyFunnel:
 
 
 @functools.cache
-def tiny_funnel(seed: int = 1) -> TinyFunnel:
+def tiny_funnel(seed: int = 1, *, learn_quotas: bool = False) -> TinyFunnel:
     data = generate(
         WorldConfig.from_overrides(
             n_users=300, n_items=150, n_days=20, target_interactions=9000, seed=seed
@@ -99,6 +99,7 @@ def tiny_funnel(seed: int = 1) -> TinyFunnel:
     train, valid, test = (index(splits[name]) for name in ("train", "valid", "test"))
     catalog = ItemCatalog.from_frame(data.items, items)
     config = RetrievalConfig.from_mapping(tomllib.loads(TINY_RETRIEVAL))
+    config = replace(config, learn_quotas=learn_quotas)
     retrieval = RetrievalStage(config).fit(train, catalog, valid)
     train_valid = index(pl.concat([splits["train"], splits["valid"]]))
     return TinyFunnel(train, valid, test, train_valid, catalog, retrieval)
