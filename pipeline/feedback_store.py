@@ -21,15 +21,24 @@ import polars as pl
 from pipeline.feedback_log import (
     AppendResult,
     BundleGeneration,
+    EventRules,
     FeedbackEvent,
     FeedbackLog,
     FeedbackLogConfig,
 )
-from pipeline.feedback_pg import PostgresFeedbackLog, PostgresFeedbackLogConfig, is_postgres_url
+from pipeline.feedback_pg import (
+    PostgresFeedbackLog,
+    PostgresFeedbackLogConfig,
+    is_postgres_url,
+    redacted,
+)
 
 
 class FeedbackStore(Protocol):
     """What the service, the log follower and the offline readers need of a feedback log."""
+
+    @property
+    def config(self) -> EventRules: ...
 
     def make_event(
         self, event_id: str, user_id: str, item_id: str, type: str, timestamp: int | None = None
@@ -73,6 +82,4 @@ def open_feedback_store(location: str | os.PathLike[str]) -> FeedbackStore:
 
 def describe_location(location: str | os.PathLike[str]) -> str:
     """``location`` fit for a log line: a URL's password is never shown."""
-    from pipeline.feedback_pg import redacted
-
     return redacted(str(location)) if is_postgres_url(location) else str(location)

@@ -70,6 +70,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        # One sample per live worker (labelled by pid in multiprocess mode): how many serve.
+        self.worker_up = Gauge(
+            "recsys_worker_up",
+            "1 for each worker serving",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self.bundle_generation = Gauge(
             "recsys_bundle_generation",
             "Published bundle generation served (the most behind worker)",
@@ -82,6 +89,7 @@ class Metrics:
         self.feedback_lag.set(service.feedback_lag_seconds())
         self.log_position.set(service.applied_seq)
         self.bundle_generation.set(service.generation)
+        self.worker_up.set(1)
 
     def exposition(self) -> bytes:
         """The Prometheus text of every worker (multiprocess mode) or of this app."""

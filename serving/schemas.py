@@ -132,6 +132,9 @@ class FeedbackIn(BaseModel):
 # it had reached the answering worker's online state; on a feedback answer, the position of
 # the append. A client that compares them measures how fast feedback becomes visible.
 LOG_SEQ_HEADER = "X-Feedback-Log-Seq"
+# Which worker process answered (its pid): with several workers behind one port, what tells a
+# client (a test, an operator chasing one bad worker) whose state an answer came from.
+WORKER_HEADER = "X-Served-By"
 
 
 class FeedbackOut(BaseModel):

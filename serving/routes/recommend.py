@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -13,7 +14,15 @@ from pipeline.funnel import Recommendation, RecommendRequest
 from serving.batcher import RequestInputError
 from serving.deps import BatcherDep, MetricsDep, ServiceDep, SettingsDep
 from serving.errors import error_response
-from serving.schemas import LOG_SEQ_HEADER, ErrorOut, ItemOut, RecommendIn, RecommendOut, TimingsOut
+from serving.schemas import (
+    LOG_SEQ_HEADER,
+    WORKER_HEADER,
+    ErrorOut,
+    ItemOut,
+    RecommendIn,
+    RecommendOut,
+    TimingsOut,
+)
 
 router = APIRouter(tags=["recommend"])
 
@@ -37,6 +46,7 @@ async def recommend(
     )
     # Read before the pipeline runs: the answer reflects at least this much of the log.
     response.headers[LOG_SEQ_HEADER] = str(service.applied_seq)
+    response.headers[WORKER_HEADER] = str(os.getpid())
     pending = asyncio.wrap_future(batcher.submit(request))
     try:
         answer = await asyncio.wait_for(pending, settings.request_deadline_s())
