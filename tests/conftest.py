@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,12 @@ import pytest
 
 from cli.main import main
 from ranking.compiled_forest import CACHE_ENV
-from tests.postgres_server import PostgresServer, PostgresUnavailable, start_server, wait_accepting
+from tests.postgres_server import (
+    PostgresServer,
+    PostgresUnavailableError,
+    start_server,
+    wait_accepting,
+)
 
 TINY_CONFIG = """
 [retrieval]
@@ -80,16 +86,14 @@ def postgres_server() -> Iterator[PostgresServer]:
     reason, where none can be started."""
     try:
         server = start_server()
-    except PostgresUnavailable as exc:
+    except PostgresUnavailableError as exc:
         pytest.skip(str(exc))
     try:
         wait_accepting(server.url)
         yield server
     finally:
-        try:
+        with contextlib.suppress(PostgresUnavailableError):  # a test may have stopped it
             server.stop("immediate")
-        except PostgresUnavailable:
-            pass  # a test stopped it for good; the directory goes either way
         shutil.rmtree(server.root, ignore_errors=True)
 
 

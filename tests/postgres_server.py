@@ -3,7 +3,7 @@
 Debian's ``postgresql`` package (``make test`` installs it where it may: root with apt-get)
 puts the server under ``/usr/lib/postgresql/<version>/bin``. ``initdb`` and ``postgres`` refuse
 to run as root, so under root the server runs as ``nobody`` (through ``setpriv``), in a
-directory that user owns. Where no server can be started, :class:`PostgresUnavailable` says why
+directory that user owns. Where no server can be started, :class:`PostgresUnavailableError` says why
 and the tests that need one skip with that reason.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 _UNPRIVILEGED_USER = "nobody"
 
 
-class PostgresUnavailable(RuntimeError):
+class PostgresUnavailableError(RuntimeError):
     """No PostgreSQL server could be started here (the message says why)."""
 
 
@@ -49,7 +49,7 @@ class PostgresServer:
         )
         if result.returncode != 0:
             log = (self.root / "server.log").read_text(errors="replace")[-2000:]
-            raise PostgresUnavailable(
+            raise PostgresUnavailableError(
                 f"pg_ctl {' '.join(args)} failed: {result.stderr.strip()} | {log}"
             )
 
@@ -85,10 +85,10 @@ def free_port() -> int:
 
 
 def start_server() -> PostgresServer:
-    """Initialise and start a throw-away server (raises :class:`PostgresUnavailable`)."""
+    """Initialise and start a throw-away server (raises :class:`PostgresUnavailableError`)."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
-        raise PostgresUnavailable(
+        raise PostgresUnavailableError(
             "no PostgreSQL server binaries (initdb); `make test` installs Debian's postgresql "
             "package when run as root"
         )
@@ -126,7 +126,7 @@ def start_server() -> PostgresServer:
     )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
-        raise PostgresUnavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
+        raise PostgresUnavailableError(f"initdb failed: {init.stderr.strip()[-500:]}")
     server = PostgresServer(root, bin_dir, free_port(), run_as)
     try:
         server.start()
