@@ -7,6 +7,7 @@ testable without a web server.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from data.errors import BundleError, DataError
 from data.idmap import IdMap
 from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from pipeline.artifacts import Artifacts, load_artifacts, load_history
+from pipeline.bundle import MANIFEST_NAME, verify_bundle
 from pipeline.bundle_check import BundleChecker, describe, smoke_test
 from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from pipeline.factory import make_pipeline
@@ -360,16 +362,21 @@ class RecommenderService:
 
     def _reload_locked(self, path: Path, *, generation: BundleGeneration | None) -> tuple[str, str]:
         """``reload`` (generation None: publish it when ``publish_reloads``) or the adoption of
-        a published ``generation``. Caller holds the reload lock."""
-        if self._checker is not None:
-            self._checker.check(path)
+        a published ``generation``. Caller holds the reload lock.
+
+        A reload publishes as soon as the bundle is known good (the child's check, or its
+        manifest), before its own slow load: the other workers then load theirs at the same
+        time, and the rollout takes one load, not two in a row. They skip the child check the
+        publisher ran (the bundle's files are verified against its manifest as they load).
+        """
+        if generation is None:
+            if self._checker is not None:
+                self._checker.check(path)
+            if self.publish_reloads:
+                generation = self.feedback.publish_bundle(
+                    str(path.resolve()), _checked_model_version(path, self._checker is None)
+                )
         fresh = self._load_candidate(path)  # slow: no request-facing lock held
-        if generation is None and self.publish_reloads:
-            # Before the swap: this worker's follower, seeing the new generation, waits for the
-            # reload lock and then finds it served, instead of loading it a second time.
-            generation = self.feedback.publish_bundle(
-                str(path.resolve()), fresh.pipeline.model_version
-            )
         if generation is not None:
             fresh = replace(fresh, generation=generation.generation)
         with self._swap_lock:
@@ -497,6 +504,18 @@ class RecommenderService:
         if self.last_feedback_timestamp is None:
             return 0.0
         return max(0.0, time.time() - self.last_feedback_timestamp)
+
+
+def _checked_model_version(bundle: Path, verify: bool) -> str:
+    """The bundle's model_version from its manifest, verified first unless a check just did."""
+    try:
+        if verify:
+            manifest = verify_bundle(bundle)
+        else:
+            manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
+    return str(manifest["model_version"])
 
 
 def _usable_events(

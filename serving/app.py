@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from data.errors import BundleError
 from pipeline.feedback_store import FeedbackStore, describe_location, open_feedback_store
 from pipeline.log_follower import FollowerConfig, LogFollower
 from pipeline.service import RecommenderService
@@ -89,11 +90,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 def _start_service(settings: ServiceSettings, feedback: FeedbackStore) -> RecommenderService:
     """The service of one worker, on the newest bundle generation published in the log (what
     every worker sharing it serves), or on ``settings.bundle`` before any was published."""
-    try:
-        latest = feedback.latest_bundle()
-        bundle, generation = (
-            (settings.bundle, 0) if latest is None else (Path(latest.bundle), latest.generation)
-        )
+
+    def start(bundle: Path, generation: int) -> RecommenderService:
         return RecommenderService(
             bundle,
             feedback,
@@ -104,6 +102,24 @@ def _start_service(settings: ServiceSettings, feedback: FeedbackStore) -> Recomm
             publish_reloads=True,
             generation=generation,
         )
+
+    try:
+        latest = feedback.latest_bundle()
+        if latest is None or Path(latest.bundle) == settings.bundle.resolve():
+            return start(settings.bundle, 0 if latest is None else latest.generation)
+        try:
+            return start(Path(latest.bundle), latest.generation)
+        except (BundleError, OSError) as exc:
+            # A generation this worker cannot load (its path missing here, say) must not keep
+            # it from starting: it serves its own bundle and logs why.
+            logger.error(
+                "published bundle generation %d (%r) cannot be served here, serving %s: %s",
+                latest.generation,
+                latest.bundle,
+                settings.bundle,
+                exc,
+            )
+            return start(settings.bundle, 0)
     except BaseException:
         feedback.close()
         raise
