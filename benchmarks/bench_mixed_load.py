@@ -1,0 +1,340 @@
+"""Benchmark: mixed load on two workers sharing one feedback log, SQLite and PostgreSQL (issue 18).
+
+The default world (``recsys quickstart``'s data and training config) served by
+``recsys serve --workers 2``; for each backend, in one server process, three phases:
+
+1. recommend only: 100 requests/s (the baseline of this run, this moment);
+2. mixed: the same 100 recommend requests/s plus 20 feedback events/s (one event a request,
+   random users and items), open loop: recommend and feedback p99, and the visibility lag;
+3. rollout: the mixed load again while ``/admin/reload`` swaps in another bundle: failed
+   requests, and the time from the reload's 200 until every answer carries the new
+   ``model_version``.
+
+Visibility lag. Each feedback answer names its position in the log (``X-Feedback-Log-Seq``)
+and each recommendation the position its worker's online state held when the request started.
+An event's lag is measured from its 202 to the answer of the last recommend request that was
+still behind it (0 when none was): an upper bound per answer (the answer's own latency is
+included); between two answers of one worker (~20 ms at 100/s over 2 workers) it cannot see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import polars as pl
+
+from benchmarks.common import write_result, write_synthetic_dataset
+from benchmarks.loadgen import HTTPConnectionPool
+from data.synthetic import WorldConfig
+from pipeline.artifacts import train_bundle
+from pipeline.bundle import MANIFEST_NAME, write_manifest
+from serving.schemas import LOG_SEQ_HEADER
+
+TOKEN = "mixed-load-benchmark-token"
+RECOMMEND_RATE = 100.0
+FEEDBACK_RATE = 20.0
+# The issue's bars.
+LAG_P99_TARGET_MS = 100.0
+P99_RISE_TARGET = 1.10
+ROLLOUT_TARGET_S = 10.0
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str  # "recommend" or "feedback"
+    scheduled: float  # perf_counter seconds
+    done: float
+    status: int  # -1: no HTTP answer
+    seq: int  # the log position header (-1: absent)
+    model_version: str = ""
+    degraded: bool = False
+
+
+async def drive(
+    url: str,
+    seconds: float,
+    users: list[str],
+    items: list[str],
+    *,
+    feedback_rate: float,
+    seed: int,
+    tag: str,
+    during: Any = None,
+) -> list[Record]:
+    """Open-loop recommend (and feedback) requests for ``seconds``; ``during``: a coroutine run
+    beside them (the rollout phase's reload)."""
+    rng = np.random.default_rng(seed)
+    schedule = [("recommend", i / RECOMMEND_RATE) for i in range(int(RECOMMEND_RATE * seconds))]
+    if feedback_rate > 0:
+        schedule += [("feedback", i / feedback_rate) for i in range(int(feedback_rate * seconds))]
+    bodies = []
+    for n, (kind, _) in enumerate(schedule):
+        user = users[int(rng.integers(len(users)))]
+        if kind == "recommend":
+            bodies.append(json.dumps({"user_id": user, "k": 10}).encode())
+        else:
+            item = items[int(rng.integers(len(items)))]
+            event = {"event_id": f"{tag}-{n}", "user_id": user, "item_id": item, "type": "click"}
+            bodies.append(json.dumps({"events": [event]}).encode())
+    pool = HTTPConnectionPool(url, 64, timeout=10.0)
+    records: list[Record] = []
+    start = time.perf_counter() + 0.1
+
+    async def one(n: int) -> None:
+        kind, offset = schedule[n]
+        scheduled = start + offset
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            status, headers, reply = await pool.post(f"/v1/{kind}", bodies[n])
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            records.append(Record(kind, scheduled, time.perf_counter(), -1, -1))
+            return
+        done = time.perf_counter()
+        seq = int(headers.get(LOG_SEQ_HEADER.lower(), "-1"))
+        version, degraded = "", False
+        if kind == "recommend" and status == 200:
+            answer = json.loads(reply)
+            version, degraded = answer["model_version"], bool(answer["degraded"])
+        records.append(Record(kind, scheduled, done, status, seq, version, degraded))
+
+    tasks = [one(n) for n in range(len(schedule))]
+    if during is not None:
+        tasks.append(during)
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await pool.close()
+    return records
+
+
+def latency_figures(records: list[Record], kind: str) -> dict[str, float]:
+    mine = [r for r in records if r.kind == kind]
+    ok = [r for r in mine if r.status in (200, 202)]
+    latency = np.array([(r.done - r.scheduled) * 1000 for r in ok])
+    return {
+        f"{kind}_requests": len(mine),
+        f"{kind}_errors": len(mine) - len(ok),
+        f"{kind}_p50_ms": float(np.percentile(latency, 50)) if latency.size else float("nan"),
+        f"{kind}_p99_ms": float(np.percentile(latency, 99)) if latency.size else float("nan"),
+    }
+
+
+def visibility_lags_ms(records: list[Record]) -> np.ndarray:
+    """Per acknowledged event: from its 202 to the answer of the last recommendation that was
+    still behind it (module doc)."""
+    answers = sorted(
+        (r for r in records if r.kind == "recommend" and r.status == 200 and r.seq >= 0),
+        key=lambda r: r.done,
+    )
+    done = np.array([r.done for r in answers])
+    seqs = np.array([r.seq for r in answers])
+    # A request is "after" the 202 when it was scheduled after it.
+    scheduled = np.array([r.scheduled for r in answers])
+    lags = []
+    for event in records:
+        if event.kind != "feedback" or event.status != 202 or event.seq < 0:
+            continue
+        behind = (scheduled >= event.done) & (seqs < event.seq)
+        lags.append((done[behind].max() - event.done) * 1000 if behind.any() else 0.0)
+    return np.array(lags)
+
+
+def build(root: Path, seed: int) -> tuple[Path, Path, list[str], list[str]]:
+    """The default world and its bundle (reused from ``root`` when there), a resealed copy
+    with a model_version of its own (the rollout's target), users and items."""
+    data, bundle, other = root / "data", root / "bundle", root / "bundle-b"
+    if not (data / "dataset.json").is_file():
+        write_synthetic_dataset(data, WorldConfig.from_overrides(seed=seed), progress=True)
+    if not (bundle / MANIFEST_NAME).is_file():
+        train_bundle(data, bundle)
+    if not (other / MANIFEST_NAME).is_file():
+        shutil.rmtree(other, ignore_errors=True)
+        shutil.copytree(bundle, other)
+        (other / "NOTES.txt").write_text("the rollout's target\n")
+        manifest = json.loads((other / MANIFEST_NAME).read_text())
+        write_manifest(
+            other, config=manifest["config"], dataset_fingerprint=manifest["dataset_fingerprint"]
+        )
+    users = pl.read_parquet(bundle / "ids" / "users.parquet")["id"].to_list()[:5000]
+    items = pl.read_parquet(bundle / "ids" / "items.parquet")["id"].to_list()
+    return bundle, other, users, items
+
+
+def serve(bundle: Path, feedback_db: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RECSYS_FEEDBACK_DB": feedback_db, "RECSYS_ADMIN_TOKEN": TOKEN}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "-m", "cli.main", "serve", "--bundle", str(bundle)]
+    command += ["--port", str(port), "--workers", "2", "--log-level", "warning"]
+    with log.open("wb") as err:
+        server = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True
+        )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            if sum(line.startswith("recsys_worker_up") for line in text.splitlines()) >= 2:
+                return server
+        if server.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop(server)
+    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def run_backend(
+    name: str,
+    feedback_db: str,
+    bundle: Path,
+    other: Path,
+    users: list[str],
+    items: list[str],
+    seconds: float,
+    root: Path,
+) -> dict[str, Any]:
+    from benchmarks.bench_load import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = serve(bundle, feedback_db, port, root / f"{name}.log")
+    try:
+        asyncio.run(drive(url, 5, users, items, feedback_rate=FEEDBACK_RATE, seed=9, tag="warm"))
+        only = asyncio.run(drive(url, seconds, users, items, feedback_rate=0, seed=1, tag="a"))
+        mixed = asyncio.run(
+            drive(url, seconds, users, items, feedback_rate=FEEDBACK_RATE, seed=2, tag="b")
+        )
+        reload_answer: dict[str, float] = {}
+
+        async def reload_after(delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with httpx.AsyncClient(timeout=120) as client:
+                answer = await client.post(
+                    f"{url}/admin/reload",
+                    json={"bundle": str(other)},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+            reload_answer["status"] = answer.status_code
+            reload_answer["at"] = time.perf_counter()
+            reload_answer["version"] = answer.json().get("model_version")
+
+        rollout = asyncio.run(
+            drive(
+                url,
+                max(seconds, 30.0),
+                users,
+                items,
+                feedback_rate=FEEDBACK_RATE,
+                seed=3,
+                tag="c",
+                during=reload_after(5.0),
+            )
+        )
+    finally:
+        stop(server)
+    base = latency_figures(only, "recommend")
+    figures: dict[str, Any] = {f"only_{k}": v for k, v in base.items()}
+    figures.update({f"mixed_{k}": v for k, v in latency_figures(mixed, "recommend").items()})
+    figures.update({f"mixed_{k}": v for k, v in latency_figures(mixed, "feedback").items()})
+    figures["recommend_p99_ratio"] = figures["mixed_recommend_p99_ms"] / base["recommend_p99_ms"]
+    lags = visibility_lags_ms(mixed)
+    figures["visibility_events"] = int(lags.size)
+    figures["visibility_lag_p50_ms"] = float(np.percentile(lags, 50)) if lags.size else None
+    figures["visibility_lag_p99_ms"] = float(np.percentile(lags, 99)) if lags.size else None
+    figures["visibility_lag_max_ms"] = float(lags.max()) if lags.size else None
+    failed = [r for r in rollout if r.status not in (200, 202) or r.degraded]
+    figures["rollout_requests"] = len(rollout)
+    figures["rollout_failed"] = len(failed)
+    figures["rollout_reload_status"] = reload_answer.get("status")
+    new = reload_answer.get("version")
+    answered_at = reload_answer.get("at", float("inf"))
+    stale = [
+        r.done
+        for r in rollout
+        if r.kind == "recommend"
+        and r.status == 200
+        and r.model_version != new
+        and r.scheduled >= answered_at
+    ]
+    figures["rollout_after_200_s"] = max(stale) - answered_at if stale else 0.0
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--workdir", type=Path, help="keep the world and bundles for a rerun")
+    args = parser.parse_args(argv)
+    figures: dict[str, object] = {
+        "workers": 2,
+        "recommend_rate": RECOMMEND_RATE,
+        "feedback_rate": FEEDBACK_RATE,
+        "seconds_per_phase": args.seconds,
+        "world": "default (recsys quickstart)",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir if args.workdir is not None else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        bundle, other, users, items = build(root, args.seed)
+        for backend in args.backends:
+            result: dict[str, Any] | str
+            if backend == "sqlite":
+                db = root / "feedback.sqlite3"
+                db.unlink(missing_ok=True)
+                result = run_backend(
+                    "sqlite", str(db), bundle, other, users, items, args.seconds, root
+                )
+            else:
+                result = run_postgres(bundle, other, users, items, args.seconds, root)
+            print(backend, json.dumps(result, indent=1), flush=True)
+            figures[backend] = result
+    write_result("mixed_load", figures)
+    return figures
+
+
+def run_postgres(
+    bundle: Path, other: Path, users: list[str], items: list[str], seconds: float, root: Path
+) -> dict[str, Any] | str:
+    """The PostgreSQL phases on a throw-away local server (``tests/postgres_server.py``)."""
+    from tests.postgres_server import PostgresUnavailableError, start_server, wait_accepting
+
+    try:
+        server = start_server()
+    except PostgresUnavailableError as exc:
+        return f"skipped: {exc}"
+    try:
+        wait_accepting(server.url)
+        return run_backend("postgresql", server.url, bundle, other, users, items, seconds, root)
+    finally:
+        with contextlib.suppress(PostgresUnavailableError):
+            server.stop("fast")
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
