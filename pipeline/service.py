@@ -28,6 +28,7 @@ from pipeline.bundle_check import BundleChecker, describe, smoke_test
 from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from pipeline.factory import make_pipeline
 from pipeline.feedback_log import (
+    LOG_SCHEMA,
     AppendResult,
     BundleGeneration,
     FeedbackEvent,
@@ -269,14 +270,18 @@ class RecommenderService:
                 if frame.height == 0:
                     break
             replayed = int(frame["seq"][-1])
-            newest = int(frame[TIMESTAMP].max())  # type: ignore[arg-type]
-            if self.last_feedback_timestamp is None or newest > self.last_feedback_timestamp:
-                self.last_feedback_timestamp = newest
-            users, item_idx, times, weights, seqs = _usable_events(frame, served.history_cut, items)
-            _observe(served.pipeline, users, item_idx, times, weights, seq=seqs)
+            self._apply_frame(served, frame, items)
             if until is not None and replayed >= until:
                 break
         return replace(served, replayed_seq=replayed)
+
+    def _apply_frame(self, served: _Served, frame: pl.DataFrame, items: IdMap) -> None:
+        """Observe logged events (``LOG_SCHEMA``, seq order) into ``served``'s state."""
+        newest = int(frame[TIMESTAMP].max())  # type: ignore[arg-type]
+        if self.last_feedback_timestamp is None or newest > self.last_feedback_timestamp:
+            self.last_feedback_timestamp = newest
+        users, item_idx, times, weights, seqs = _usable_events(frame, served.history_cut, items)
+        _observe(served.pipeline, users, item_idx, times, weights, seq=seqs)
 
     def _catch_up_served(self, served: _Served) -> _Served:
         """``served`` with what was logged since it was built or last caught up: catalogue
@@ -457,13 +462,42 @@ class RecommenderService:
         """
         result = self.feedback.append(events)
         if result.accepted_events:
-            newest = max(e.timestamp for e in result.accepted_events)
-            self.last_feedback_timestamp = max(newest, self.last_feedback_timestamp or newest)
             try:
-                self.catch_up()
+                with self._swap_lock:
+                    self._served = self._catch_up_after(self._served, result)
             except FeedbackLogBusyError as exc:
                 logger.warning("feedback logged, online state not yet updated: %s", exc)
         return result
+
+    def _catch_up_after(self, served: _Served, result: AppendResult) -> _Served:
+        """``_catch_up_served`` after this worker's own append, without reading its events back
+        when nothing else was logged since the state's position: the append's events then fill
+        every number in (replayed_seq, last_seq], in order (each backend draws a transaction's
+        numbers above every committed one), and are applied as they are. The usual case of a
+        single writer (the simulator, one worker), and one read less on a request's path."""
+        accepted = result.accepted_events
+        if result.last_seq - len(accepted) != served.replayed_seq:
+            return self._catch_up_served(served)
+        artifacts, items_seq, _ = self._replay_items(served.pipeline.artifacts, served.items_seq)
+        if items_seq != served.items_seq:
+            if artifacts is not served.pipeline.artifacts:
+                served = self._with_artifacts(served, artifacts)
+            served = replace(served, items_seq=items_seq)
+        frame = pl.DataFrame(
+            {
+                "seq": range(served.replayed_seq + 1, result.last_seq + 1),
+                "event_id": [e.event_id for e in accepted],
+                USER_ID: [e.user_id for e in accepted],
+                ITEM_ID: [e.item_id for e in accepted],
+                "type": [e.type for e in accepted],
+                TIMESTAMP: [e.timestamp for e in accepted],
+                WEIGHT: [e.weight for e in accepted],
+                "received_at": [0] * len(accepted),
+            },
+            schema=dict(LOG_SCHEMA),
+        )
+        self._apply_frame(served, frame, served.pipeline.artifacts.items)
+        return replace(served, replayed_seq=result.last_seq)
 
     # ---------------------------------------------------------------------------- similar
     def similar_items(self, item_id: str, k: int) -> list[SimilarItem]:
