@@ -101,6 +101,8 @@ class _Served:
     items_seq: int = 0
     # The published bundle generation this pipeline serves (0: not a published one).
     generation: int = 0
+    # The bundle directory it was loaded from.
+    bundle: Path = Path()
 
 
 class RecommenderService:
@@ -175,6 +177,11 @@ class RecommenderService:
         return self._served.replayed_seq
 
     @property
+    def bundle(self) -> Path:
+        """The directory of the bundle serving now."""
+        return self._served.bundle
+
+    @property
     def generation(self) -> int:
         """The published bundle generation being served (0: not a published one)."""
         return self._served.generation
@@ -193,7 +200,9 @@ class RecommenderService:
         pipeline = make_pipeline(
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
         )
-        served = self._replay_log(_Served(pipeline, cut, restore=restore, items_seq=items_seq))
+        served = self._replay_log(
+            _Served(pipeline, cut, restore=restore, items_seq=items_seq, bundle=bundle)
+        )
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
         started = time.perf_counter()

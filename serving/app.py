@@ -50,7 +50,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         ).start()
         freeze_long_lived_objects(collect=True)
         logger.info(
-            "serving model %s (bundle generation %d), feedback log %s",
+            "serving bundle %s (%s, generation %d), feedback log %s",
+            service.bundle,
             service.pipeline.model_version,
             service.generation,
             describe_location(settings.feedback_db),
