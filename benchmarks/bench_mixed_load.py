@@ -265,9 +265,13 @@ def run_backend(
     figures["visibility_lag_p50_ms"] = float(np.percentile(lags, 50)) if lags.size else None
     figures["visibility_lag_p99_ms"] = float(np.percentile(lags, 99)) if lags.size else None
     figures["visibility_lag_max_ms"] = float(lags.max()) if lags.size else None
-    failed = [r for r in rollout if r.status not in (200, 202) or r.degraded]
     figures["rollout_requests"] = len(rollout)
-    figures["rollout_failed"] = len(failed)
+    # Failed: no answer, or not a 2xx. Degraded answers (a stage over its budget, or the
+    # popular fallback past the request deadline) are the overload policy, counted apart.
+    figures["rollout_failed"] = sum(r.status not in (200, 202) for r in rollout)
+    figures["rollout_degraded"] = sum(r.degraded for r in rollout)
+    for phase, records in (("only", only), ("mixed", mixed)):
+        figures[f"{phase}_degraded"] = sum(r.degraded for r in records)
     figures["rollout_reload_status"] = reload_answer.get("status")
     new = reload_answer.get("version")
     answered_at = reload_answer.get("at", float("inf"))
@@ -338,3 +342,55 @@ def run_postgres(
 
 if __name__ == "__main__":
     main()
+
+
+def render_section(result: dict[str, Any]) -> list[str]:
+    """The docs/benchmarks.md section: one column per backend."""
+    machine = result["machine"]
+    figures = result["figures"]
+    backends = [b for b in ("sqlite", "postgresql") if b in figures]
+    lines = [
+        f"Measured {result['date']} on {machine['cpu']} ({machine['cores']} cores, shared with "
+        "other engineers' jobs, loaded), Python "
+        f"{machine['python']}: `recsys serve --workers 2` on the default world, "
+        f"{figures['recommend_rate']:g} recommend requests/s (k=10) plus "
+        f"{figures['feedback_rate']:g} feedback events/s, open loop, "
+        f"{figures['seconds_per_phase']:g} s per phase; latencies from each request's scheduled "
+        "time. The visibility lag is an upper bound per answer (module doc of "
+        "`benchmarks/bench_mixed_load.py`).",
+        "",
+        "| figure | " + " | ".join(backends) + " |",
+        "|---|" + "---|" * len(backends),
+    ]
+    rows = [
+        ("recommend only: p50 / p99 ms", "only_recommend_p50_ms", "only_recommend_p99_ms"),
+        ("mixed: recommend p50 / p99 ms", "mixed_recommend_p50_ms", "mixed_recommend_p99_ms"),
+        ("mixed: feedback p50 / p99 ms", "mixed_feedback_p50_ms", "mixed_feedback_p99_ms"),
+        ("recommend p99, mixed / only", "recommend_p99_ratio", None),
+        ("visibility lag p50 / p99 ms", "visibility_lag_p50_ms", "visibility_lag_p99_ms"),
+        ("visibility lag max ms", "visibility_lag_max_ms", None),
+        ("errors: only / mixed recommend", "only_recommend_errors", "mixed_recommend_errors"),
+        ("degraded answers: only / mixed", "only_degraded", "mixed_degraded"),
+        ("rollout: failed / degraded requests", "rollout_failed", "rollout_degraded"),
+        ("rollout: requests", "rollout_requests", None),
+        ("rollout: old model answering after the 200, s", "rollout_after_200_s", None),
+    ]
+    for label, first, second in rows:
+        cells = []
+        for backend in backends:
+            values = figures[backend]
+            if not isinstance(values, dict):
+                cells.append(str(values))
+                continue
+            cell = _cell(values.get(first))
+            if second is not None:
+                cell += " / " + _cell(values.get(second))
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:,.0f}"
+    return "-" if value is None else str(value)

@@ -49,8 +49,9 @@ class HTTPConnectionPool:
         return status, reply
 
     async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        """``(status, headers (lower-case names), body)`` of one request; raises ``OSError`` / ``TimeoutError`` /
-        ``asyncio.IncompleteReadError`` on a transport failure (the connection is dropped).
+        """``(status, headers (lower-case names), body)`` of one request; raises ``OSError`` /
+        ``TimeoutError`` / ``asyncio.IncompleteReadError`` on a transport failure (the
+        connection is dropped).
 
         A reused connection that the server closed while it sat idle (its keep-alive timeout)
         fails before any reply byte: the request is sent again on a new connection, as HTTP
