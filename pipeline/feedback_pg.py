@@ -96,15 +96,20 @@ class FeedbackLogUnavailableError(FeedbackLogBusyError):
 
 def is_postgres_url(location: str | os.PathLike[str]) -> bool:
     """Whether ``location`` names a PostgreSQL database rather than a SQLite file."""
-    return urlsplit(str(location)).scheme in URL_SCHEMES
+    scheme, separator, _ = str(location).partition("://")
+    return bool(separator) and scheme.lower() in URL_SCHEMES
 
 
 def redacted(url: str) -> str:
     """``url`` without its password, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parsable (a stray bracket): show none of what follows the scheme
+        return url.partition("://")[0] + "://..."
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -401,12 +406,19 @@ class PostgresFeedbackLog:
                 raise RuntimeError(f"{self!r} is closed")
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = psycopg.connect(
-                self.config.url,
-                autocommit=True,  # reads need no transaction; writes open one explicitly
-                connect_timeout=self.config.connect_timeout_s,
-                options=f"-c statement_timeout={self.config.statement_timeout_ms}",
-            )
+            try:
+                conn = psycopg.connect(
+                    self.config.url,
+                    autocommit=True,  # reads need no transaction; writes open one explicitly
+                    connect_timeout=self.config.connect_timeout_s,
+                    options=f"-c statement_timeout={self.config.statement_timeout_ms}",
+                )
+            except psycopg.ProgrammingError:
+                # libpq's message quotes the whole URL, password included: not chained.
+                raise ConfigError(
+                    f"feedback database URL {redacted(self.config.url)} is not a valid "
+                    "PostgreSQL connection URL"
+                ) from None
         try:
             yield conn
         finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from data.errors import DataError
-from pipeline.feedback_pg import FeedbackLogUnavailableError, redacted
+from data.errors import ConfigError, DataError
+from pipeline.feedback_pg import FeedbackLogUnavailableError, is_postgres_url, redacted
 from pipeline.feedback_store import FeedbackStore, open_feedback_store
 from tests.postgres_server import PostgresUnavailableError, start_server, wait_accepting
 
@@ -143,3 +143,11 @@ def test_database_down_refuses_then_recovers() -> None:
         with contextlib.suppress(PostgresUnavailableError):
             server.stop("immediate")
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+def test_a_bad_url_is_a_config_error_that_hides_the_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        open_feedback_store("postgresql://svc:s3cret@[unclosed/recsys")
+    assert "s3cret" not in str(refused.value) and refused.value.__cause__ is None
+    assert is_postgres_url("postgres://h/db") and is_postgres_url("POSTGRESQL://h/db")
+    assert not is_postgres_url("feedback.sqlite3") and not is_postgres_url("/tmp/postgresql")
