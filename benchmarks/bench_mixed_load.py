@@ -156,6 +156,52 @@ def visibility_lags_ms(records: list[Record]) -> np.ndarray:
     return np.array(lags)
 
 
+def follower_lag(
+    bundle: Path, feedback_db: str, users: list[str], items: list[str], seconds: float
+) -> dict[str, float]:
+    """The log follower alone, without HTTP: two services on one log in this process (as two
+    workers), feedback appended through one at ``FEEDBACK_RATE``; per event, the time from the
+    append's return until the other's follower thread has applied it (polled every 0.5 ms).
+    What the HTTP figures add to this is the requests' queueing."""
+    from pipeline.feedback_store import open_feedback_store
+    from pipeline.log_follower import LogFollower
+    from pipeline.service import RecommenderService
+
+    services = [
+        RecommenderService(bundle, open_feedback_store(feedback_db), check_reloads_in_child=False)
+        for _ in range(2)
+    ]
+    writer, reader = services
+    follower = LogFollower(reader).start()
+    rng = np.random.default_rng(5)
+    lags = []
+    try:
+        start = time.perf_counter()
+        for n in range(int(FEEDBACK_RATE * seconds)):
+            delay = start + n / FEEDBACK_RATE - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            user = users[int(rng.integers(len(users)))]
+            item = items[int(rng.integers(len(items)))]
+            event = writer.feedback.make_event(f"lag-{n}", user, item, "click")
+            seq = writer.record_feedback([event]).last_seq
+            committed = time.perf_counter()
+            while reader.applied_seq < seq:
+                time.sleep(0.0005)
+            lags.append((time.perf_counter() - committed) * 1000)
+    finally:
+        follower.stop()
+        for service in services:
+            service.close()
+    values = np.array(lags)
+    return {
+        "follower_events": int(values.size),
+        "follower_lag_p50_ms": float(np.percentile(values, 50)),
+        "follower_lag_p99_ms": float(np.percentile(values, 99)),
+        "follower_lag_max_ms": float(values.max()),
+    }
+
+
 def build(root: Path, seed: int) -> tuple[Path, Path, list[str], list[str]]:
     """The default world and its bundle (reused from ``root`` when there), a resealed copy
     with a model_version of its own (the rollout's target), users and items."""
@@ -257,6 +303,7 @@ def run_backend(
         stop(server)
     base = latency_figures(only, "recommend")
     figures: dict[str, Any] = {f"only_{k}": v for k, v in base.items()}
+    figures.update(follower_lag(bundle, feedback_db, users, items, min(seconds, 20.0)))
     figures.update({f"mixed_{k}": v for k, v in latency_figures(mixed, "recommend").items()})
     figures.update({f"mixed_{k}": v for k, v in latency_figures(mixed, "feedback").items()})
     figures["recommend_p99_ratio"] = figures["mixed_recommend_p99_ms"] / base["recommend_p99_ms"]
@@ -369,6 +416,12 @@ def render_section(result: dict[str, Any]) -> list[str]:
         ("recommend p99, mixed / only", "recommend_p99_ratio", None),
         ("visibility lag p50 / p99 ms", "visibility_lag_p50_ms", "visibility_lag_p99_ms"),
         ("visibility lag max ms", "visibility_lag_max_ms", None),
+        (
+            "follower alone (no HTTP): lag p50 / p99 ms",
+            "follower_lag_p50_ms",
+            "follower_lag_p99_ms",
+        ),
+        ("follower alone: lag max ms", "follower_lag_max_ms", None),
         ("errors: only / mixed recommend", "only_recommend_errors", "mixed_recommend_errors"),
         ("degraded answers: only / mixed", "only_degraded", "mixed_degraded"),
         ("rollout: failed / degraded requests", "rollout_failed", "rollout_degraded"),
