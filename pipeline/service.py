@@ -214,7 +214,7 @@ class RecommenderService:
         return served
 
     def _replay_items(
-        self, artifacts: Artifacts, since: int = 0
+        self, artifacts: Artifacts, since: int = 0, *, now: int | None = None
     ) -> tuple[Artifacts, int, tuple[str, ...]]:
         """``artifacts`` with the catalogue updates logged after ``since`` applied (the last
         value given for each item), the last update's seq and the retrieval sources that took
@@ -231,7 +231,8 @@ class RecommenderService:
             pl.col("categories").drop_nulls().last(), pl.col("created_at").drop_nulls().last()
         )
         try:
-            extended, change = extend_artifacts(artifacts, latest, now=int(time.time()))
+            when = int(time.time()) if now is None else now
+            extended, change = extend_artifacts(artifacts, latest, now=when)
         except DataError as exc:
             logger.error("logged catalogue updates not applied: %s", exc)
             return artifacts, items_seq, ()
@@ -447,7 +448,7 @@ class RecommenderService:
             known = served.pipeline.artifacts.items.index(ids, allow_unknown=True) >= 0
             # Applied from the log, in log order with other workers' updates (catch_up).
             artifacts, items_seq, sources = self._replay_items(
-                served.pipeline.artifacts, served.items_seq
+                served.pipeline.artifacts, served.items_seq, now=now
             )
             if artifacts is not served.pipeline.artifacts:
                 served = self._with_artifacts(served, artifacts)
