@@ -440,7 +440,22 @@ def render_section(result: dict[str, Any]) -> list[str]:
                 cell += " / " + _cell(values.get(second))
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    lines.append("")
+    for backend in backends:
+        values = figures[backend]
+        if not isinstance(values, dict):
+            continue
+        degraded = values.get("only_degraded", 0) / max(1, values["only_recommend_requests"])
+        if degraded > 0.5:
+            lines += [
+                f"{backend}: {degraded:.0%} of the recommend-only answers were degraded (the "
+                "popular fallback past the request deadline): the host could not serve 100 "
+                "requests/s at that moment even without feedback, so the latencies above measure "
+                "its overload, not the feedback path, and the p99 ratio is noise. The follower "
+                "alone (no HTTP) isolates what sharing the log costs.",
+                "",
+            ]
+    return lines
 
 
 def _cell(value: object) -> str:
