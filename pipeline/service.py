@@ -190,6 +190,8 @@ class RecommenderService:
     def _build(self, bundle: Path) -> _Served:
         # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
         # index through the page cache; items added live go to private overlays (add_items).
+        # The feedback is replayed up to a bound read before the items (see _catch_up_served).
+        bound = self.feedback.last_seq()
         artifacts, items_seq, _ = self._replay_items(load_artifacts(bundle, mmap=True))
         state, cut = self._seed_state(artifacts)
         restore = None
@@ -201,7 +203,8 @@ class RecommenderService:
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
         )
         served = self._replay_log(
-            _Served(pipeline, cut, restore=restore, items_seq=items_seq, bundle=bundle)
+            _Served(pipeline, cut, restore=restore, items_seq=items_seq, bundle=bundle),
+            until=bound,
         )
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
@@ -218,8 +221,8 @@ class RecommenderService:
     ) -> tuple[Artifacts, int, tuple[str, ...]]:
         """``artifacts`` with the catalogue updates logged after ``since`` applied (the last
         value given for each item), the last update's seq and the retrieval sources that took
-        the items. Runs before the feedback of the
-        same read is replayed: events on those items then count.
+        the items. Runs before the feedback of the same read is replayed: events on those items
+        then count.
 
         Updates were checked before they were logged, so none should fail; one that does all
         the same is reported and skipped: start-up never fails on the catalogue.
@@ -341,7 +344,8 @@ class RecommenderService:
         model_version, previous model_version).
 
         With ``publish_reloads``, the bundle is recorded in the log as a new generation once it
-        has loaded (before it is swapped in here), and every worker sharing the log follows.
+        is known good (before this worker's own load), and every worker sharing the log
+        follows.
         """
         with self._reload_lock:
             return self._reload_locked(Path(bundle), generation=None)
