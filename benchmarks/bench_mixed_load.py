@@ -62,7 +62,8 @@ class Record:
     status: int  # -1: no HTTP answer
     seq: int  # the log position header (-1: absent)
     model_version: str = ""
-    degraded: bool = False
+    degraded: bool = False  # any stage flagged (over its budget, or failed)
+    fallback: bool = False  # answered by the popular fallback past the request deadline
 
 
 async def drive(
@@ -108,11 +109,12 @@ async def drive(
             return
         done = time.perf_counter()
         seq = int(headers.get(LOG_SEQ_HEADER.lower(), "-1"))
-        version, degraded = "", False
+        version, degraded, fallback = "", False, False
         if kind == "recommend" and status == 200:
             answer = json.loads(reply)
             version, degraded = answer["model_version"], bool(answer["degraded"])
-        records.append(Record(kind, scheduled, done, status, seq, version, degraded))
+            fallback = any(flag.startswith("pipeline:") for flag in answer["degraded"])
+        records.append(Record(kind, scheduled, done, status, seq, version, degraded, fallback))
 
     tasks = [one(n) for n in range(len(schedule))]
     if during is not None:
@@ -246,8 +248,10 @@ def serve(bundle: Path, feedback_db: str, port: int, log: Path) -> subprocess.Po
 
 
 def settle(url: str, users: list[str], timeout_s: float = 600.0) -> None:
-    """Until ten answers in a row come back undegraded: the first requests compile the ranker
-    (cached afterwards) and fill caches, and a phase measured before would measure that."""
+    """Until ten answers in a row come back from the pipeline (not its fallback) within a
+    second: the first requests compile the ranker (cached afterwards) and fill caches, and a
+    phase measured before would measure that. A stage over its budget (``retrieval:timeout``)
+    is the service's policy on a slow host, not a cold start."""
     deadline, in_a_row, n = time.monotonic() + timeout_s, 0, 0
     while in_a_row < 10:
         if time.monotonic() > deadline:
@@ -256,7 +260,11 @@ def settle(url: str, users: list[str], timeout_s: float = 600.0) -> None:
             f"{url}/v1/recommend", json={"user_id": users[n % len(users)], "k": 10}, timeout=60
         )
         n += 1
-        served = answer.status_code == 200 and not answer.json()["degraded"]
+        served = (
+            answer.status_code == 200
+            and answer.elapsed.total_seconds() < 1.0
+            and not any(flag.startswith("pipeline:") for flag in answer.json()["degraded"])
+        )
         in_a_row = in_a_row + 1 if served else 0
 
 
@@ -333,8 +341,9 @@ def run_backend(
     # popular fallback past the request deadline) are the overload policy, counted apart.
     figures["rollout_failed"] = sum(r.status not in (200, 202) for r in rollout)
     figures["rollout_degraded"] = sum(r.degraded for r in rollout)
-    for phase, records in (("only", only), ("mixed", mixed)):
+    for phase, records in (("only", only), ("mixed", mixed), ("rollout", rollout)):
         figures[f"{phase}_degraded"] = sum(r.degraded for r in records)
+        figures[f"{phase}_fallback"] = sum(r.fallback for r in records)
     figures["rollout_reload_status"] = reload_answer.get("status")
     new = reload_answer.get("version")
     answered_at = reload_answer.get("at", float("inf"))
@@ -440,6 +449,7 @@ def render_section(result: dict[str, Any]) -> list[str]:
         ("follower alone: lag max ms", "follower_lag_max_ms", None),
         ("errors: only / mixed recommend", "only_recommend_errors", "mixed_recommend_errors"),
         ("degraded answers: only / mixed", "only_degraded", "mixed_degraded"),
+        ("of which the fallback: only / mixed", "only_fallback", "mixed_fallback"),
         ("rollout: failed / degraded requests", "rollout_failed", "rollout_degraded"),
         ("rollout: requests", "rollout_requests", None),
         ("rollout: old model answering after the 200, s", "rollout_after_200_s", None),
@@ -461,11 +471,11 @@ def render_section(result: dict[str, Any]) -> list[str]:
         values = figures[backend]
         if not isinstance(values, dict):
             continue
-        degraded = values.get("only_degraded", 0) / max(1, values["only_recommend_requests"])
-        if degraded > 0.5:
+        fallback = values.get("only_fallback", 0) / max(1, values["only_recommend_requests"])
+        if fallback > 0.5:
             lines += [
-                f"{backend}: {degraded:.0%} of the recommend-only answers were degraded (the "
-                "popular fallback past the request deadline): the host could not serve 100 "
+                f"{backend}: {fallback:.0%} of the recommend-only answers were the popular "
+                "fallback past the request deadline: the host could not serve 100 "
                 "requests/s at that moment even without feedback, so the latencies above measure "
                 "its overload, not the feedback path, and the p99 ratio is noise. The follower "
                 "alone (no HTTP) isolates what sharing the log costs.",
