@@ -434,8 +434,8 @@ def render_section(result: dict[str, Any]) -> list[str]:
         f"{figures['recommend_rate']:g} recommend requests/s (k=10) plus "
         f"{figures['feedback_rate']:g} feedback events/s, open loop, "
         f"{figures['seconds_per_phase']:g} s per phase; latencies from each request's scheduled "
-        "time. The visibility lag is an upper bound per answer (module doc of "
-        "`benchmarks/bench_mixed_load.py`).",
+        "time. The visibility lag over HTTP is bounded from above and below (module doc of "
+        "`benchmarks/bench_mixed_load.py`); the follower alone is measured in-process.",
         "",
         "| figure | " + " | ".join(backends) + " |",
         "|---|" + "---|" * len(backends),
@@ -482,6 +482,15 @@ def render_section(result: dict[str, Any]) -> list[str]:
         values = figures[backend]
         if not isinstance(values, dict):
             continue
+        flagged = values.get("only_degraded", 0) / max(1, values["only_recommend_requests"])
+        if flagged > 0.5:
+            lines += [
+                f"{backend}: {flagged:.0%} of the recommend-only answers flagged a stage over its "
+                "latency budget (`degraded`, e.g. `retrieval:timeout`): the host was slower than "
+                "the budgets at that moment, with or without feedback. They are answers all the "
+                "same (no error); the fallback row counts the ones the pipeline did not produce.",
+                "",
+            ]
         fallback = values.get("only_fallback", 0) / max(1, values["only_recommend_requests"])
         if fallback > 0.5:
             lines += [
