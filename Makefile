@@ -10,7 +10,7 @@ QUICKSTART_DIR ?= .quickstart
 # `make install TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test install-bench browser run test bench lint clean
+.PHONY: install install-test install-bench browser postgres run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,17 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# The shared feedback log's tests start a real PostgreSQL server (tests/postgres_server.py):
+# Debian's server package, installed when no initdb is found and we may (root with apt-get);
+# otherwise those tests skip with the reason.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
 # pytest exits 5 when a filter selects no test: that is not a failure of the suite.
-test: install-test browser
+test: install-test browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The benchmarks' own extra (pyproject.toml [bench]): a fresh clone runs them without the tests'.

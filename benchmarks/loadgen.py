@@ -44,8 +44,14 @@ class HTTPConnectionPool:
         self._slots = asyncio.Semaphore(size)
 
     async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """``(status, body)`` of one request; raises ``OSError`` / ``TimeoutError`` /
-        ``asyncio.IncompleteReadError`` on a transport failure (the connection is dropped).
+        """``(status, body)`` of one request (``post`` tells more)."""
+        status, _, reply = await self.post(path, body)
+        return status, reply
+
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """``(status, headers (lower-case names), body)`` of one request; raises ``OSError`` /
+        ``TimeoutError`` / ``asyncio.IncompleteReadError`` on a transport failure (the
+        connection is dropped).
 
         A reused connection that the server closed while it sat idle (its keep-alive timeout)
         fails before any reply byte: the request is sent again on a new connection, as HTTP
@@ -56,7 +62,7 @@ class HTTPConnectionPool:
                 fresh = attempt == 2 or not self._idle
                 reader, writer = await self._open() if fresh else self._idle.pop()
                 try:
-                    status, reply = await asyncio.wait_for(
+                    status, headers, reply = await asyncio.wait_for(
                         self._exchange(reader, writer, path, body), self.timeout
                     )
                 except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -69,7 +75,7 @@ class HTTPConnectionPool:
                     writer.close()
                     raise
                 self._idle.append((reader, writer))
-                return status, reply
+                return status, headers, reply
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:
@@ -82,7 +88,7 @@ class HTTPConnectionPool:
 
     async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, dict[str, str], bytes]:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -91,15 +97,15 @@ class HTTPConnectionPool:
         header_block = await reader.readuntil(b"\r\n\r\n")
         lines = header_block.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        length = 0
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0") or 0)
         if length == 0:
             raise OSError("reply without a Content-Length body (chunked replies are not read)")
         try:
-            return status, await reader.readexactly(length)
+            return status, headers, await reader.readexactly(length)
         except asyncio.IncompleteReadError as exc:  # a reply began: never resent
             raise OSError(f"reply cut short: {len(exc.partial)} of {length} body bytes") from exc
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_quality
+from benchmarks import bench_mixed_load, bench_quality
 from benchmarks.common import RESULTS_DIR
 
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -102,6 +102,15 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "benchmarks.bench_load",
         "HTTP service under load (1M-item catalogue, 500 candidates, k=20)",
         "issue 5: 100 requests/s for 60 s with zero errors and p99 <= 30 ms; max sustainable rate",
+    ),
+    Benchmark(
+        "mixed_load",
+        "benchmarks.bench_mixed_load",
+        "Mixed load: two workers sharing the feedback log (SQLite, PostgreSQL)",
+        "issue 18: 100 recommend requests/s + 20 feedback events/s against 2 workers; visibility "
+        "lag p99 <= 100 ms; recommend p99 within 10% of recommend-only load; a reload served "
+        "everywhere within 10 s of its 200, with no failed request",
+        render=bench_mixed_load.render_section,
     ),
     Benchmark(
         "recommend",

@@ -11,13 +11,17 @@ import argparse
 import dataclasses
 import functools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cli.connection_limits import ConnectionLimits, GuardedHttpToolsProtocol, raise_open_file_limit
 from data.errors import ConfigError
 from pipeline.bundle import verify_bundle
+from pipeline.feedback_log import FeedbackLogBusyError
+from pipeline.feedback_pg import is_postgres_url
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # One line per record, the same for uvicorn's own loggers and the project's (serving.*, ...):
@@ -31,6 +35,11 @@ ACCESS_LOG_FORMAT = (
 # machine, past uvicorn's default of 5, after which it is killed as hung and restarted, forever
 # (seen with --workers 2 on two loaded cores). A worker that is truly hung is still replaced.
 WORKER_HEALTHCHECK_TIMEOUT_S = 30
+# Where the workers read the feedback log's location (serving/settings.py, feedback_db).
+FEEDBACK_DB_ENV = "RECSYS_FEEDBACK_DB"
+DEFAULT_FEEDBACK_DB = "feedback.sqlite3"
+# prometheus_client's switch to multiprocess mode (serving/metrics.py).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,7 +49,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--feedback-db", type=Path, default=Path("feedback.sqlite3"))
+    serve.add_argument(
+        "--feedback-db",
+        help="the feedback log every worker shares: a SQLite file (one machine) or a "
+        "postgresql://user@host/db URL (replicas on several machines; put a password in "
+        "RECSYS_FEEDBACK_DB, not here: a command line is visible to every user). Default: "
+        "RECSYS_FEEDBACK_DB, else feedback.sqlite3",
+    )
     token = serve.add_mutually_exclusive_group()
     token.add_argument(
         "--admin-token-file",
@@ -143,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        feedback_db=args.feedback_db,
+        feedback_db=args.feedback_db or os.environ.get(FEEDBACK_DB_ENV) or DEFAULT_FEEDBACK_DB,
         admin_token=args.admin_token,
         admin_token_file=args.admin_token_file,
         max_online_users=args.max_online_users,
@@ -223,7 +238,7 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
-    feedback_db: Path = Path("feedback.sqlite3"),
+    feedback_db: str | Path = DEFAULT_FEEDBACK_DB,
     admin_token: str | None = None,
     admin_token_file: Path | None = None,
     max_online_users: int | None = None,
@@ -238,11 +253,13 @@ def run_server(
     import uvicorn
 
     limits = limits if limits is not None else ConnectionLimits()
-    verify_bundle(bundle)  # fail fast with a one-line error, before uvicorn starts
+    manifest = verify_bundle(bundle)  # fail fast with a one-line error, before uvicorn starts
     limit_library_threads(workers)
     # Workers are separate processes: they read their settings from the environment.
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
-    os.environ["RECSYS_FEEDBACK_DB"] = str(feedback_db.resolve())
+    is_url = is_postgres_url(feedback_db)
+    location = str(feedback_db) if is_url else str(Path(feedback_db).resolve())
+    os.environ[FEEDBACK_DB_ENV] = location
     if data is not None:
         os.environ["RECSYS_DATA"] = str(data.resolve())
     if admin_token:
@@ -255,7 +272,19 @@ def run_server(
     max_connections = raise_open_file_limit(limits.max_connections)
     if max_connections != limits.max_connections:
         limits = dataclasses.replace(limits, max_connections=max_connections)
+    publish_startup_bundle(bundle, str(manifest["model_version"]), location)
+    metrics_dir = share_metrics(workers)
     print(f"serving {bundle} on http://{host}:{port} (API docs at /docs)", flush=True)
+    try:
+        _run_uvicorn(uvicorn, host, port, workers, log_level, limits)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_uvicorn(
+    uvicorn: Any, host: str, port: int, workers: int, log_level: str, limits: ConnectionLimits
+) -> None:
     uvicorn.run(
         "serving.app:app_from_env",
         factory=True,
@@ -268,9 +297,40 @@ def run_server(
         # The service has no WebSocket route; an upgraded connection would also leave the
         # limits' protocol (and its body deadline would close it).
         ws="none",
-        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
+        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),
         timeout_keep_alive=limits.keep_alive_s,
     )
+
+
+def publish_startup_bundle(bundle: Path, model_version: str, feedback_db: str) -> None:
+    """Make ``bundle`` the one every worker and replica sharing ``feedback_db`` serves, unless
+    it is already the newest published generation (a second replica starting on the same
+    bundle publishes nothing; one started on another bundle rolls it out to all)."""
+    from pipeline.feedback_store import open_feedback_store
+
+    path = str(bundle.resolve())
+    try:
+        store = open_feedback_store(feedback_db)
+        try:
+            latest = store.latest_bundle()
+            if latest is None or (latest.bundle, latest.model_version) != (path, model_version):
+                store.publish_bundle(path, model_version)
+        finally:
+            store.close()
+    except FeedbackLogBusyError as exc:
+        raise ConfigError(f"feedback log: {exc}") from exc
+
+
+def share_metrics(workers: int) -> str | None:
+    """With several workers, a fresh directory for their Prometheus metrics (multiprocess mode,
+    ``serving/metrics.py``), set in the environment they inherit; None with one worker (its
+    own registry holds everything) or when ``PROMETHEUS_MULTIPROC_DIR`` is already set by the
+    operator (theirs is used, and left in place)."""
+    if workers <= 1 or os.environ.get(MULTIPROC_DIR_ENV):
+        return None
+    directory = tempfile.mkdtemp(prefix="recsys-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = directory
+    return directory
 
 
 def check_settings() -> None:

@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, Protocol, TypeVar
 
 import polars as pl
 
@@ -111,6 +111,17 @@ CREATE TABLE IF NOT EXISTS catalogue_updates (
 _CREATE_USER_INDEX: Final[str] = (
     "CREATE INDEX IF NOT EXISTS feedback_by_user ON feedback (user_id, seq)"
 )
+# The bundle every worker and replica sharing this log serves (POST /admin/reload appends a row;
+# each worker follows the newest: pipeline/log_follower.py). Not part of the schema version, like
+# the user index: created by any version of this code that opens the log.
+_CREATE_GENERATIONS_TABLE: Final[str] = """
+CREATE TABLE IF NOT EXISTS bundle_generations (
+    generation    INTEGER PRIMARY KEY AUTOINCREMENT,
+    bundle        TEXT    NOT NULL,  -- the bundle directory, as every replica sees it
+    model_version TEXT    NOT NULL,
+    published_at  INTEGER NOT NULL   -- seconds UTC (server's clock)
+)
+"""
 _LOG_COLUMNS: Final[tuple[str, ...]] = (
     "seq",
     "event_id",
@@ -145,6 +156,19 @@ LOG_SCHEMA: Final[Mapping[str, pl.DataType]] = MappingProxyType(
 )
 
 _T = TypeVar("_T")
+
+
+class EventRules(Protocol):
+    """What an event is checked against (``check_events``): every backend's config has it."""
+
+    @property
+    def type_weights(self) -> Mapping[str, float]: ...
+    @property
+    def max_events_per_append(self) -> int: ...
+    @property
+    def max_id_length(self) -> int: ...
+    @property
+    def max_future_skew_s(self) -> int: ...
 
 
 class FeedbackLogBusyError(RuntimeError):
@@ -236,6 +260,15 @@ class FeedbackEvent:
 
 
 @dataclass(frozen=True)
+class BundleGeneration:
+    """One published bundle: every worker sharing the log serves the newest generation."""
+
+    generation: int
+    bundle: str
+    model_version: str
+
+
+@dataclass(frozen=True)
 class AppendResult:
     """What one ``append`` did.
 
@@ -306,7 +339,7 @@ class FeedbackLog:
         """
         batch = list(events)
         now = int(self._clock())
-        _check_events(batch, self.config, now)
+        check_events(batch, self.config, now)
         if not batch:
             return AppendResult(0, 0, (), self.last_seq())
         rows = [
@@ -370,19 +403,46 @@ class FeedbackLog:
     def item_updates(self) -> pl.DataFrame:
         """Every stored catalogue update, oldest first: ``item_id``, ``categories`` (list of
         str or null) and ``created_at`` (or null)."""
+        return self.item_updates_since(0)[0]
+
+    def item_updates_since(self, seq: int) -> tuple[pl.DataFrame, int]:
+        """The catalogue updates with sequence number > ``seq`` (``item_updates``' frame) and
+        the last one's sequence number (``seq`` when there is none): how a worker follows the
+        updates other workers stored. One writer at a time (the write lock), so, as for events,
+        a reader never later finds a smaller number committed."""
         rows = self._run(
             lambda conn: conn.execute(
-                "SELECT item_id, categories, created_at FROM catalogue_updates ORDER BY seq"
+                "SELECT seq, item_id, categories, created_at FROM catalogue_updates "
+                "WHERE seq > ? ORDER BY seq",
+                (seq,),
             ).fetchall()
         )
-        return pl.DataFrame(
-            [
-                (item, None if names is None else json.loads(names), when)
-                for item, names, when in rows
-            ],
-            schema={ITEM_ID: pl.String, "categories": pl.List(pl.String), "created_at": pl.Int64},
-            orient="row",
+        return items_frame([row[1:] for row in rows]), rows[-1][0] if rows else seq
+
+    def publish_bundle(self, bundle: str, model_version: str) -> BundleGeneration:
+        """Record ``bundle`` as the one every worker sharing this log serves from now on."""
+        now = int(self._clock())
+
+        def write(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                cursor = conn.execute(
+                    "INSERT INTO bundle_generations (bundle, model_version, published_at) "
+                    "VALUES (?, ?, ?)",
+                    (bundle, model_version, now),
+                )
+                return int(cursor.lastrowid or 0)
+
+        return BundleGeneration(self._run(write), bundle, model_version)
+
+    def latest_bundle(self) -> BundleGeneration | None:
+        """The newest published bundle, None before any."""
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT generation, bundle, model_version FROM bundle_generations "
+                "ORDER BY generation DESC LIMIT 1"
+            ).fetchone()
         )
+        return None if row is None else BundleGeneration(int(row[0]), row[1], row[2])
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -521,6 +581,7 @@ class FeedbackLog:
             # (~1.6 s per million events on the 2-core reference machine; other processes that
             # open the log meanwhile wait for it, up to busy_timeout_ms per attempt).
             conn.execute(_CREATE_USER_INDEX)
+            conn.execute(_CREATE_GENERATIONS_TABLE)
 
     def _select_since(self, seq: int, limit: int | None) -> list[tuple]:
         limit = self.config.read_batch_size if limit is None else limit
@@ -614,6 +675,16 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def items_frame(rows: Sequence[tuple[str, str | None, int | None]]) -> pl.DataFrame:
+    """Stored catalogue updates (``item_id``, JSON ``categories`` or None, ``created_at`` or
+    None) as the frame ``item_updates`` returns."""
+    return pl.DataFrame(
+        [(item, None if names is None else json.loads(names), when) for item, names, when in rows],
+        schema={ITEM_ID: pl.String, "categories": pl.List(pl.String), "created_at": pl.Int64},
+        orient="row",
+    )
+
+
 def _max_seq(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM feedback").fetchone()[0])
 
@@ -623,7 +694,7 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _check_events(events: Sequence[FeedbackEvent], config: FeedbackLogConfig, now: int) -> None:
+def check_events(events: Sequence[FeedbackEvent], config: EventRules, now: int) -> None:
     """Raise ``DataError`` naming the first invalid event (index, id, rule and value).
 
     A Python loop, on purpose: a batch is bounded by ``max_events_per_append`` and checking an
@@ -642,7 +713,7 @@ def _check_events(events: Sequence[FeedbackEvent], config: FeedbackLogConfig, no
             raise DataError(f"feedback event {index} (event_id={event_id!r}): {problem}")
 
 
-def _problem(event: object, config: FeedbackLogConfig, latest: int) -> str | None:
+def _problem(event: object, config: EventRules, latest: int) -> str | None:
     """What is wrong with one event, or None."""
     if not isinstance(event, FeedbackEvent):
         return f"expected a FeedbackEvent, got {type(event).__name__}"

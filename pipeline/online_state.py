@@ -150,14 +150,14 @@ class OnlineState:
         item_idx: npt.ArrayLike,
         timestamps: npt.ArrayLike,
         *,
-        seq: int | None = None,
+        seq: int | npt.ArrayLike | None = None,
     ) -> None:
         """Append events (any order): each user keeps their ``history_length`` latest events,
         and every item joins their seen set.
 
         Item indices must be valid in the bundle's item map (callers map or drop unknown items).
-        seq: the log sequence number of the append that committed these events (live feedback);
-        a user whose state was restored from the log up to that point already holds them.
+        seq: the log sequence number of each event (one number: of them all); a user whose
+        state was restored from the log up to an event's number already holds that event.
         """
         users = _as_series(user_ids)
         items = np.asarray(item_idx, dtype=np.int32)
@@ -182,7 +182,9 @@ class OnlineState:
                 self._touch(users.unique(maintain_order=True).to_list())
                 self._shrink()
 
-    def _kept_events(self, users: list[str], seq: int | None) -> npt.NDArray[np.bool_] | None:
+    def _kept_events(
+        self, users: list[str], seq: int | npt.ArrayLike | None
+    ) -> npt.NDArray[np.bool_] | None:
         """Which events a bounded state keeps (None: all). Caller holds the lock.
 
         After an eviction, a user not held may have events the state no longer has: theirs stay
@@ -195,8 +197,9 @@ class OnlineState:
         if seq is None:
             keep = np.fromiter((u in ids for u in users), dtype=bool, count=len(users))
         else:
+            seqs = np.broadcast_to(np.asarray(seq, dtype=np.int64), (len(users),)).tolist()
             keep = np.fromiter(
-                (u in ids and watermarks.get(u, -1) < seq for u in users),
+                (u in ids and watermarks.get(u, -1) < s for u, s in zip(users, seqs, strict=True)),
                 dtype=bool,
                 count=len(users),
             )

@@ -7,10 +7,10 @@ testable without a web server.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,10 +23,18 @@ from data.errors import BundleError, DataError
 from data.idmap import IdMap
 from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from pipeline.artifacts import Artifacts, load_artifacts, load_history
+from pipeline.bundle import MANIFEST_NAME, verify_bundle
 from pipeline.bundle_check import BundleChecker, describe, smoke_test
 from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_artifacts
 from pipeline.factory import make_pipeline
-from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, FeedbackLogBusyError
+from pipeline.feedback_log import (
+    LOG_SCHEMA,
+    AppendResult,
+    BundleGeneration,
+    FeedbackEvent,
+    FeedbackLogBusyError,
+)
+from pipeline.feedback_store import FeedbackStore
 from pipeline.funnel import BudgetConfig, Pipeline
 from pipeline.online_state import OnlineState, RestoredEvents, observe_frame
 from retrieval.base import PAD_ITEM
@@ -62,7 +70,7 @@ class LogRestore:
     """Reads evicted users' events back from the feedback log (``OnlineState.bound``), by the
     rule the log replay follows (``_usable_events``)."""
 
-    feedback: FeedbackLog
+    feedback: FeedbackStore
     history_cut: int
     # The served item map: replaced when items are added live, so their events count.
     items: IdMap
@@ -70,7 +78,7 @@ class LogRestore:
     def __call__(self, user_ids: list[str]) -> RestoredEvents:
         watermark = self.feedback.last_seq()
         frame = self.feedback.read_users(user_ids, until=watermark)
-        users, items, times, _ = _usable_events(frame, self.history_cut, self.items)
+        users, items, times, _, _ = _usable_events(frame, self.history_cut, self.items)
         return RestoredEvents(users, items, times, watermark)
 
 
@@ -89,6 +97,12 @@ class _Served:
     replayed_seq: int = 0
     # Rebuilds the users the state evicted (None: the state is not bounded).
     restore: LogRestore | None = None
+    # The artifacts hold every logged catalogue update with seq <= items_seq.
+    items_seq: int = 0
+    # The published bundle generation this pipeline serves (0: not a published one).
+    generation: int = 0
+    # The bundle directory it was loaded from.
+    bundle: Path = Path()
 
 
 class RecommenderService:
@@ -109,12 +123,19 @@ class RecommenderService:
     before this one loads it (``pipeline/bundle_check.py``): a loader that crashes the process
     (LightGBM on a truncated model) then costs the child, not the service. Off, a reload is
     ~3 s faster the first time, for callers that reload bundles they just trained themselves.
+
+    Several workers (processes, machines) sharing one feedback log behave as one service:
+    ``catch_up`` applies what any of them logged (feedback, catalogue updates) in log order, and
+    a log follower thread calls it every few milliseconds (``pipeline/log_follower.py``). With
+    ``publish_reloads``, a reload also records the bundle in the log as a new generation, which
+    every other worker then loads, warms and swaps in (``follow_published``); ``generation`` is
+    the published generation ``bundle`` is (0: none).
     """
 
     def __init__(
         self,
         bundle: str | Path,
-        feedback: FeedbackLog,
+        feedback: FeedbackStore,
         *,
         history: str | Path | None = None,
         budgets: BudgetConfig | None = None,
@@ -122,8 +143,11 @@ class RecommenderService:
         max_online_users: int | None = DEFAULT_MAX_ONLINE_USERS,
         online_user_ttl_s: float | None = None,
         check_reloads_in_child: bool = True,
+        publish_reloads: bool = False,
+        generation: int = 0,
     ) -> None:
         self.feedback = feedback
+        self.publish_reloads = publish_reloads
         self.max_online_users = max_online_users
         self.online_user_ttl_s = online_user_ttl_s
         self.history = Path(history) if history is not None else None
@@ -135,19 +159,40 @@ class RecommenderService:
         # and one short log read, never for a bundle load or a log write.
         self._swap_lock = threading.Lock()
         self._checker = BundleChecker() if check_reloads_in_child else None
-        self._served = self._build(Path(bundle))
+        # The newest event time (seconds UTC) accepted here or applied from the log.
         self.last_feedback_timestamp: int | None = None
+        self._served = replace(self._build(Path(bundle)), generation=generation)
+        # A published generation this worker could not load (e.g. its path is missing here):
+        # not retried until a newer one is published, so a bad bundle costs one attempt.
+        self._refused_generation = 0
 
     @property
     def pipeline(self) -> Pipeline:
         """The pipeline serving now (a request keeps the one it picked up until it finishes)."""
         return self._served.pipeline
 
+    @property
+    def applied_seq(self) -> int:
+        """The log position the online state holds: every event with seq <= this one."""
+        return self._served.replayed_seq
+
+    @property
+    def bundle(self) -> Path:
+        """The directory of the bundle serving now."""
+        return self._served.bundle
+
+    @property
+    def generation(self) -> int:
+        """The published bundle generation being served (0: not a published one)."""
+        return self._served.generation
+
     # ---------------------------------------------------------------------------- lifecycle
     def _build(self, bundle: Path) -> _Served:
         # Memory-mapped: the uvicorn workers of one machine share the bundle's big arrays and
         # index through the page cache; items added live go to private overlays (add_items).
-        artifacts = self._replay_items(load_artifacts(bundle, mmap=True))
+        # The feedback is replayed up to a bound read before the items (see _catch_up_served).
+        bound = self.feedback.last_seq()
+        artifacts, items_seq, _ = self._replay_items(load_artifacts(bundle, mmap=True))
         state, cut = self._seed_state(artifacts)
         restore = None
         if self.max_online_users is not None:
@@ -157,7 +202,10 @@ class RecommenderService:
         pipeline = make_pipeline(
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
         )
-        served = self._replay_log(_Served(pipeline, cut, restore=restore))
+        served = self._replay_log(
+            _Served(pipeline, cut, restore=restore, items_seq=items_seq, bundle=bundle),
+            until=bound,
+        )
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
         started = time.perf_counter()
@@ -168,26 +216,31 @@ class RecommenderService:
         smoke_test(served.pipeline)
         return served
 
-    def _replay_items(self, artifacts: Artifacts) -> Artifacts:
-        """``artifacts`` with the logged catalogue updates applied (the last value given for
-        each item), before any feedback is replayed: events on those items then count.
+    def _replay_items(
+        self, artifacts: Artifacts, since: int = 0, *, now: int | None = None
+    ) -> tuple[Artifacts, int, tuple[str, ...]]:
+        """``artifacts`` with the catalogue updates logged after ``since`` applied (the last
+        value given for each item), the last update's seq and the retrieval sources that took
+        the items. Runs before the feedback of the same read is replayed: events on those items
+        then count.
 
         Updates were checked before they were logged, so none should fail; one that does all
         the same is reported and skipped: start-up never fails on the catalogue.
         """
-        updates = self.feedback.item_updates()
+        updates, items_seq = self.feedback.item_updates_since(since)
         if updates.height == 0:
-            return artifacts
+            return artifacts, items_seq, ()
         latest = updates.group_by(ITEM_ID, maintain_order=True).agg(
             pl.col("categories").drop_nulls().last(), pl.col("created_at").drop_nulls().last()
         )
         try:
-            extended, change = extend_artifacts(artifacts, latest, now=int(time.time()))
+            when = int(time.time()) if now is None else now
+            extended, change = extend_artifacts(artifacts, latest, now=when)
         except DataError as exc:
             logger.error("logged catalogue updates not applied: %s", exc)
-            return artifacts
-        logger.info("catalogue: %d logged items replayed (%d new)", latest.height, change.added)
-        return extended
+            return artifacts, items_seq, ()
+        logger.info("catalogue: %d logged items applied (%d new)", latest.height, change.added)
+        return extended, items_seq, change.sources
 
     def _seed_state(self, artifacts: Artifacts) -> tuple[OnlineState, int]:
         """A state holding the seed history, and that history's newest event time.
@@ -215,8 +268,9 @@ class RecommenderService:
         cut = int(frame[TIMESTAMP].max()) if frame.height else _NO_HISTORY  # type: ignore[arg-type]
         return state, cut
 
-    def _replay_log(self, served: _Served) -> _Served:
-        """``served`` with every new logged event after ``served.replayed_seq`` observed.
+    def _replay_log(self, served: _Served, until: int | None = None) -> _Served:
+        """``served`` with every new logged event after ``served.replayed_seq`` (and up to
+        ``until``, when given) observed.
 
         Reads until the log is exhausted: ``replayed_seq`` is then at least the seq of every
         transaction committed before the last read, and below that of any committed after it.
@@ -224,9 +278,60 @@ class RecommenderService:
         replayed = served.replayed_seq
         items = served.pipeline.artifacts.items
         for frame in self.feedback.iter_all(since=replayed):
+            if until is not None:
+                frame = frame.filter(pl.col("seq") <= until)
+                if frame.height == 0:
+                    break
             replayed = int(frame["seq"][-1])
-            _observe(served.pipeline, *_usable_events(frame, served.history_cut, items))
+            self._apply_frame(served, frame, items)
+            if until is not None and replayed >= until:
+                break
         return replace(served, replayed_seq=replayed)
+
+    def _apply_frame(self, served: _Served, frame: pl.DataFrame, items: IdMap) -> None:
+        """Observe logged events (``LOG_SCHEMA``, seq order) into ``served``'s state."""
+        newest = int(frame[TIMESTAMP].max())  # type: ignore[arg-type]
+        if self.last_feedback_timestamp is None or newest > self.last_feedback_timestamp:
+            self.last_feedback_timestamp = newest
+        users, item_idx, times, weights, seqs = _usable_events(frame, served.history_cut, items)
+        _observe(served.pipeline, users, item_idx, times, weights, seq=seqs)
+
+    def _catch_up_served(self, served: _Served) -> _Served:
+        """``served`` with what was logged since it was built or last caught up: catalogue
+        updates first (an event on a new item was logged after the item, so reading the items
+        first never drops it), then feedback.
+
+        The feedback is read up to a bound taken before the items: every event below it was
+        logged after the items it names, so they are in the items read."""
+        bound = self.feedback.last_seq()
+        artifacts, items_seq, _ = self._replay_items(served.pipeline.artifacts, served.items_seq)
+        if items_seq != served.items_seq:
+            if artifacts is not served.pipeline.artifacts:
+                served = self._with_artifacts(served, artifacts)
+            served = replace(served, items_seq=items_seq)
+        return self._replay_log(served, until=bound)
+
+    def _with_artifacts(self, served: _Served, artifacts: Artifacts) -> _Served:
+        """``served`` answering from ``artifacts`` (a catalogue extension of its own)."""
+        state = served.pipeline.state
+        state.n_items = len(artifacts.items)
+        if served.restore is not None:
+            served.restore.items = artifacts.items
+        pipeline = make_pipeline(
+            artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
+        )
+        return replace(served, pipeline=pipeline)
+
+    def catch_up(self) -> int:
+        """Apply every catalogue update and feedback event logged (by any worker sharing the
+        log) since the last call, in log order; returns the log position now held.
+
+        Raises ``FeedbackLogBusyError`` when the log cannot be read (nothing changes; the next
+        call resumes from the same position).
+        """
+        with self._swap_lock:
+            self._served = self._catch_up_served(self._served)
+            return self._served.replayed_seq
 
     def reload(self, bundle: str | Path) -> tuple[str, str]:
         """Load, verify, smoke-test and warm a new bundle, then swap it in; the old one serves
@@ -237,18 +342,67 @@ class RecommenderService:
         that raises on a smoke request, or a loader that crashes the checking child process.
         ``FeedbackLogBusyError`` (the log, not the bundle) passes through. Returns (new
         model_version, previous model_version).
+
+        With ``publish_reloads``, the bundle is recorded in the log as a new generation once it
+        is known good (before this worker's own load), and every worker sharing the log
+        follows.
         """
-        path = Path(bundle)
         with self._reload_lock:
+            return self._reload_locked(Path(bundle), generation=None)
+
+    def follow_published(self) -> bool:
+        """Serve the newest bundle generation published in the log, if this worker does not yet
+        (loaded and warmed while the current one serves, then swapped in). Returns whether it
+        swapped. A generation that fails to load here is logged and not retried; the worker
+        keeps serving what it has. ``FeedbackLogBusyError`` when the log cannot be read."""
+        latest = self.feedback.latest_bundle()
+        if latest is None or latest.generation <= max(self.generation, self._refused_generation):
+            return False
+        with self._reload_lock:
+            served = self._served
+            if latest.generation <= served.generation:
+                return False  # adopted meanwhile (this worker published it, or caught up)
+            if latest.model_version == served.pipeline.model_version:
+                with self._swap_lock:
+                    self._served = replace(self._served, generation=latest.generation)
+                return False
+            try:
+                self._reload_locked(Path(latest.bundle), generation=latest)
+            except BundleError as exc:
+                self._refused_generation = latest.generation
+                logger.error(
+                    "published bundle generation %d (%r) refused here: %s",
+                    latest.generation,
+                    latest.bundle,
+                    str(exc),
+                )
+                return False
+        return True
+
+    def _reload_locked(self, path: Path, *, generation: BundleGeneration | None) -> tuple[str, str]:
+        """``reload`` (generation None: publish it when ``publish_reloads``) or the adoption of
+        a published ``generation``. Caller holds the reload lock.
+
+        A reload publishes as soon as the bundle is known good (the child's check, or its
+        manifest), before its own slow load: the other workers then load theirs at the same
+        time, and the rollout takes one load, not two in a row. They skip the child check the
+        publisher ran (the bundle's files are verified against its manifest as they load).
+        """
+        if generation is None:
             if self._checker is not None:
                 self._checker.check(path)
-            fresh = self._load_candidate(path)  # slow: no request-facing lock held
-            with self._swap_lock:
-                # Feedback committed while the bundle loaded. Under the lock, so an event is
-                # either read here or observed live into the new pipeline, never neither nor
-                # both (record_feedback compares its seq with replayed_seq under this lock).
-                fresh = self._replay_log(fresh)
-                previous, self._served = self._served, fresh
+            if self.publish_reloads:
+                generation = self.feedback.publish_bundle(
+                    str(path.resolve()), _checked_model_version(path, self._checker is None)
+                )
+        fresh = self._load_candidate(path)  # slow: no request-facing lock held
+        if generation is not None:
+            fresh = replace(fresh, generation=generation.generation)
+        with self._swap_lock:
+            # What was logged while the bundle loaded. Under the lock, which every catch-up
+            # holds, so an event is applied to the new pipeline exactly once.
+            fresh = self._catch_up_served(fresh)
+            previous, self._served = self._served, fresh
         # No previous.close(): requests that picked up the old pipeline before the swap are still
         # running on it, and with preemptive budgets closing would shut its stage executor under
         # them (their stages fail and the answer degrades). The last of them drops the last
@@ -256,7 +410,7 @@ class RecommenderService:
         old, new = previous.pipeline.model_version, fresh.pipeline.model_version
         # Quoted and escaped: a path is the caller's text, and a control character in it must
         # not reach the log raw (a NUL byte once made the log a binary file).
-        logger.info("reloaded bundle %r (%s -> %s)", str(bundle), old, new)
+        logger.info("reloaded bundle %r (%s -> %s)", str(path), old, new)
         return new, old
 
     def _load_candidate(self, bundle: Path) -> _Served:
@@ -291,21 +445,19 @@ class RecommenderService:
         feedback on them then reaches histories and trending like any other.
         """
         check_items_frame(frame)
-        with self._reload_lock:  # one catalogue change or reload at a time
-            self.feedback.append_items(frame)
+        self.feedback.append_items(frame)
+        with self._swap_lock:
             served = self._served
-            artifacts, change = extend_artifacts(
-                served.pipeline.artifacts, frame, now=int(time.time()) if now is None else now
+            ids = frame[ITEM_ID]
+            known = served.pipeline.artifacts.items.index(ids, allow_unknown=True) >= 0
+            # Applied from the log, in log order with other workers' updates (catch_up).
+            artifacts, items_seq, sources = self._replay_items(
+                served.pipeline.artifacts, served.items_seq, now=now
             )
-            state = served.pipeline.state
-            state.n_items = len(artifacts.items)
-            if served.restore is not None:
-                served.restore.items = artifacts.items
-            pipeline = make_pipeline(
-                artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
-            )
-            with self._swap_lock:
-                self._served = replace(self._served, pipeline=pipeline)
+            if artifacts is not served.pipeline.artifacts:
+                served = self._with_artifacts(served, artifacts)
+            self._served = replace(served, items_seq=items_seq)
+        change = CatalogChange(added=int((~known).sum()), updated=int(known.sum()), sources=sources)
         logger.info(
             "catalogue: %d items added, %d updated (%s)",
             change.added,
@@ -316,39 +468,50 @@ class RecommenderService:
 
     # ---------------------------------------------------------------------------- feedback
     def record_feedback(self, events: list[FeedbackEvent]) -> AppendResult:
-        """Append durably first, then update the online state used by the next request."""
+        """Append durably first, then bring the online state up to the log (these events and
+        any other worker's before them), so that the next request here sees them.
+
+        Once the append returned, the events are acknowledged: a failure to read the log back
+        is logged, not raised, and the log follower applies them at its next tick.
+        """
         result = self.feedback.append(events)
         if result.accepted_events:
-            with self._swap_lock:
-                served = self._served
-                # One append is one transaction, so its events' seqs are all <= last_seq: if a
-                # reload that swapped in after the commit read them from the log, they are in
-                # its state already; otherwise none of them is.
-                if result.last_seq > served.replayed_seq:
-                    self._observe_events(served, result.accepted_events, result.last_seq)
-            self.last_feedback_timestamp = max(e.timestamp for e in result.accepted_events)
+            try:
+                with self._swap_lock:
+                    self._served = self._catch_up_after(self._served, result)
+            except FeedbackLogBusyError as exc:
+                logger.warning("feedback logged, online state not yet updated: %s", exc)
         return result
 
-    @staticmethod
-    def _observe_events(served: _Served, events: Sequence[FeedbackEvent], seq: int) -> None:
-        """Add live events (committed by the append that ended at ``seq``) to the state, by the
-        rule the log replay follows (``_usable_events``)."""
-        times = np.array([e.timestamp for e in events], dtype=np.int64)
-        weights = np.array([e.weight for e in events], dtype=np.float64)
-        keep = (weights > 0) & (times > served.history_cut)
-        if not keep.any():
-            return
-        kept = [e for e, k in zip(events, keep, strict=True) if k]
-        items = served.pipeline.artifacts.items.index([e.item_id for e in kept], allow_unknown=True)
-        known = items != PAD_ITEM
-        _observe(
-            served.pipeline,
-            pl.Series([e.user_id for e, k in zip(kept, known, strict=True) if k], dtype=pl.String),
-            items[known],
-            times[keep][known],
-            weights[keep][known],
-            seq=seq,
+    def _catch_up_after(self, served: _Served, result: AppendResult) -> _Served:
+        """``_catch_up_served`` after this worker's own append, without reading its events back
+        when nothing else was logged since the state's position: the append's events then fill
+        every number in (replayed_seq, last_seq], in order (each backend draws a transaction's
+        numbers above every committed one), and are applied as they are. The usual case of a
+        single writer (the simulator, one worker), and one read less on a request's path."""
+        accepted = result.accepted_events
+        if result.last_seq - len(accepted) != served.replayed_seq:
+            return self._catch_up_served(served)
+        artifacts, items_seq, _ = self._replay_items(served.pipeline.artifacts, served.items_seq)
+        if items_seq != served.items_seq:
+            if artifacts is not served.pipeline.artifacts:
+                served = self._with_artifacts(served, artifacts)
+            served = replace(served, items_seq=items_seq)
+        frame = pl.DataFrame(
+            {
+                "seq": range(served.replayed_seq + 1, result.last_seq + 1),
+                "event_id": [e.event_id for e in accepted],
+                USER_ID: [e.user_id for e in accepted],
+                ITEM_ID: [e.item_id for e in accepted],
+                "type": [e.type for e in accepted],
+                TIMESTAMP: [e.timestamp for e in accepted],
+                WEIGHT: [e.weight for e in accepted],
+                "received_at": [0] * len(accepted),
+            },
+            schema=dict(LOG_SCHEMA),
         )
+        self._apply_frame(served, frame, served.pipeline.artifacts.items)
+        return replace(served, replayed_seq=result.last_seq)
 
     # ---------------------------------------------------------------------------- similar
     def similar_items(self, item_id: str, k: int) -> list[SimilarItem]:
@@ -391,10 +554,29 @@ class RecommenderService:
         return max(0.0, time.time() - self.last_feedback_timestamp)
 
 
+def _checked_model_version(bundle: Path, verify: bool) -> str:
+    """The bundle's model_version from its manifest, verified first unless a check just did."""
+    try:
+        if verify:
+            manifest = verify_bundle(bundle)
+        else:
+            manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {str(bundle)!r} cannot be read: {exc}") from exc
+    return str(manifest["model_version"])
+
+
 def _usable_events(
     frame: pl.DataFrame, history_cut: int, items: IdMap
-) -> tuple[pl.Series, npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """(user ids, item indices, timestamps, weights) of the logged events (``LOG_SCHEMA``) that
+) -> tuple[
+    pl.Series,
+    npt.NDArray[np.int32],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+]:
+    """(user ids, item indices, timestamps, weights, seqs) of the logged events
+    (``LOG_SCHEMA``) that
     reach the online state: positive weights (impressions are logged for training and
     monitoring, not histories), after the seed history's cut (see ``_seed_state``), on items
     the served bundle knows."""
@@ -406,6 +588,7 @@ def _usable_events(
         index[known],
         fresh[TIMESTAMP].to_numpy()[known],
         fresh[WEIGHT].to_numpy()[known],
+        fresh["seq"].to_numpy()[known],
     )
 
 
@@ -416,7 +599,7 @@ def _observe(
     timestamps: npt.NDArray[np.int64],
     weights: npt.NDArray[np.float64],
     *,
-    seq: int | None = None,
+    seq: npt.NDArray[np.int64] | None = None,
 ) -> None:
     """Events (known items, positive weights) reach everything that follows the live stream:
     each user's state (history, seen items: what the models read) and the population-level

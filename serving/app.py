@@ -13,11 +13,14 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
+from data.errors import BundleError
+from pipeline.feedback_store import FeedbackStore, describe_location, open_feedback_store
+from pipeline.log_follower import FollowerConfig, LogFollower
 from pipeline.service import RecommenderService
 from serving.batcher import RequestBatcher
 from serving.errors import install_error_handlers
@@ -36,25 +39,30 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        feedback = FeedbackLog(FeedbackLogConfig(path=settings.feedback_db))
-        service = await run_in_threadpool(
-            RecommenderService,
-            settings.bundle,
-            feedback,
-            history=settings.data,
-            budgets=settings.budgets(),
-            max_online_users=settings.max_online_users,
-            online_user_ttl_s=settings.online_user_ttl_s,
-        )
+        feedback = await run_in_threadpool(open_feedback_store, settings.feedback_db)
+        service = await run_in_threadpool(_start_service, settings, feedback)
         app.state.service = service
         app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)
+        follower = LogFollower(
+            service,
+            FollowerConfig(interval_s=settings.follow_interval_ms / 1000),
+            on_step=lambda: metrics.observe_service(service),
+        ).start()
         freeze_long_lived_objects(collect=True)
-        logger.info("serving bundle %s (%s)", settings.bundle, service.pipeline.model_version)
+        logger.info(
+            "serving bundle %s (%s, generation %d), feedback log %s",
+            service.bundle,
+            service.pipeline.model_version,
+            service.generation,
+            describe_location(settings.feedback_db),
+        )
         try:
             yield
         finally:
+            follower.stop()
             app.state.batcher.close()
             service.close()
+            metrics.worker_exited()
             gc.unfreeze()  # the process may go on (tests, an embedding program)
 
     app = FastAPI(
@@ -78,6 +86,44 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         app.include_router(router)
     app.include_router(explorer_router())
     return app
+
+
+def _start_service(settings: ServiceSettings, feedback: FeedbackStore) -> RecommenderService:
+    """The service of one worker, on the newest bundle generation published in the log (what
+    every worker sharing it serves), or on ``settings.bundle`` before any was published."""
+
+    def start(bundle: Path, generation: int) -> RecommenderService:
+        return RecommenderService(
+            bundle,
+            feedback,
+            history=settings.data,
+            budgets=settings.budgets(),
+            max_online_users=settings.max_online_users,
+            online_user_ttl_s=settings.online_user_ttl_s,
+            publish_reloads=True,
+            generation=generation,
+        )
+
+    try:
+        latest = feedback.latest_bundle()
+        if latest is None or Path(latest.bundle) == settings.bundle.resolve():
+            return start(settings.bundle, 0 if latest is None else latest.generation)
+        try:
+            return start(Path(latest.bundle), latest.generation)
+        except (BundleError, OSError) as exc:
+            # A generation this worker cannot load (its path missing here, say) must not keep
+            # it from starting: it serves its own bundle and logs why.
+            logger.error(
+                "published bundle generation %d (%r) cannot be served here, serving %s: %s",
+                latest.generation,
+                latest.bundle,
+                settings.bundle,
+                exc,
+            )
+            return start(settings.bundle, 0)
+    except BaseException:
+        feedback.close()
+        raise
 
 
 def app_from_env() -> FastAPI:

@@ -1,9 +1,35 @@
-"""Prometheus metrics of the HTTP service, and the middleware that counts every answer."""
+"""Prometheus metrics of the HTTP service, and the middleware that counts every answer.
+
+Several workers (``recsys serve --workers N``) are several processes, and a scrape reaches one of
+them. So that one scrape reports them all, the server runs them in prometheus_client's
+multiprocess mode: ``recsys serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory
+before the workers start, each worker writes its values to memory-mapped files there, and
+``/metrics`` sums the files of every worker, the exited ones included (their counts happened).
+Gauges say how they combine: the feedback lag and the log position are the worst worker's.
+Without the variable (one worker, tests, an embedding program), each app has its own registry.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.service import RecommenderService
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers share their metrics through, or None in single-process mode.
+
+    prometheus_client picks its value store when it is first imported; what counts is that
+    choice, not the variable alone (set after the import, it would change nothing)."""
+    if values.ValueClass is values.MutexValue:
+        return None
+    return os.environ.get(MULTIPROC_DIR_ENV)
 
 
 class Metrics:
@@ -11,6 +37,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir()
         self.requests = Counter(
             "recsys_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
         )
@@ -35,7 +62,47 @@ class Metrics:
             "recsys_feedback_lag_seconds",
             "Seconds since the newest accepted event",
             registry=self.registry,
+            multiprocess_mode="livemax",  # the worker that is most behind
         )
+        self.log_position = Gauge(
+            "recsys_feedback_applied_seq",
+            "Feedback log sequence number the online state holds (the most behind worker)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        # One sample per live worker (labelled by pid in multiprocess mode): how many serve.
+        self.worker_up = Gauge(
+            "recsys_worker_up",
+            "1 for each worker serving",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.bundle_generation = Gauge(
+            "recsys_bundle_generation",
+            "Published bundle generation served (the most behind worker)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+
+    def observe_service(self, service: RecommenderService) -> None:
+        """Set the gauges that describe ``service`` (at each scrape and each follower tick)."""
+        self.feedback_lag.set(service.feedback_lag_seconds())
+        self.log_position.set(service.applied_seq)
+        self.bundle_generation.set(service.generation)
+        self.worker_up.set(1)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of every worker (multiprocess mode) or of this app."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
+
+    def worker_exited(self) -> None:
+        """Drop this process's live gauges (its counters stay: what it counted happened)."""
+        if self.multiprocess_dir is not None:
+            prometheus_multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 class RequestCounter:

@@ -128,6 +128,15 @@ class FeedbackIn(BaseModel):
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
+# The feedback log position an answer reflects: on a recommendation, every logged event up to
+# it had reached the answering worker's online state; on a feedback answer, the position of
+# the append. A client that compares them measures how fast feedback becomes visible.
+LOG_SEQ_HEADER = "X-Feedback-Log-Seq"
+# Which worker process answered (its pid): with several workers behind one port, what tells a
+# client (a test, an operator chasing one bad worker) whose state an answer came from.
+WORKER_HEADER = "X-Served-By"
+
+
 class FeedbackOut(BaseModel):
     accepted: int
     duplicates: int

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.funnel import BudgetConfig
@@ -30,7 +30,13 @@ class ServiceSettings(BaseSettings):
 
     bundle: Path
     data: Path | None = None  # dataset directory whose train+valid splits seed user histories
-    feedback_db: Path = Path("feedback.sqlite3")
+    # A SQLite file (one machine; the embedded default) or a postgresql:// URL (replicas on
+    # several machines). The URL may carry a password: set it in the environment
+    # (RECSYS_FEEDBACK_DB), not on a command line.
+    feedback_db: str = "feedback.sqlite3"
+    # How often each worker applies what other workers logged (pipeline/log_follower.py): the
+    # feedback visibility lag between workers is about this plus one read.
+    follow_interval_ms: float = Field(default=20.0, gt=0)
     # Bearer token for /admin/*: at least MIN_ADMIN_TOKEN_LENGTH characters of visible ASCII (what
     # an Authorization header carries). Neither this nor admin_token_file set: /admin/* answer 403.
     admin_token: SecretStr | None = None
@@ -67,6 +73,11 @@ class ServiceSettings(BaseSettings):
     max_online_users: int = Field(default=DEFAULT_MAX_ONLINE_USERS, ge=1)
     # Seconds after which an idle held user is evicted too; None keeps them until the cap.
     online_user_ttl_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("feedback_db", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
 
     @model_validator(mode="after")
     def _read_admin_token(self) -> ServiceSettings:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +12,12 @@ import pytest
 
 from cli.main import main
 from ranking.compiled_forest import CACHE_ENV
+from tests.postgres_server import (
+    PostgresServer,
+    PostgresUnavailableError,
+    start_server,
+    wait_accepting,
+)
 
 TINY_CONFIG = """
 [retrieval]
@@ -69,3 +78,31 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert main(["data", "synth", "--out", str(data), *world, "--seed", "1"]) == 0
     assert main(["train", "--data", str(data), "--out", str(bundle), "--config", str(config)]) == 0
     return data, bundle
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/postgres_server.py); skips, with the
+    reason, where none can be started."""
+    try:
+        server = start_server()
+    except PostgresUnavailableError as exc:
+        pytest.skip(str(exc))
+    try:
+        wait_accepting(server.url)
+        yield server
+    finally:
+        with contextlib.suppress(PostgresUnavailableError):  # a test may have stopped it
+            server.stop("immediate")
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh, empty database on the session's server."""
+    import psycopg
+
+    name = f"recsys_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]  # generated name
+    return postgres_server.database_url(name)

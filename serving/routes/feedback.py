@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from data.errors import DataError
 from pipeline.feedback_log import FeedbackLogBusyError
 from serving.deps import FeedbackLimiterDep, MetricsDep, ServiceDep
 from serving.errors import error_response
-from serving.schemas import ErrorOut, FeedbackIn, FeedbackOut
+from serving.schemas import LOG_SEQ_HEADER, ErrorOut, FeedbackIn, FeedbackOut
 
 router = APIRouter(tags=["feedback"])
+
+RETRY_AFTER_S = "1"
 
 
 # A plain function: FastAPI runs it on its thread pool, as the log's commit (fsync) blocks.
@@ -25,6 +27,7 @@ router = APIRouter(tags=["feedback"])
 def feedback(
     body: FeedbackIn,
     request: Request,
+    response: Response,
     service: ServiceDep,
     metrics: MetricsDep,
     limiter: FeedbackLimiterDep,
@@ -51,7 +54,11 @@ def feedback(
         metrics.feedback_events.labels(result="rejected").inc(len(body.events))
         return error_response(422, str(exc))
     except FeedbackLogBusyError as exc:
-        return error_response(503, str(exc))
+        # Nothing was acknowledged: the client re-sends the same events (idempotent on
+        # event_id) after a second, by which time a restarted database is usually back.
+        metrics.feedback_events.labels(result="unavailable").inc(len(body.events))
+        return error_response(503, str(exc), headers={"Retry-After": RETRY_AFTER_S})
     metrics.feedback_events.labels(result="accepted").inc(result.accepted)
     metrics.feedback_events.labels(result="duplicate").inc(result.duplicates)
+    response.headers[LOG_SEQ_HEADER] = str(result.last_seq)
     return FeedbackOut(accepted=result.accepted, duplicates=result.duplicates)

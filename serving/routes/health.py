@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.deps import MetricsDep, ServiceDep
 from serving.schemas import HealthOut
@@ -30,5 +30,6 @@ def readyz(request: Request) -> Any:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def prometheus(service: ServiceDep, metrics: MetricsDep) -> Response:
-    metrics.feedback_lag.set(service.feedback_lag_seconds())
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # This worker's gauges fresh; the others' as their log followers last set them.
+    metrics.observe_service(service)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

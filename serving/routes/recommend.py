@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from data.errors import DataError
@@ -13,7 +14,15 @@ from pipeline.funnel import Recommendation, RecommendRequest
 from serving.batcher import RequestInputError
 from serving.deps import BatcherDep, MetricsDep, ServiceDep, SettingsDep
 from serving.errors import error_response
-from serving.schemas import ErrorOut, ItemOut, RecommendIn, RecommendOut, TimingsOut
+from serving.schemas import (
+    LOG_SEQ_HEADER,
+    WORKER_HEADER,
+    ErrorOut,
+    ItemOut,
+    RecommendIn,
+    RecommendOut,
+    TimingsOut,
+)
 
 router = APIRouter(tags=["recommend"])
 
@@ -21,6 +30,7 @@ router = APIRouter(tags=["recommend"])
 @router.post("/v1/recommend", response_model=RecommendOut, responses={422: {"model": ErrorOut}})
 async def recommend(
     body: RecommendIn,
+    response: Response,
     batcher: BatcherDep,
     service: ServiceDep,
     settings: SettingsDep,
@@ -34,6 +44,9 @@ async def recommend(
         exclude_item_ids=tuple(body.exclude_item_ids),
         explain=body.explain,
     )
+    # Read before the pipeline runs: the answer reflects at least this much of the log.
+    response.headers[LOG_SEQ_HEADER] = str(service.applied_seq)
+    response.headers[WORKER_HEADER] = str(os.getpid())
     pending = asyncio.wrap_future(batcher.submit(request))
     try:
         answer = await asyncio.wait_for(pending, settings.request_deadline_s())
