@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_ar
 from pipeline.factory import make_pipeline
 from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, FeedbackLogBusyError
 from pipeline.funnel import BudgetConfig, Pipeline
+from pipeline.online_learning import OnlineLearningConfig, OnlineTrainer, UpdateStats
 from pipeline.online_state import OnlineState, RestoredEvents, observe_frame
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
@@ -89,6 +90,8 @@ class _Served:
     replayed_seq: int = 0
     # Rebuilds the users the state evicted (None: the state is not bounded).
     restore: LogRestore | None = None
+    # Trains the bundle's two-tower on live feedback (None: weights stay as trained).
+    trainer: OnlineTrainer | None = None
 
 
 class RecommenderService:
@@ -109,6 +112,11 @@ class RecommenderService:
     before this one loads it (``pipeline/bundle_check.py``): a loader that crashes the process
     (LightGBM on a truncated model) then costs the child, not the service. Off, a reload is
     ~3 s faster the first time, for callers that reload bundles they just trained themselves.
+    online_learning: train the two-tower online from live feedback (``pipeline/online_learning``);
+    None keeps the weights as trained. online_checkpoint: a directory where the online weights
+    are checkpointed and resumed from at start-up (same bundle only). background_updates: a
+    thread takes the update every ``interval_s``; off, the caller calls :meth:`update_model`
+    (the simulator does, at the end of each tick). clock: seconds UTC for freshness.
     """
 
     def __init__(
@@ -122,8 +130,16 @@ class RecommenderService:
         max_online_users: int | None = DEFAULT_MAX_ONLINE_USERS,
         online_user_ttl_s: float | None = None,
         check_reloads_in_child: bool = True,
+        online_learning: OnlineLearningConfig | None = None,
+        online_checkpoint: str | Path | None = None,
+        background_updates: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.feedback = feedback
+        self.online_learning = online_learning
+        self.online_checkpoint = Path(online_checkpoint) if online_checkpoint else None
+        self.clock = clock
+        self._updates_since_checkpoint = 0
         self.max_online_users = max_online_users
         self.online_user_ttl_s = online_user_ttl_s
         self.history = Path(history) if history is not None else None
@@ -137,6 +153,13 @@ class RecommenderService:
         self._checker = BundleChecker() if check_reloads_in_child else None
         self._served = self._build(Path(bundle))
         self.last_feedback_timestamp: int | None = None
+        self._stop_updates = threading.Event()
+        self._update_thread: threading.Thread | None = None
+        if online_learning is not None and background_updates:
+            self._update_thread = threading.Thread(
+                target=self._update_loop, name="online-updates", daemon=True
+            )
+            self._update_thread.start()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -158,6 +181,7 @@ class RecommenderService:
             artifacts, state, budgets=self.budgets, enforce_budgets=self.enforce_budgets
         )
         served = self._replay_log(_Served(pipeline, cut, restore=restore))
+        served = replace(served, trainer=self._make_trainer(served.pipeline))
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
         started = time.perf_counter()
@@ -167,6 +191,19 @@ class RecommenderService:
         # answer one request is refused here, not served degraded.
         smoke_test(served.pipeline)
         return served
+
+    def _make_trainer(self, pipeline: Pipeline) -> OnlineTrainer | None:
+        """The online trainer of ``pipeline``'s two-tower, resumed from the checkpoint of the
+        same bundle if there is one (None: online learning off, or no two-tower)."""
+        tower = pipeline.artifacts.retrieval.sources_.get("two_tower")
+        if self.online_learning is None or not isinstance(tower, TwoTowerSource):
+            return None
+        trainer = OnlineTrainer(tower, self.online_learning, clock=self.clock)
+        if self.online_checkpoint is not None and trainer.load_checkpoint(
+            self.online_checkpoint, pipeline.artifacts.model_version
+        ):
+            logger.info("online weights resumed at step %d", trainer.step)
+        return trainer
 
     def _replay_items(self, artifacts: Artifacts) -> Artifacts:
         """``artifacts`` with the logged catalogue updates applied (the last value given for
@@ -275,6 +312,10 @@ class RecommenderService:
             ) from exc
 
     def close(self) -> None:
+        self._stop_updates.set()
+        if self._update_thread is not None:
+            self._update_thread.join()
+        self._checkpoint()
         self.pipeline.close()
         self.feedback.close()
         if self._checker is not None:
@@ -329,6 +370,63 @@ class RecommenderService:
             self.last_feedback_timestamp = max(e.timestamp for e in result.accepted_events)
         return result
 
+    # ---------------------------------------------------------------------------- online model
+    def update_model(self, *, force: bool = False) -> UpdateStats | None:
+        """One online update of the serving model from the feedback queued since the last
+        (None: online learning off, switched off, or too little new feedback)."""
+        # Under the reload lock: a catalogue change (add_items) edits the same item vectors.
+        with self._reload_lock:
+            trainer = self._served.trainer
+            if trainer is None:
+                return None
+            stats = trainer.update(force=force)
+        if stats is not None:
+            self._updates_since_checkpoint += 1
+            assert self.online_learning is not None
+            if self._updates_since_checkpoint >= self.online_learning.checkpoint_every:
+                self._checkpoint()
+        return stats
+
+    def set_online_updates(self, enabled: bool) -> None:
+        """The kill switch: off, the model keeps its current weights until switched back on."""
+        trainer = self._served.trainer
+        if trainer is not None:
+            trainer.enabled = enabled
+
+    def rollback_model(self) -> str:
+        """Serve the bundle's own weights again (online steps undone); returns the version."""
+        with self._reload_lock:
+            trainer = self._served.trainer
+            if trainer is not None:
+                trainer.rollback()
+                self._checkpoint()
+        return self.pipeline.model_version
+
+    def online_status(self) -> dict[str, object]:
+        """The online model: version, steps, freshness (``/metrics`` and the API read it)."""
+        served = self._served
+        status: dict[str, object] = {"model_version": served.pipeline.model_version}
+        if served.trainer is not None:
+            status |= served.trainer.status()
+        return status
+
+    def _checkpoint(self) -> None:
+        served = self._served
+        if self.online_checkpoint is None or served.trainer is None:
+            return
+        served.trainer.save_checkpoint(
+            self.online_checkpoint, served.pipeline.artifacts.model_version
+        )
+        self._updates_since_checkpoint = 0
+
+    def _update_loop(self) -> None:
+        assert self.online_learning is not None
+        while not self._stop_updates.wait(self.online_learning.interval_s):
+            try:
+                self.update_model()
+            except Exception:  # an update that fails leaves the serving model as it was
+                logger.exception("online model update failed")
+
     @staticmethod
     def _observe_events(served: _Served, events: Sequence[FeedbackEvent], seq: int) -> None:
         """Add live events (committed by the append that ended at ``seq``) to the state, by the
@@ -341,9 +439,18 @@ class RecommenderService:
         kept = [e for e, k in zip(events, keep, strict=True) if k]
         items = served.pipeline.artifacts.items.index([e.item_id for e in kept], allow_unknown=True)
         known = items != PAD_ITEM
+        user_ids = pl.Series(
+            [e.user_id for e, k in zip(kept, known, strict=True) if k], dtype=pl.String
+        )
+        if served.trainer is not None and user_ids.len():
+            # The users' histories before these events: what the model should have predicted from.
+            before = served.pipeline.state.batch(user_ids, times[keep][known])
+            served.trainer.submit(
+                before.user_idx, before.recent_items, items[known], times[keep][known]
+            )
         _observe(
             served.pipeline,
-            pl.Series([e.user_id for e, k in zip(kept, known, strict=True) if k], dtype=pl.String),
+            user_ids,
             items[known],
             times[keep][known],
             weights[keep][known],
