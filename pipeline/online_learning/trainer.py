@@ -261,7 +261,7 @@ class OnlineTrainer:
         loss = sampled_softmax_loss(scores, hits, self.source.config.temperature)
         for optimizer in self._optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         for optimizer in self._optimizers:
             optimizer.step()
         in_history = history[(history >= 0) & (history < self._n_id_items)]
