@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from pipeline.feedback_log import FeedbackLog, FeedbackLogConfig
+from pipeline.online_learning import OnlineLearningConfig
 from pipeline.service import RecommenderService
 from serving.batcher import RequestBatcher
 from serving.errors import install_error_handlers
@@ -45,6 +46,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             budgets=settings.budgets(),
             max_online_users=settings.max_online_users,
             online_user_ttl_s=settings.online_user_ttl_s,
+            online_learning=(
+                OnlineLearningConfig(interval_s=settings.online_interval_s)
+                if settings.online_learning
+                else None
+            ),
+            online_checkpoint=settings.online_checkpoint,
         )
         app.state.service = service
         app.state.batcher = RequestBatcher(lambda: service.pipeline, max_batch=settings.max_batch)

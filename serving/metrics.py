@@ -36,6 +36,19 @@ class Metrics:
             "Seconds since the newest accepted event",
             registry=self.registry,
         )
+        # Online learning (pipeline/online_learning): the published step, and the time from an
+        # event to the first model version trained on it, over the trainer's recent examples.
+        self.online_step = Gauge(
+            "recsys_model_online_step",
+            "Online training steps published on the bundle's weights (0: as trained)",
+            registry=self.registry,
+        )
+        self.model_freshness = Gauge(
+            "recsys_model_freshness_seconds",
+            "Event time to its first use by the model",
+            ["quantile"],
+            registry=self.registry,
+        )
 
 
 class RequestCounter:

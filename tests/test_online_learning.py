@@ -221,3 +221,52 @@ def test_background_updates_keep_the_model_fresh_under_requests(
     assert failures == []
     # Events are a second apart and at most a few cadences old when used.
     assert isinstance(freshness, float) and 0 <= freshness < 30
+
+
+def test_http_service_reports_the_online_step_and_freshness(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.settings import ServiceSettings
+
+    data, bundle = tiny_bundle
+    settings = ServiceSettings(
+        bundle=bundle,
+        data=data,
+        feedback_db=tmp_path / "feedback.sqlite3",
+        retrieval_budget_ms=500,
+        ranking_budget_ms=500,
+        reranking_budget_ms=500,
+        online_learning=True,
+        online_interval_s=0.05,
+        online_checkpoint=tmp_path / "online",
+    )
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        events = _clicks(service, 64, "h")
+        body = {
+            "events": [
+                {
+                    "event_id": e.event_id,
+                    "user_id": e.user_id,
+                    "item_id": e.item_id,
+                    "type": "click",
+                    "timestamp": e.timestamp,
+                }
+                for e in events
+            ]
+        }
+        assert client.post("/v1/feedback", json=body).status_code == 202
+        deadline = time.monotonic() + 20
+        while "+online." not in service.pipeline.model_version and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = client.post("/v1/recommend", json={"user_id": events[0].user_id, "k": 3})
+        assert answer.status_code == 200
+        assert "+online." in answer.json()["model_version"]
+        text = client.get("/metrics").text
+    assert 'recsys_model_freshness_seconds{quantile="0.5"}' in text
+    step = [line for line in text.splitlines() if line.startswith("recsys_model_online_step ")]
+    assert step and float(step[0].split()[1]) >= 1
+    assert (tmp_path / "online" / "online_state.json").is_file()  # checkpointed at shutdown

@@ -31,4 +31,10 @@ def readyz(request: Request) -> Any:
 @router.get("/metrics", response_class=PlainTextResponse)
 def prometheus(service: ServiceDep, metrics: MetricsDep) -> Response:
     metrics.feedback_lag.set(service.feedback_lag_seconds())
+    online = service.online_status()
+    metrics.online_step.set(float(online.get("online_step") or 0))  # type: ignore[arg-type]
+    for quantile, key in (("0.5", "model_freshness_p50_s"), ("0.99", "model_freshness_p99_s")):
+        value = online.get(key)
+        if isinstance(value, float):
+            metrics.model_freshness.labels(quantile=quantile).set(value)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
