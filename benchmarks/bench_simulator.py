@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from benchmarks.common import RESULTS_DIR, peak_rss_mb, write_result
 from data.configuration import load_toml
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--from-result", type=Path, help="re-analyse a saved raw result instead of simulating"
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="add the oracle arm (one retrain on the true post-drift preferences): the bound "
+        "on what any arm can win back; its retrain is outside the loop's time budget",
+    )
+    parser.add_argument(
+        "--name", default="simulator", help="result file name under benchmarks/results/"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures["total_seconds"] = total_seconds
     figures["analysis_seconds"] = analysis_seconds
     figures["peak_rss_mb"] = peak_rss_mb()
-    path = write_result("simulator", figures)
+    path = write_result(args.name, figures)
     for key in ("simulation_seconds", "sessions_per_second", "arm_sessions_per_second"):
         print(f"{key}: {figures[key]:,.1f}")
     print(f"wrote {path} and the report in {args.report}")
@@ -116,6 +126,8 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         **values["behaviour"],
         "sessions_per_user_day": args.sessions_per_user_day,
     }
+    if args.oracle:
+        values["arms"] = [*values["arms"], {"name": "oracle", "kind": "oracle", "weight": 1}]
     values["analysis"] = {
         **values["analysis"],
         "aa_replicates": args.replicates,
@@ -123,6 +135,22 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         "srm_replicates": args.replicates,
     }
     return ExperimentConfig.from_mapping(values, base_dir=args.config.parent)
+
+
+def _online_learning(result: SimulationResult) -> dict[str, Any]:
+    """Per online_learning arm: steps published, examples learned, median freshness (simulated
+    seconds from an event to the first model version trained on it)."""
+    out: dict[str, Any] = {}
+    for arm in result.config.arms:
+        if not arm.learns_online:
+            continue
+        daily = result.daily.filter(pl.col("arm") == arm.name)
+        out[arm.name] = {
+            "online_steps": int(daily["online_step"].max() or 0),
+            "examples": int(daily["online_examples"].sum()),
+            "median_daily_freshness_s": float(daily["model_freshness_s"].drop_nans().median() or 0),
+        }
+    return out
 
 
 def _lossy_srm(result: SimulationResult) -> dict[str, Any]:
@@ -167,7 +195,8 @@ def _figures(
     result: SimulationResult, analysis: dict[str, Any], lossy_srm: dict[str, Any]
 ) -> dict[str, Any]:
     timings = result.timings
-    treatment = result.config.arm_names[-1]
+    learners = [a.name for a in result.config.arms if a.kind != "oracle"]
+    treatment = learners[-1]
     comparison = analysis["comparisons"][treatment]["metrics"]
     drift = analysis["drift"]
     return {
@@ -191,6 +220,8 @@ def _figures(
             arm: [row.get("ctr") for row in rows] for arm, rows in analysis["daily"].items()
         },
         "drift": drift,
+        "pairwise": analysis.get("pairwise"),
+        "online_learning": _online_learning(result),
         "whole_run": {metric: comparison[metric] for metric in ("ctr", "engagement")},
         "sequential": {
             key: analysis["comparisons"][treatment].get("sequential", {}).get(key)
