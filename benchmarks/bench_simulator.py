@@ -145,10 +145,13 @@ def _online_learning(result: SimulationResult) -> dict[str, Any]:
         if not arm.learns_online:
             continue
         daily = result.daily.filter(pl.col("arm") == arm.name)
+        freshness = daily["model_freshness_s"].to_numpy()
         out[arm.name] = {
-            "online_steps": int(daily["online_step"].max() or 0),
-            "examples": int(daily["online_examples"].sum()),
-            "median_daily_freshness_s": float(daily["model_freshness_s"].drop_nans().median() or 0),
+            "online_steps": int(daily["online_step"].to_numpy().max()),
+            "examples": int(daily["online_examples"].to_numpy().sum()),
+            "median_daily_freshness_s": float(np.nanmedian(freshness))
+            if np.isfinite(freshness).any()
+            else None,
         }
     return out
 
