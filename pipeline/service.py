@@ -28,8 +28,14 @@ from pipeline.catalog_updates import CatalogChange, check_items_frame, extend_ar
 from pipeline.factory import make_pipeline
 from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, FeedbackLogBusyError
 from pipeline.funnel import BudgetConfig, Pipeline
-from pipeline.online_learning import OnlineLearningConfig, OnlineTrainer, UpdateStats
+from pipeline.online_learning import (
+    AlsItemUpdater,
+    OnlineLearningConfig,
+    OnlineTrainer,
+    UpdateStats,
+)
 from pipeline.online_state import OnlineState, RestoredEvents, observe_frame
+from retrieval.als import ALSSource
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 
@@ -198,7 +204,13 @@ class RecommenderService:
         tower = pipeline.artifacts.retrieval.sources_.get("two_tower")
         if self.online_learning is None or not isinstance(tower, TwoTowerSource):
             return None
-        trainer = OnlineTrainer(tower, self.online_learning, clock=self.clock)
+        als = pipeline.artifacts.retrieval.sources_.get("als")
+        trainer = OnlineTrainer(
+            tower,
+            self.online_learning,
+            clock=self.clock,
+            als=AlsItemUpdater(als) if isinstance(als, ALSSource) else None,
+        )
         if self.online_checkpoint is not None and trainer.load_checkpoint(
             self.online_checkpoint, pipeline.artifacts.model_version
         ):

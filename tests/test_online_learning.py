@@ -16,6 +16,7 @@ from pipeline.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig
 from pipeline.funnel import RecommendRequest
 from pipeline.online_learning import OnlineLearningConfig, ReplayBuffer
 from pipeline.service import RecommenderService
+from retrieval.als import ALSSource, item_gram
 from retrieval.two_tower.model import encode_items
 from retrieval.two_tower.source import TwoTowerSource
 
@@ -94,6 +95,9 @@ def test_an_update_trains_publishes_and_reembeds_only_touched_items(
     service: RecommenderService,
 ) -> None:
     tower = _tower(service)
+    als = service.pipeline.artifacts.retrieval.sources_["als"]
+    assert isinstance(als, ALSSource)
+    als_before = als.item_factors_.copy()
     base_version = service.pipeline.model_version
     before = tower.item_vectors_.copy()
     events = _clicks(service, 64, "a")
@@ -104,6 +108,12 @@ def test_an_update_trains_publishes_and_reembeds_only_touched_items(
     service.record_feedback(events)
     stats = [service.update_model() for _ in range(3)]
     assert stats[0] is not None and stats[0].examples == 64 and stats[0].steps == 1
+    # ALS re-solved exactly the clicked items' factors; its Gram matrix stays Y^T Y.
+    clicked_items = np.unique(clicked)
+    assert stats[0].als_items == clicked_items.size
+    moved = np.flatnonzero((als.item_factors_ != als_before).any(axis=1))
+    np.testing.assert_array_equal(moved, clicked_items)
+    np.testing.assert_allclose(als._item_gram(), item_gram(als.item_factors_), rtol=1e-6)
     assert stats[1] is None  # nothing new: no step, no new version
     for _ in range(6):  # more of the same stream
         service.record_feedback(_clicks(service, 64, f"b{_}"))
@@ -136,7 +146,10 @@ def test_an_update_trains_publishes_and_reembeds_only_touched_items(
 
 def test_kill_switch_and_rollback(service: RecommenderService) -> None:
     tower = _tower(service)
+    als = service.pipeline.artifacts.retrieval.sources_["als"]
+    assert isinstance(als, ALSSource)
     base_version, base_vectors = service.pipeline.model_version, tower.item_vectors_.copy()
+    base_factors = als.item_factors_.copy()
     service.record_feedback(_clicks(service, 64, "a"))
     assert service.update_model() is not None
     moved = service.pipeline.model_version
@@ -147,8 +160,10 @@ def test_kill_switch_and_rollback(service: RecommenderService) -> None:
     assert service.online_status()["replay_examples"] == 128  # off: still remembered
     service.set_online_updates(True)
 
+    assert not np.array_equal(als.item_factors_, base_factors)
     assert service.rollback_model() == base_version
     np.testing.assert_array_equal(tower.item_vectors_, base_vectors)
+    np.testing.assert_array_equal(als.item_factors_, base_factors)
     service.record_feedback(_clicks(service, 64, "c"))
     stats = service.update_model()
     assert stats is not None
@@ -166,12 +181,15 @@ def test_a_restart_resumes_the_checkpointed_online_weights(
     first.record_feedback(_clicks(first, 64, "a"))
     assert first.update_model() is not None
     version, vectors = first.pipeline.model_version, _tower(first).item_vectors_.copy()
+    factors = first.pipeline.artifacts.retrieval.sources_["als"].item_factors_.copy()
     first.close()  # checkpoints on the way out
 
     second = _service(bundle, tmp_path, online_checkpoint=checkpoint)
     try:
         assert second.pipeline.model_version == version
         np.testing.assert_allclose(_tower(second).item_vectors_, vectors, atol=1e-6)
+        resumed = second.pipeline.artifacts.retrieval.sources_["als"].item_factors_
+        np.testing.assert_array_equal(resumed, factors)
         assert second.rollback_model() == version.split("+")[0]
     finally:
         second.close()

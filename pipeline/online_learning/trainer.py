@@ -49,6 +49,7 @@ import numpy.typing as npt
 import torch
 
 from data.errors import BundleError
+from pipeline.online_learning.als_update import AlsItemUpdater
 from pipeline.online_learning.config import OnlineLearningConfig
 from pipeline.online_learning.replay import ReplayBuffer
 from retrieval.two_tower.model import TwoTowerModel, encode_items, torch_threads
@@ -59,6 +60,7 @@ __all__ = ["OnlineTrainer", "UpdateStats"]
 
 CHECKPOINT_WEIGHTS = "online_model.pt"
 CHECKPOINT_META = "online_state.json"
+CHECKPOINT_ALS = "online_als"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class UpdateStats:
     steps: optimiser steps taken now. examples: new examples consumed (replayed ones excluded).
     loss: mean training loss of the steps. touched_items: items re-embedded into the index.
     freshness_s: median seconds from an example's event to this publication.
+    als_items: ALS item factors re-solved (0 without an ALS source).
     """
 
     step: int
@@ -77,6 +80,7 @@ class UpdateStats:
     loss: float
     touched_items: int
     freshness_s: float
+    als_items: int = 0
 
 
 class OnlineTrainer:
@@ -84,6 +88,8 @@ class OnlineTrainer:
 
     clock: seconds UTC (the service: wall time; the simulator: its simulated clock).
     seed: the replay and negative sampling stream.
+    als: the bundle's ALS item side, re-solved at every update from the same events
+        (:mod:`pipeline.online_learning.als_update`); None: ALS stays as trained.
     """
 
     def __init__(
@@ -93,8 +99,10 @@ class OnlineTrainer:
         *,
         clock: Callable[[], float] = time.time,
         seed: int = 0,
+        als: AlsItemUpdater | None = None,
     ) -> None:
         self.source = source
+        self.als = als
         self.config = config if config is not None else OnlineLearningConfig()
         self.clock = clock
         self.enabled = self.config.enabled
@@ -161,6 +169,8 @@ class OnlineTrainer:
         """
         users = np.asarray(user_idx, dtype=np.int64)
         items = np.asarray(item_idx, dtype=np.int64)
+        if self.als is not None and self.enabled:
+            self.als.submit(users, items)
         history = _fit_width(np.asarray(histories, dtype=np.int64), self.replay.histories.shape[1])
         times = np.asarray(timestamps, dtype=np.int64)
         known = self.source.features_.item_known
@@ -209,6 +219,7 @@ class OnlineTrainer:
                 self.step += len(losses)
                 self._changed[changed] = True
                 self._publish(changed, self.step)
+                als_items = self.als.update() if self.als is not None else 0
             now = self.clock()
             ages = now - times[:used].astype(np.float64)
             self.freshness.extend(ages.tolist())
@@ -219,6 +230,7 @@ class OnlineTrainer:
                 loss=float(np.mean(losses)),
                 touched_items=int(changed.size),
                 freshness_s=float(np.median(ages)),
+                als_items=als_items,
             )
 
     def _take_pending(self) -> tuple[npt.NDArray[np.int64], ...]:
@@ -304,6 +316,8 @@ class OnlineTrainer:
             self._changed[:] = False
             with torch_threads(self.source.config.num_threads):
                 self._publish(changed, 0)
+            if self.als is not None:
+                self.als.rollback()
 
     def status(self) -> dict[str, Any]:
         """The trainer as the service reports it (JSON-ready)."""
@@ -335,12 +349,19 @@ class OnlineTrainer:
                 "weights": weights.name,
                 "changed_items": np.flatnonzero(self._changed).tolist(),
             }
+            if self.als is not None:
+                als_items, als_factors = self.als.changed()
+                als_file = f"{CHECKPOINT_ALS}.{self.step}.npz"
+                np.savez(out / als_file, items=als_items, factors=als_factors)
+                meta["als"] = als_file
             temporary = out / f"{CHECKPOINT_META}.tmp"
             temporary.write_text(json.dumps(meta))
             previous = _read_meta(out)
             os.replace(temporary, out / CHECKPOINT_META)
         if previous is not None and previous["weights"] != weights.name:
             (out / previous["weights"]).unlink(missing_ok=True)
+            if "als" in previous:
+                (out / previous["als"]).unlink(missing_ok=True)
         return out / CHECKPOINT_META
 
     def load_checkpoint(self, directory: str | Path, base_version: str) -> bool:
@@ -360,6 +381,9 @@ class OnlineTrainer:
                 self.step = int(meta["step"])
                 with torch_threads(self.source.config.num_threads):
                     self._publish(changed, int(meta["online_step"]))
+                if self.als is not None and "als" in meta:
+                    with np.load(path / meta["als"], allow_pickle=False) as saved:
+                        self.als.restore(saved["items"], saved["factors"])
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise BundleError(f"online checkpoint {str(path)!r} is unreadable: {exc}") from exc
         return True
