@@ -181,15 +181,18 @@ def test_a_restart_resumes_the_checkpointed_online_weights(
     first.record_feedback(_clicks(first, 64, "a"))
     assert first.update_model() is not None
     version, vectors = first.pipeline.model_version, _tower(first).item_vectors_.copy()
-    factors = first.pipeline.artifacts.retrieval.sources_["als"].item_factors_.copy()
+    first_als = first.pipeline.artifacts.retrieval.sources_["als"]
+    assert isinstance(first_als, ALSSource)
+    factors = first_als.item_factors_.copy()
     first.close()  # checkpoints on the way out
 
     second = _service(bundle, tmp_path, online_checkpoint=checkpoint)
     try:
         assert second.pipeline.model_version == version
         np.testing.assert_allclose(_tower(second).item_vectors_, vectors, atol=1e-6)
-        resumed = second.pipeline.artifacts.retrieval.sources_["als"].item_factors_
-        np.testing.assert_array_equal(resumed, factors)
+        resumed = second.pipeline.artifacts.retrieval.sources_["als"]
+        assert isinstance(resumed, ALSSource)
+        np.testing.assert_array_equal(resumed.item_factors_, factors)
         assert second.rollback_model() == version.split("+")[0]
     finally:
         second.close()
