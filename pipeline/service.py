@@ -30,6 +30,7 @@ from pipeline.feedback_log import AppendResult, FeedbackEvent, FeedbackLog, Feed
 from pipeline.funnel import BudgetConfig, Pipeline
 from pipeline.online_learning import (
     AlsItemUpdater,
+    AlsOnlineTrainer,
     OnlineLearningConfig,
     OnlineTrainer,
     UpdateStats,
@@ -96,8 +97,8 @@ class _Served:
     replayed_seq: int = 0
     # Rebuilds the users the state evicted (None: the state is not bounded).
     restore: LogRestore | None = None
-    # Trains the bundle's two-tower on live feedback (None: weights stay as trained).
-    trainer: OnlineTrainer | None = None
+    # Trains the bundle's models on live feedback (None: weights stay as trained).
+    trainer: OnlineTrainer | AlsOnlineTrainer | None = None
 
 
 class RecommenderService:
@@ -198,19 +199,22 @@ class RecommenderService:
         smoke_test(served.pipeline)
         return served
 
-    def _make_trainer(self, pipeline: Pipeline) -> OnlineTrainer | None:
-        """The online trainer of ``pipeline``'s two-tower, resumed from the checkpoint of the
-        same bundle if there is one (None: online learning off, or no two-tower)."""
-        tower = pipeline.artifacts.retrieval.sources_.get("two_tower")
-        if self.online_learning is None or not isinstance(tower, TwoTowerSource):
+    def _make_trainer(self, pipeline: Pipeline) -> OnlineTrainer | AlsOnlineTrainer | None:
+        """The online trainer of ``pipeline``'s two-tower (and ALS items), or of its ALS items
+        alone in a bundle without a two-tower, resumed from the checkpoint of the same bundle if
+        there is one (None: online learning off, or nothing to train)."""
+        if self.online_learning is None:
             return None
-        als = pipeline.artifacts.retrieval.sources_.get("als")
-        trainer = OnlineTrainer(
-            tower,
-            self.online_learning,
-            clock=self.clock,
-            als=AlsItemUpdater(als) if isinstance(als, ALSSource) else None,
-        )
+        sources = pipeline.artifacts.retrieval.sources_
+        tower, als = sources.get("two_tower"), sources.get("als")
+        updater = AlsItemUpdater(als) if isinstance(als, ALSSource) else None
+        trainer: OnlineTrainer | AlsOnlineTrainer
+        if isinstance(tower, TwoTowerSource):
+            trainer = OnlineTrainer(tower, self.online_learning, clock=self.clock, als=updater)
+        elif updater is not None:
+            trainer = AlsOnlineTrainer(updater, self.online_learning, clock=self.clock)
+        else:
+            return None
         if self.online_checkpoint is not None and trainer.load_checkpoint(
             self.online_checkpoint, pipeline.artifacts.model_version
         ):

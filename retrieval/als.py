@@ -276,6 +276,8 @@ class ALSSource:
             LastBatchMemo()
         )
         self._fold_in_cache: UserVectorCache | None = None
+        # Online updates published on the fitted factors (pipeline/online_learning).
+        self.online_step_ = 0
 
     @property
     def n_users(self) -> int:

@@ -291,3 +291,32 @@ def test_http_service_reports_the_online_step_and_freshness(
     step = [line for line in text.splitlines() if line.startswith("recsys_model_online_step ")]
     assert step and float(step[0].split()[1]) >= 1
     assert (tmp_path / "online" / "online_state.json").is_file()  # checkpointed at shutdown
+
+
+def test_als_only_trainer_follows_the_stream(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # A bundle without a two-tower (small logs): the ALS items alone learn, with the same
+    # versions, rollback and checkpoints.
+    from pipeline.artifacts import load_artifacts
+    from pipeline.online_learning import AlsItemUpdater, AlsOnlineTrainer
+
+    _, bundle = tiny_bundle
+    artifacts = load_artifacts(bundle)
+    als = artifacts.retrieval.sources_["als"]
+    assert isinstance(als, ALSSource)
+    trained = als.item_factors_.copy()
+    trainer = AlsOnlineTrainer(AlsItemUpdater(als), OnlineLearningConfig(min_events=4))
+    users, items = np.arange(8), np.repeat([3, 7], 4)
+    assert trainer.submit(users, np.full((8, 2), -1), items, np.full(8, int(time.time()))) == 8
+    stats = trainer.update()
+    assert stats is not None and stats.als_items == 2 and artifacts.retrieval.online_step == 1
+    moved = np.flatnonzero((als.item_factors_ != trained).any(axis=1))
+    np.testing.assert_array_equal(moved, [3, 7])
+    trainer.save_checkpoint(tmp_path, "v1")
+    saved = als.item_factors_.copy()
+    trainer.rollback()
+    np.testing.assert_array_equal(als.item_factors_, trained)
+    assert artifacts.retrieval.online_step == 0
+    assert trainer.load_checkpoint(tmp_path, "v1") and not trainer.load_checkpoint(tmp_path, "v2")
+    np.testing.assert_array_equal(als.item_factors_, saved)

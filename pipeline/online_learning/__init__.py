@@ -6,9 +6,17 @@ buffer of recent examples against forgetting), re-embeds the items a step touche
 live index, and publishes each new model version atomically. See :mod:`.trainer`.
 """
 
+from pipeline.online_learning.als_trainer import AlsOnlineTrainer
 from pipeline.online_learning.als_update import AlsItemUpdater
 from pipeline.online_learning.config import OnlineLearningConfig
 from pipeline.online_learning.replay import ReplayBuffer
 from pipeline.online_learning.trainer import OnlineTrainer, UpdateStats
 
-__all__ = ["AlsItemUpdater", "OnlineLearningConfig", "OnlineTrainer", "ReplayBuffer", "UpdateStats"]
+__all__ = [
+    "AlsItemUpdater",
+    "AlsOnlineTrainer",
+    "OnlineLearningConfig",
+    "OnlineTrainer",
+    "ReplayBuffer",
+    "UpdateStats",
+]
