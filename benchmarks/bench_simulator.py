@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures["srm_power_at_issue_population"] = _srm_at_population(
         result, SRM_POPULATION, args.replicates
     )
+    figures["srm_issue17_criterion"] = srm_issue17_criterion(args.replicates)
     figures["total_seconds"] = total_seconds
     figures["analysis_seconds"] = analysis_seconds
     figures["peak_rss_mb"] = peak_rss_mb()
@@ -168,6 +169,27 @@ def _lossy_srm(result: SimulationResult) -> dict[str, Any]:
     )
     analysis = analyse(dataclasses.replace(result, config=lossy))
     return {"fraction": INJECTED_LOSS, **analysis["srm"]}
+
+
+def srm_issue17_criterion(replicates: int) -> dict[str, Any]:
+    """Issue 17's SRM criterion: a loss of 2 % of all exposed users, all from one arm of a
+    50/50 split (4 % of that arm), at 100k users and alpha 0.001, over ``replicates``
+    re-randomised assignments (the real assignment code; counts alone decide SRM power)."""
+    user_ids = [f"u{i}" for i in range(SRM_POPULATION)]
+    weights = {"control": 0.5, "treatment": 0.5}
+    salt = "srm-issue17/replicate"
+    groups = replicate_assignments(user_ids, salt, weights, replicates)
+    return srm_study(
+        user_ids,
+        np.ones(SRM_POPULATION, dtype=bool),
+        groups,
+        weights,
+        salt=salt,
+        loss_group=1,
+        loss_fraction=2 * INJECTED_LOSS,
+        shift=INJECTED_LOSS,
+        srm_alpha=0.001,
+    )
 
 
 def _srm_at_population(result: SimulationResult, n_users: int, replicates: int) -> dict[str, Any]:

@@ -90,6 +90,14 @@ def render_drift_simulation(result: dict[str, Any]) -> list[str]:
             f"{srm['loss']['users_for_95_percent_detection']:,} users for 95 %), "
             f"false alarms {srm['false_alarm_rate']:.3f}."
         )
+    criterion = f.get("srm_issue17_criterion")
+    if criterion:
+        lines.append(
+            f"Issue 17's SRM criterion (2 % of all {criterion['exposed_users']:,} users lost, all "
+            f"from one arm of a 50/50 split, alpha {criterion['srm_alpha']}): detected in "
+            f"{criterion['loss']['detection_rate']:.1%} of {criterion['replicates']} replicates, "
+            f"false alarms {criterion['false_alarm_rate']:.3f}."
+        )
     return [*lines, ""]
 
 
