@@ -469,7 +469,7 @@ def test_online_arms_serve_items_released_during_the_experiment(
     tiny_run: tuple[SimulationResult, Path],
 ) -> None:
     """Items the world releases after the bundles were trained: online kinds add them to their
-    live catalogue and show them; the frozen arm cannot (its log never names one)."""
+    live catalogue and show them; the frozen arm cannot (its clicks never name one)."""
     result, work = tiny_run
     assert result.new_item_coverage["frozen"] == 0.0
     assert result.new_item_coverage["online"] > 0.0
