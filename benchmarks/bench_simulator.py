@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from benchmarks.common import RESULTS_DIR, peak_rss_mb, write_result
 from data.configuration import load_toml
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--from-result", type=Path, help="re-analyse a saved raw result instead of simulating"
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="add the oracle arm (one retrain on the true post-drift preferences): the bound "
+        "on what any arm can win back; its retrain is outside the loop's time budget",
+    )
+    parser.add_argument(
+        "--name", default="simulator", help="result file name under benchmarks/results/"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -91,10 +101,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures["srm_power_at_issue_population"] = _srm_at_population(
         result, SRM_POPULATION, args.replicates
     )
+    figures["srm_issue17_criterion"] = srm_issue17_criterion(args.replicates)
     figures["total_seconds"] = total_seconds
     figures["analysis_seconds"] = analysis_seconds
     figures["peak_rss_mb"] = peak_rss_mb()
-    path = write_result("simulator", figures)
+    path = write_result(args.name, figures)
     for key in ("simulation_seconds", "sessions_per_second", "arm_sessions_per_second"):
         print(f"{key}: {figures[key]:,.1f}")
     print(f"wrote {path} and the report in {args.report}")
@@ -116,6 +127,8 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         **values["behaviour"],
         "sessions_per_user_day": args.sessions_per_user_day,
     }
+    if args.oracle:
+        values["arms"] = [*values["arms"], {"name": "oracle", "kind": "oracle", "weight": 1}]
     values["analysis"] = {
         **values["analysis"],
         "aa_replicates": args.replicates,
@@ -123,6 +136,25 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         "srm_replicates": args.replicates,
     }
     return ExperimentConfig.from_mapping(values, base_dir=args.config.parent)
+
+
+def _online_learning(result: SimulationResult) -> dict[str, Any]:
+    """Per online_learning arm: steps published, examples learned, median freshness (simulated
+    seconds from an event to the first model version trained on it)."""
+    out: dict[str, Any] = {}
+    for arm in result.config.arms:
+        if not arm.learns_online:
+            continue
+        daily = result.daily.filter(pl.col("arm") == arm.name)
+        freshness = daily["model_freshness_s"].to_numpy()
+        out[arm.name] = {
+            "online_steps": int(daily["online_step"].to_numpy().max()),
+            "examples": int(daily["online_examples"].to_numpy().sum()),
+            "median_daily_freshness_s": float(np.nanmedian(freshness))
+            if np.isfinite(freshness).any()
+            else None,
+        }
+    return out
 
 
 def _lossy_srm(result: SimulationResult) -> dict[str, Any]:
@@ -137,6 +169,27 @@ def _lossy_srm(result: SimulationResult) -> dict[str, Any]:
     )
     analysis = analyse(dataclasses.replace(result, config=lossy))
     return {"fraction": INJECTED_LOSS, **analysis["srm"]}
+
+
+def srm_issue17_criterion(replicates: int) -> dict[str, Any]:
+    """Issue 17's SRM criterion: a loss of 2 % of all exposed users, all from one arm of a
+    50/50 split (4 % of that arm), at 100k users and alpha 0.001, over ``replicates``
+    re-randomised assignments (the real assignment code; counts alone decide SRM power)."""
+    user_ids = [f"u{i}" for i in range(SRM_POPULATION)]
+    weights = {"control": 0.5, "treatment": 0.5}
+    salt = "srm-issue17/replicate"
+    groups = replicate_assignments(user_ids, salt, weights, replicates)
+    return srm_study(
+        user_ids,
+        np.ones(SRM_POPULATION, dtype=bool),
+        groups,
+        weights,
+        salt=salt,
+        loss_group=1,
+        loss_fraction=2 * INJECTED_LOSS,
+        shift=INJECTED_LOSS,
+        srm_alpha=0.001,
+    )
 
 
 def _srm_at_population(result: SimulationResult, n_users: int, replicates: int) -> dict[str, Any]:
@@ -167,7 +220,8 @@ def _figures(
     result: SimulationResult, analysis: dict[str, Any], lossy_srm: dict[str, Any]
 ) -> dict[str, Any]:
     timings = result.timings
-    treatment = result.config.arm_names[-1]
+    learners = [a.name for a in result.config.arms if a.kind != "oracle"]
+    treatment = learners[-1]
     comparison = analysis["comparisons"][treatment]["metrics"]
     drift = analysis["drift"]
     return {
@@ -191,6 +245,8 @@ def _figures(
             arm: [row.get("ctr") for row in rows] for arm, rows in analysis["daily"].items()
         },
         "drift": drift,
+        "pairwise": analysis.get("pairwise"),
+        "online_learning": _online_learning(result),
         "whole_run": {metric: comparison[metric] for metric in ("ctr", "engagement")},
         "sequential": {
             key: analysis["comparisons"][treatment].get("sequential", {}).get(key)

@@ -75,6 +75,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "read back from the feedback log when they return (default: the service's, 100,000)",
     )
     serve.add_argument(
+        "--online-learning",
+        action="store_true",
+        help="train the two-tower online from the feedback each worker receives (one update "
+        "every 5 s; RECSYS_ONLINE_INTERVAL_S, RECSYS_ONLINE_CHECKPOINT tune it)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
@@ -162,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token=args.admin_token,
         admin_token_file=args.admin_token_file,
         max_online_users=args.max_online_users,
+        online_learning=args.online_learning,
         log_level=args.log_level,
         limits=limits,
     )
@@ -242,6 +249,7 @@ def run_server(
     admin_token: str | None = None,
     admin_token_file: Path | None = None,
     max_online_users: int | None = None,
+    online_learning: bool = False,
     log_level: str = "info",
     limits: ConnectionLimits | None = None,
 ) -> None:
@@ -268,6 +276,8 @@ def run_server(
         os.environ["RECSYS_ADMIN_TOKEN_FILE"] = str(admin_token_file.resolve())
     if max_online_users is not None:
         os.environ["RECSYS_MAX_ONLINE_USERS"] = str(max_online_users)
+    if online_learning:
+        os.environ["RECSYS_ONLINE_LEARNING"] = "true"
     check_settings()
     max_connections = raise_open_file_limit(limits.max_connections)
     if max_connections != limits.max_connections:

@@ -128,6 +128,7 @@ def analyse(result: SimulationResult) -> dict[str, Any]:
         **studies,
         "daily": _daily_series(result, assignment, observed),
         "drift": _drift_summary(result, assignment, observed),
+        "pairwise": _pairwise(result, metrics, assignment, observed, exposed, mixture_sd),
         "monitors": _monitor_summary(result),
         "retrains": result.retrains.to_dicts(),
         "catalog_coverage": result.catalog_coverage,
@@ -437,26 +438,95 @@ def _drift_summary(
                 int(trough_offset + recovered[0]) if recovered.size else None
             ),
         } | _drift_cost(result, name, drift_day)
-    exposed_post, metrics = per_user_metrics(result, slice(drift_day, None))
-    seen = exposed_post & observed
-    comparisons = {}
-    alpha = result.config.analysis.alpha
-    for t, name in enumerate(result.config.arm_names[1:], start=1):
-        in_c, in_t = seen & (assignment == 0), seen & (assignment == t)
-        welch = welch_test(metrics["ctr"][0, in_c], metrics["ctr"][t, in_t], alpha=alpha)
-        truth = metrics["expected_ctr"]
-        true_effect = float(np.mean(truth[t, seen] - truth[0, seen]))
-        comparisons[name] = {
-            **_welch_dict(welch),
-            "true_effect": true_effect,
-            "ci_covers_true_effect": bool(welch.ci[0] <= true_effect <= welch.ci[1]),
-        }
-    return {
+    names = result.config.arm_names
+    comparisons = {
+        name: _post_drift_ctr(result, assignment, observed, drift_day, 0, t)
+        for t, name in enumerate(names[1:], start=1)
+    }
+    out = {
         "kind": result.config.world.get("drift"),
         "drift_day": drift_day,
         "arms": arms,
         "post_drift_ctr": comparisons,
     }
+    oracle = next((a.name for a in result.config.arms if a.kind == "oracle"), None)
+    if oracle is not None and "cost_recovered" in arms[oracle]:
+        out["recovery_vs_oracle"] = _recovery_vs_oracle(arms, oracle)
+    return out
+
+
+def _post_drift_ctr(
+    result: SimulationResult,
+    assignment: npt.NDArray[np.int64],
+    observed: npt.NDArray[np.bool_],
+    drift_day: int,
+    c: int,
+    t: int,
+) -> dict[str, Any]:
+    """Arm ``t`` against arm ``c`` on the per-user CTR of the days from the drift on, with the
+    twin-world true effect on the same users and whether the CI covers it."""
+    exposed_post, metrics = per_user_metrics(result, slice(drift_day, None))
+    seen = exposed_post & observed
+    in_c, in_t = seen & (assignment == c), seen & (assignment == t)
+    alpha = result.config.analysis.alpha
+    welch = welch_test(metrics["ctr"][c, in_c], metrics["ctr"][t, in_t], alpha=alpha)
+    truth = metrics["expected_ctr"]
+    true_effect = float(np.mean(truth[t, seen] - truth[c, seen]))
+    return {
+        **_welch_dict(welch),
+        "true_effect": true_effect,
+        "ci_covers_true_effect": bool(welch.ci[0] <= true_effect <= welch.ci[1]),
+    }
+
+
+def _recovery_vs_oracle(arms: Mapping[str, Any], oracle: str) -> dict[str, Any]:
+    """Each arm's drift recovery next to the oracle's, the bound of what a policy can win back.
+
+    ``share_end_vs_oracle``: the arm's end share of its no-drift clicks over the oracle's;
+    ``cost_recovered_vs_oracle``: its ``cost_recovered`` over the oracle's.
+    """
+    bound = arms[oracle]
+    out: dict[str, Any] = {"oracle": oracle}
+    for name, arm in arms.items():
+        if "cost_recovered" not in arm:
+            continue
+        out[name] = {
+            "share_end": arm["share_end"],
+            "cost_recovered": arm["cost_recovered"],
+            "share_end_vs_oracle": _ratio(arm["share_end"], bound["share_end"]),
+            "cost_recovered_vs_oracle": _ratio(arm["cost_recovered"], bound["cost_recovered"]),
+        }
+    return out
+
+
+def _ratio(value: float, bound: float) -> float:
+    return value / bound if bound and math.isfinite(bound) else math.nan
+
+
+def _pairwise(
+    result: SimulationResult,
+    metrics: Mapping[str, FloatArray],
+    assignment: npt.NDArray[np.int64],
+    observed: npt.NDArray[np.bool_],
+    exposed: npt.NDArray[np.bool_],
+    mixture_sd: float | None,
+) -> dict[str, Any]:
+    """The head-to-head comparisons the config names (``analysis.comparisons``), keyed
+    ``"<candidate>_vs_<baseline>"``: the same estimates as each arm against the control, plus
+    the post-drift CTR comparison when the world drifts."""
+    names = list(result.config.arm_names)
+    out: dict[str, Any] = {}
+    for baseline, candidate in result.config.analysis.comparisons:
+        c, t = names.index(baseline), names.index(candidate)
+        comparison = _compare_arms(result, metrics, assignment, observed, exposed, c, t, mixture_sd)
+        comparison |= {"baseline": baseline, "candidate": candidate}
+        drift_day = result.config.drift_day
+        if drift_day is not None:
+            comparison["post_drift_ctr"] = _post_drift_ctr(
+                result, assignment, observed, drift_day, c, t
+            )
+        out[f"{candidate}_vs_{baseline}"] = comparison
+    return out
 
 
 def _drift_cost(result: SimulationResult, arm: str, drift_day: int) -> dict[str, Any]:

@@ -5,11 +5,18 @@ config, optionally with per-arm overrides) served by a real :class:`RecommenderS
 update policy, its ``kind`` (:class:`experiments.config.ArmConfig`):
 
     frozen          the bundle as trained; feedback is logged but never reaches the online state
-    online          frozen weights + online state updates (``RecommenderService.record_feedback``)
+    online_state    frozen weights + online state updates (``RecommenderService.record_feedback``);
+                    ``online`` is its alias
+    online_learning online state updates + the online trainer: the two-tower's weights follow
+                    the feedback stream, one update at the end of every tick
+                    (``pipeline/online_learning``, the service's own trainer)
     retrain_every   online, plus a retrain every ``every_days`` days on the pre-period + its log
     drift_retrain   online, plus a retrain when the arm's drift monitor alerts (``monitor``), at
                     most once every ``cooldown_days``
     popularity      a popularity-only bundle (the baseline every model must beat), online state
+    oracle          online state, plus one retrain at the end of the drift day on a log the world's
+                    logging policy generates from the users' *true post-drift* preferences: what
+                    a perfect retrain could win back, the bound for every other arm's recovery
 
 Every arm keeps its own feedback log (SQLite WAL, as in the service). Its service seeds the users'
 state from the pre-period dataset (``history``) and replays the log, which starts with the
@@ -35,9 +42,15 @@ from data.prepare import prepare_dataset
 from data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, empty_interactions
 from data.splits import SplitConfig
 from experiments.config import ArmConfig
+from experiments.organic import ORGANIC_EVENT
 from pipeline.artifacts import train_bundle
 from pipeline.bundle import verify_bundle
-from pipeline.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogConfig
+from pipeline.feedback_log import (
+    DEFAULT_TYPE_WEIGHTS,
+    FeedbackEvent,
+    FeedbackLog,
+    FeedbackLogConfig,
+)
 from pipeline.funnel import Recommendation, RecommendRequest
 from pipeline.service import RecommenderService
 
@@ -137,8 +150,12 @@ class ArmRunner:
         training: Mapping[str, Any],
         trainer: BundleTrainer,
         pre_period: pl.DataFrame | None = None,
+        oracle_log: Callable[[int], pl.DataFrame] | None = None,
     ) -> None:
         self.config = config
+        # oracle arms: the clicks of the world's true post-drift preferences, ending at a time.
+        self.oracle_log = oracle_log
+        self._updates_today: list[tuple[int, float]] = []
         self.service = service
         self.training = dict(training)
         self.trainer = trainer
@@ -189,6 +206,29 @@ class ArmRunner:
         if self.config.updates_online and items.height:
             self.service.add_items(items, now=now)
 
+    def end_tick(self) -> None:
+        """The end of a tick: an ``online_learning`` arm's model learns the tick's feedback."""
+        if not self.config.learns_online:
+            return
+        stats = self.service.update_model()
+        if stats is not None:
+            self._updates_today.append((stats.examples, stats.freshness_s))
+
+    def day_stats(self) -> dict[str, Any]:
+        """The day's online learning, for the daily row (then reset): the published online step,
+        examples learned, and the examples' median freshness (event to first use, seconds)."""
+        updates, self._updates_today = self._updates_today, []
+        examples = sum(n for n, _ in updates)
+        freshness = float(np.median([f for _, f in updates])) if updates else float("nan")
+        step = self.service.pipeline.artifacts.retrieval.online_step
+        return {"online_step": step, "online_examples": examples, "model_freshness_s": freshness}
+
+    def wants_oracle_retrain(self, day: int, drift_day: int | None) -> str | None:
+        """An oracle arm retrains once, at the end of the drift day."""
+        if self.config.kind == "oracle" and drift_day is not None and day == drift_day:
+            return "oracle"
+        return None
+
     def wants_retrain(self, day: int, monitor_alert: bool) -> str | None:
         """The reason to retrain at the end of ``day`` (0-based), or ``None``."""
         kind = self.config.kind
@@ -202,10 +242,15 @@ class ArmRunner:
     def retrain(self, day: int, now: int, reason: str) -> float:
         """Train on the pre-period + this arm's logged clicks, then hot-reload; returns seconds."""
         start = time.perf_counter()
-        logged = self.service.feedback.to_frame().filter(
-            (pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > self._pre_period_end)
-        )
-        clicks = pl.concat([self.pre_period, logged])
+        if self.config.kind == "oracle":
+            if self.oracle_log is None:
+                raise BundleError(f"arm {self.name!r}: an oracle arm needs the world's truth")
+            clicks = self.oracle_log(now)
+        else:
+            logged = self.service.feedback.to_frame().filter(
+                (pl.col(WEIGHT) > 0) & (pl.col(TIMESTAMP) > self._pre_period_end)
+            )
+            clicks = pl.concat([self.pre_period, logged])
         bundle = self.trainer.train(f"{self.name}-day{day:03d}", clicks, self.training, now)
         self.service.reload(bundle)
         seconds = time.perf_counter() - start
@@ -226,7 +271,11 @@ def open_feedback_log(path: Path, clock: SimulationClock) -> FeedbackLog:
     """
     for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         leftover.unlink(missing_ok=True)
-    return FeedbackLog(FeedbackLogConfig(path=path, synchronous="NORMAL"), clock=clock)
+    # Organic consumption (experiments/organic.py) is a positive of its own type.
+    type_weights = {**DEFAULT_TYPE_WEIGHTS, ORGANIC_EVENT: 1.0}
+    return FeedbackLog(
+        FeedbackLogConfig(path=path, synchronous="NORMAL", type_weights=type_weights), clock=clock
+    )
 
 
 def seed_feedback_log(log: FeedbackLog, clicks: pl.DataFrame, prefix: str = "pre") -> int:
@@ -258,6 +307,9 @@ def start_arm(
     trainer: BundleTrainer,
     history: Path,
     pre_period: pl.DataFrame,
+    *,
+    clock: SimulationClock | None = None,
+    oracle_log: Callable[[int], pl.DataFrame] | None = None,
 ) -> ArmRunner:
     """A running arm: a ``RecommenderService`` over ``bundle`` and the arm's seeded ``log``.
 
@@ -270,7 +322,16 @@ def start_arm(
     # service's per-request budgets (tens of ms) would degrade every time; stages run inline in
     # the arm's thread (see simulator._Run). A stage that raises still degrades, and it counts.
     # Retrained bundles are the simulator's own, just written: no checker process to vet them.
+    # online_learning: the service's own trainer, stepped by the simulator at each tick's end
+    # (no background thread: the simulated clock, not the wall clock, paces the updates).
     service = RecommenderService(
-        bundle, log, history=history, enforce_budgets=False, check_reloads_in_child=False
+        bundle,
+        log,
+        history=history,
+        enforce_budgets=False,
+        check_reloads_in_child=False,
+        online_learning=arm.online_learning_config() if arm.learns_online else None,
+        background_updates=False,
+        clock=clock if clock is not None else time.time,
     )
-    return ArmRunner(arm, service, training, trainer, pre_period)
+    return ArmRunner(arm, service, training, trainer, pre_period, oracle_log)

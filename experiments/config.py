@@ -49,8 +49,18 @@ from experiments.drift import DriftConfig
 from experiments.guardrails import Guardrail
 from experiments.power import DEFAULT_POWER
 from experiments.srm import SRM_ALPHA
+from pipeline.online_learning.config import OnlineLearningConfig
 
-ArmKind = Literal["frozen", "online", "retrain_every", "drift_retrain", "popularity"]
+ArmKind = Literal[
+    "frozen",
+    "online_state",
+    "online",  # the alias of online_state (its name before online learning existed)
+    "online_learning",
+    "retrain_every",
+    "drift_retrain",
+    "popularity",
+    "oracle",
+]
 MetricName = Literal["ctr", "engagement"]
 MonitorName = Literal["clicked_popularity", "score"]
 
@@ -76,6 +86,8 @@ class ArmConfig:
         needs ``reference_days`` of fresh data after a retrain before it can judge again.
     training: overrides deep-merged into the experiment's training config for this arm only
         (a model variant as an arm). Popularity arms get ``POPULARITY_TRAINING`` merged in too.
+    online_learning: ``online_learning``: overrides of the online trainer's settings
+        (``pipeline.online_learning.OnlineLearningConfig``).
     """
 
     name: str
@@ -85,6 +97,7 @@ class ArmConfig:
     monitor: MonitorName = "clicked_popularity"
     cooldown_days: int = 3
     training: Mapping[str, Any] = field(default_factory=dict)
+    online_learning: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
@@ -107,11 +120,26 @@ class ArmConfig:
             )
         if not isinstance(self.training, Mapping):
             raise ConfigError(f"arm {self.name!r}: training must be a table")
+        if not isinstance(self.online_learning, Mapping):
+            raise ConfigError(f"arm {self.name!r}: online_learning must be a table")
+        self.online_learning_config()  # validated now, not days into a run
 
     @property
     def updates_online(self) -> bool:
         """Whether feedback reaches the online state (everything but the frozen bundle)."""
         return self.kind != "frozen"
+
+    @property
+    def learns_online(self) -> bool:
+        """Whether the arm's model weights follow the feedback stream (the online trainer)."""
+        return self.kind == "online_learning"
+
+    def online_learning_config(self) -> OnlineLearningConfig:
+        """The online trainer's settings: the defaults with this arm's overrides."""
+        try:
+            return OnlineLearningConfig.from_mapping(dict(self.online_learning))
+        except ConfigError as exc:
+            raise ConfigError(f"arm {self.name!r}: {exc}") from exc
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str) -> ArmConfig:
@@ -135,6 +163,7 @@ _KIND_PARAMS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "retrain_every": frozenset({"every_days"}),
         "drift_retrain": frozenset({"monitor", "cooldown_days"}),
+        "online_learning": frozenset({"online_learning"}),
     }
 )
 
@@ -162,6 +191,13 @@ class BehaviourConfig:
     consumed_memory: clicks per user remembered as consumed (50, the default history length).
     batch_size: users per ``Pipeline.recommend`` call. Default 256: large enough to amortise the
         funnel's per-call overhead, small enough to keep the per-row response building cheap.
+    organic_share: the share of all consumption users find outside the recommender (search,
+        browsing; :mod:`experiments.organic`), logged as feedback of type ``"organic"``.
+        Default 0.3: real logs hold such consumption, and without it a user's new interests
+        reach the log only if the recommender already shows them. 0 turns it off.
+    organic_popularity_bias: weight of log-popularity in the organic choice's logit (1 = the
+        world's exposure prior in full). Default 0.5: search and browsing lean toward popular
+        items, but less than an exposure-driven feed does.
     parallel_arms: serve the arms' copies of a tick at once, one thread per arm, each arm's
         numeric libraries on one thread. The copies share no state and every random draw is
         made before they run, so the result is the same as one arm after the other; on a
@@ -176,6 +212,8 @@ class BehaviourConfig:
     consumed_penalty: float = 2.0
     consumed_memory: int = 50
     batch_size: int = 256
+    organic_share: float = 0.3
+    organic_popularity_bias: float = 0.5
     parallel_arms: bool = True
 
     def __post_init__(self) -> None:
@@ -201,7 +239,15 @@ class BehaviourConfig:
                 f"[behaviour] ticks_per_day must divide 24 (whole hours per tick), "
                 f"got {self.ticks_per_day}"
             )
-        for name in ("fatigue_per_repeat", "consumed_penalty"):
+        if not (
+            isinstance(self.organic_share, int | float)
+            and not isinstance(self.organic_share, bool)
+            and 0 <= self.organic_share < 1
+        ):
+            raise ConfigError(
+                f"[behaviour] organic_share must be in [0, 1), got {self.organic_share!r}"
+            )
+        for name in ("fatigue_per_repeat", "consumed_penalty", "organic_popularity_bias"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"[behaviour] {name} must be a finite number >= 0, got {value!r}")
@@ -227,6 +273,9 @@ class AnalysisConfig:
         of the catalogue in the pre-period (0.1 = top 10 %).
     guardrails: metrics the treatment must not degrade (``latency_ms``, ``diversity``,
         ``long_tail_share``), as non-inferiority checks.
+    comparisons: pairs of arm names ``[baseline, candidate]`` compared head to head besides
+        every arm against the control (``pairwise`` in the report), e.g.
+        ``[["online", "online_learning"]]``.
     """
 
     alpha: float = DEFAULT_ALPHA
@@ -246,6 +295,7 @@ class AnalysisConfig:
         Guardrail("diversity", "higher_is_better", 0.05),
         Guardrail("long_tail_share", "higher_is_better", 0.10),
     )
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("alpha", "srm_alpha", "power"):
@@ -272,6 +322,19 @@ class AnalysisConfig:
             for g in self.guardrails
         )
         object.__setattr__(self, "guardrails", guardrails)
+        pairs = []
+        for pair in self.comparisons:
+            if (
+                not isinstance(pair, list | tuple)
+                or len(pair) != 2
+                or not all(isinstance(name, str) for name in pair)
+                or pair[0] == pair[1]
+            ):
+                raise ConfigError(
+                    f"[analysis] comparisons must be pairs of two arm names, got {pair!r}"
+                )
+            pairs.append((pair[0], pair[1]))
+        object.__setattr__(self, "comparisons", tuple(pairs))
 
 
 @dataclass(frozen=True)
@@ -366,6 +429,10 @@ class ExperimentConfig:
                 f"[monitors] reference_days ({self.monitors.reference_days}) must be shorter "
                 f"than the experiment ({self.n_days} days)"
             )
+        for pair in self.analysis.comparisons:
+            unknown = [name for name in pair if name not in names]
+            if unknown:
+                raise ConfigError(f"[analysis] comparisons: {unknown} not among the arms {names}")
         loss = self.sample_loss
         if loss.arm is not None and loss.arm not in names:
             raise ConfigError(f"[sample_loss] arm {loss.arm!r} is not one of the arms {names}")

@@ -23,6 +23,7 @@ def render_markdown(analysis: Mapping[str, Any], paths: Mapping[str, Path]) -> s
         _md_coverage,
         _md_srm_power,
         _md_drift,
+        _md_pairwise,
         _md_monitors,
     )
     lines = ["# A/B simulation report", ""]
@@ -216,14 +217,19 @@ def _md_drift(analysis: Mapping[str, Any]) -> list[str]:
             "Drift cost: the share of the clicks each arm's slates would have earned had "
             "preferences not moved (same users, slates, times, fatigue; 1.00 before the drift).",
             "",
-            "| arm | lowest share (day) | share at end | cost won back |",
-            "|---|---|---|---|",
+            "| arm | lowest share (day) | share at end | cost won back | "
+            "end share / oracle's | cost won back / oracle's |",
+            "|---|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {name} | {d['share_lowest']:.3f} ({d['share_lowest_day']}) | "
-            f"{d['share_end']:.3f} | {_fmt(d['cost_recovered'], '.0%')} |"
-            for name, d in costs.items()
-        ]
+        vs_oracle = drift.get("recovery_vs_oracle", {})
+        for name, d in costs.items():
+            bound = vs_oracle.get(name, {})
+            lines.append(
+                f"| {name} | {d['share_lowest']:.3f} ({d['share_lowest_day']}) | "
+                f"{d['share_end']:.3f} | {_fmt(d['cost_recovered'], '.0%')} | "
+                f"{_fmt(bound.get('share_end_vs_oracle'), '.2f')} | "
+                f"{_fmt(bound.get('cost_recovered_vs_oracle'), '.2f')} |"
+            )
     for name, c in drift["post_drift_ctr"].items():
         covered = "covered" if c["ci_covers_true_effect"] else "NOT covered"
         lines += [
@@ -231,6 +237,31 @@ def _md_drift(analysis: Mapping[str, Any]) -> list[str]:
             f"Post-drift CTR, {name} - control: {c['difference']:+.4f} {_interval(c['ci'])}, "
             f"p = {c['p_value']:.3g}; true {c['true_effect']:+.4f} ({covered}).",
         ]
+    return [*lines, ""]
+
+
+def _md_pairwise(analysis: Mapping[str, Any]) -> list[str]:
+    """The head-to-head comparisons the config names (``analysis.comparisons``)."""
+    pairwise = analysis.get("pairwise") or {}
+    if not pairwise:
+        return []
+    metric = analysis["config"]["analysis"]["primary_metric"]
+    lines = ["## Pairwise comparisons", ""]
+    for comparison in pairwise.values():
+        m = comparison["metrics"][metric]
+        covered = "covered" if m["ci_covers_true_effect"] else "NOT covered"
+        lines.append(
+            f"- {comparison['candidate']} - {comparison['baseline']} ({metric}): "
+            f"{m['difference']:+.4f} {_interval(m['ci'])}, p = {m['p_value']:.3g}; "
+            f"true {m['true_effect']:+.4f} ({covered})"
+        )
+        post = comparison.get("post_drift_ctr")
+        if post is not None:
+            covered = "covered" if post["ci_covers_true_effect"] else "NOT covered"
+            lines.append(
+                f"  - after the drift (CTR): {post['difference']:+.4f} {_interval(post['ci'])}, "
+                f"p = {post['p_value']:.3g}; true {post['true_effect']:+.4f} ({covered})"
+            )
     return [*lines, ""]
 
 

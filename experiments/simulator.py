@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,13 @@ from experiments.arms import (
 )
 from experiments.config import BehaviourConfig, ExperimentConfig, MonitorConfig
 from experiments.drift import DriftMonitor, WindowDrift
+from experiments.organic import ORGANIC_EVENT, OrganicEvents, draw_organic, organic_rate
 from experiments.population import (
     History,
     apply_fatigue,
     build_history,
     draw_choices,
+    oracle_clicks,
     repeat_counts,
     slate_diversity,
 )
@@ -92,7 +95,7 @@ __all__ = ["simulate", "slate_matrix"]
 
 # Independent random streams of the simulation (SeedSequence spawn keys), so adding draws to one
 # never changes another: who arrives, when in the tick, which option is chosen, monitor samples.
-STREAM_ARRIVALS, STREAM_TIMES, STREAM_CHOICES, STREAM_MONITOR = 0, 1, 2, 3
+STREAM_ARRIVALS, STREAM_TIMES, STREAM_CHOICES, STREAM_MONITOR, STREAM_ORGANIC = 0, 1, 2, 3, 4
 MONITORS = ("clicked_popularity", "score")
 
 
@@ -252,6 +255,9 @@ class _Run:
         self.head = _head_items(history.pre_item_clicks, config.analysis.head_share)
         self.popularity_feature = np.log1p(history.pre_item_clicks)
         self.daily_rows: list[dict[str, Any]] = []
+        # Organic events per session: organic_share of the consumption under the logging policy.
+        self.organic_rate = organic_rate(config.behaviour.organic_share, history.click_rate)
+        self.organic_today = 0
         self.monitor_rows: list[dict[str, Any]] = []
         self.arm_threads = (
             ThreadPoolExecutor(
@@ -283,6 +289,15 @@ class _Run:
         sample = _rng(config.seed, STREAM_MONITOR, day, tick).permutation(users.size)[
             : config.monitors.score_sample_per_tick
         ]
+        organic = draw_organic(
+            self.world,
+            users,
+            times,
+            self.organic_rate,
+            behaviour.organic_popularity_bias,
+            _rng(config.seed, STREAM_ORGANIC, day, tick),
+        )
+        self.organic_today += organic.size
         self._release(tick_start)
         self.sessions[users, day] += 1
         # Feedback of this tick is delivered at its end: the logs' clock says so.
@@ -296,7 +311,12 @@ class _Run:
             )
             pipeline = universe.runner.service.pipeline
             scores = _prediction_scores(pipeline, ids, times, outcome, sample)
-            universe.runner.record(_click_events(universe, ids, times, outcome, day, tick))
+            # Found outside the slate: consumed (fatigue) and logged, never a click on a slate.
+            universe.consumed.write(users[organic.rows], organic.items[:, None])
+            events = _click_events(universe, ids, times, outcome, day, tick)
+            events += _organic_events(universe, ids, organic, day, tick)
+            universe.runner.record(events)
+            universe.runner.end_tick()
             return outcome, scores
 
         answers = (
@@ -337,7 +357,11 @@ class _Run:
         for a, universe in enumerate(self.universes):
             self.daily_rows.append(
                 _daily_row(universe, day, self.sessions, self.clicks[a], self.expected[a])
-                | {"undrifted_expected_clicks": float(self.undrifted_expected[a, day])}
+                | {
+                    "undrifted_expected_clicks": float(self.undrifted_expected[a, day]),
+                    "organic_events": self.organic_today,
+                }
+                | universe.runner.day_stats()
             )
             alerts = {}
             for name, track in universe.tracks.items():
@@ -350,10 +374,13 @@ class _Run:
                     )
             runner = universe.runner
             reason = runner.wants_retrain(day, alerts[runner.config.monitor])
+            if reason is None:
+                reason = runner.wants_oracle_retrain(day, self.config.drift_day)
             if reason is not None and day + 1 < self.config.n_days:  # no retrain after the end
                 runner.retrain(day, end_of_day, reason)
                 for track in universe.tracks.values():
                     track.reset()
+        self.organic_today = 0
 
     def result(self, planning: dict[str, Any], timings: dict[str, float]) -> SimulationResult:
         retrains = [row for u in self.universes for row in u.runner.retrains]
@@ -499,6 +526,19 @@ def _click_events(
     ]
 
 
+def _organic_events(
+    universe: _Universe, ids: list[str], organic: OrganicEvents, day: int, tick: int
+) -> list[FeedbackEvent]:
+    """One ``organic`` event per organic consumption of the tick (ids unique within the log)."""
+    weight = universe.runner.service.feedback.config.type_weights[ORGANIC_EVENT]
+    return [
+        FeedbackEvent(f"o{day}-{tick}-{row}", ids[row], f"i{item}", ORGANIC_EVENT, time, weight)
+        for row, item, time in zip(
+            organic.rows.tolist(), organic.items.tolist(), organic.times.tolist(), strict=True
+        )
+    ]
+
+
 def _prediction_scores(
     pipeline: Pipeline,
     ids: list[str],
@@ -603,7 +643,17 @@ def _start_universes(
         dataset = BundleTrainer.dataset_of(next(iter(bundles.values())))
         log = open_feedback_log(root / "arms" / arm.name / "feedback.db", clock)
         seed_feedback_log(log, load_dataset(dataset).splits["test"])
-        runner = start_arm(arm, bundles[key], training, log, trainer, dataset, history.clicks)
+        runner = start_arm(
+            arm,
+            bundles[key],
+            training,
+            log,
+            trainer,
+            dataset,
+            history.clicks,
+            clock=clock,
+            oracle_log=partial(oracle_clicks, history, config.pre_period_days),
+        )
         consumed = _Rings.empty(n_users, config.behaviour.consumed_memory)
         consumed.fill(history.log_user, history.log_item)
         universes.append(

@@ -196,7 +196,10 @@ class Pipeline:
 
     @property
     def model_version(self) -> str:
-        return self.artifacts.model_version
+        """The bundle's version, ``+online.<step>`` once online updates changed its weights."""
+        step = self.artifacts.retrieval.online_step
+        base = self.artifacts.model_version
+        return base if step == 0 else f"{base}+online.{step}"
 
     def close(self) -> None:
         if self._executor is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,7 +37,15 @@ from pipeline.feedback_log import (
 )
 from pipeline.feedback_store import FeedbackStore
 from pipeline.funnel import BudgetConfig, Pipeline
+from pipeline.online_learning import (
+    AlsItemUpdater,
+    AlsOnlineTrainer,
+    OnlineLearningConfig,
+    OnlineTrainer,
+    UpdateStats,
+)
 from pipeline.online_state import OnlineState, RestoredEvents, observe_frame
+from retrieval.als import ALSSource
 from retrieval.base import PAD_ITEM
 from retrieval.two_tower.source import TwoTowerSource
 
@@ -103,6 +112,8 @@ class _Served:
     generation: int = 0
     # The bundle directory it was loaded from.
     bundle: Path = Path()
+    # Trains the bundle's models on live feedback (None: weights stay as trained).
+    trainer: OnlineTrainer | AlsOnlineTrainer | None = None
 
 
 class RecommenderService:
@@ -130,6 +141,12 @@ class RecommenderService:
     ``publish_reloads``, a reload also records the bundle in the log as a new generation, which
     every other worker then loads, warms and swaps in (``follow_published``); ``generation`` is
     the published generation ``bundle`` is (0: none).
+
+    online_learning: train the two-tower online from live feedback (``pipeline/online_learning``);
+    None keeps the weights as trained. online_checkpoint: a directory where the online weights
+    are checkpointed and resumed from at start-up (same bundle only). background_updates: a
+    thread takes the update every ``interval_s``; off, the caller calls :meth:`update_model`
+    (the simulator does, at the end of each tick). clock: seconds UTC for freshness.
     """
 
     def __init__(
@@ -145,9 +162,17 @@ class RecommenderService:
         check_reloads_in_child: bool = True,
         publish_reloads: bool = False,
         generation: int = 0,
+        online_learning: OnlineLearningConfig | None = None,
+        online_checkpoint: str | Path | None = None,
+        background_updates: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.feedback = feedback
         self.publish_reloads = publish_reloads
+        self.online_learning = online_learning
+        self.online_checkpoint = Path(online_checkpoint) if online_checkpoint else None
+        self.clock = clock
+        self._updates_since_checkpoint = 0
         self.max_online_users = max_online_users
         self.online_user_ttl_s = online_user_ttl_s
         self.history = Path(history) if history is not None else None
@@ -165,6 +190,13 @@ class RecommenderService:
         # A published generation this worker could not load (e.g. its path is missing here):
         # not retried until a newer one is published, so a bad bundle costs one attempt.
         self._refused_generation = 0
+        self._stop_updates = threading.Event()
+        self._update_thread: threading.Thread | None = None
+        if online_learning is not None and background_updates:
+            self._update_thread = threading.Thread(
+                target=self._update_loop, name="online-updates", daemon=True
+            )
+            self._update_thread.start()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -206,6 +238,7 @@ class RecommenderService:
             _Served(pipeline, cut, restore=restore, items_seq=items_seq, bundle=bundle),
             until=bound,
         )
+        served = replace(served, trainer=self._make_trainer(served.pipeline))
         # Before the first request (start-up, or before a reload swaps it in): the snapshot's
         # user vectors in bulk (~1 s for 100k users) instead of one forward pass per request.
         started = time.perf_counter()
@@ -215,6 +248,28 @@ class RecommenderService:
         # answer one request is refused here, not served degraded.
         smoke_test(served.pipeline)
         return served
+
+    def _make_trainer(self, pipeline: Pipeline) -> OnlineTrainer | AlsOnlineTrainer | None:
+        """The online trainer of ``pipeline``'s two-tower (and ALS items), or of its ALS items
+        alone in a bundle without a two-tower, resumed from the checkpoint of the same bundle if
+        there is one (None: online learning off, or nothing to train)."""
+        if self.online_learning is None:
+            return None
+        sources = pipeline.artifacts.retrieval.sources_
+        tower, als = sources.get("two_tower"), sources.get("als")
+        updater = AlsItemUpdater(als) if isinstance(als, ALSSource) else None
+        trainer: OnlineTrainer | AlsOnlineTrainer
+        if isinstance(tower, TwoTowerSource):
+            trainer = OnlineTrainer(tower, self.online_learning, clock=self.clock, als=updater)
+        elif updater is not None:
+            trainer = AlsOnlineTrainer(updater, self.online_learning, clock=self.clock)
+        else:
+            return None
+        if self.online_checkpoint is not None and trainer.load_checkpoint(
+            self.online_checkpoint, pipeline.artifacts.model_version
+        ):
+            logger.info("online weights resumed at step %d", trainer.step)
+        return trainer
 
     def _replay_items(
         self, artifacts: Artifacts, since: int = 0, *, now: int | None = None
@@ -294,6 +349,10 @@ class RecommenderService:
         if self.last_feedback_timestamp is None or newest > self.last_feedback_timestamp:
             self.last_feedback_timestamp = newest
         users, item_idx, times, weights, seqs = _usable_events(frame, served.history_cut, items)
+        if served.trainer is not None and users.len():
+            # The users' histories before these events: what the model should have predicted from.
+            before = served.pipeline.state.batch(users, times)
+            served.trainer.submit(before.user_idx, before.recent_items, item_idx, times)
         _observe(served.pipeline, users, item_idx, times, weights, seq=seqs)
 
     def _catch_up_served(self, served: _Served) -> _Served:
@@ -429,6 +488,10 @@ class RecommenderService:
             ) from exc
 
     def close(self) -> None:
+        self._stop_updates.set()
+        if self._update_thread is not None:
+            self._update_thread.join()
+        self._checkpoint()
         self.pipeline.close()
         self.feedback.close()
         if self._checker is not None:
@@ -512,6 +575,63 @@ class RecommenderService:
         )
         self._apply_frame(served, frame, served.pipeline.artifacts.items)
         return replace(served, replayed_seq=result.last_seq)
+
+    # ---------------------------------------------------------------------------- online model
+    def update_model(self, *, force: bool = False) -> UpdateStats | None:
+        """One online update of the serving model from the feedback queued since the last
+        (None: online learning off, switched off, or too little new feedback)."""
+        # Under the reload lock: a catalogue change (add_items) edits the same item vectors.
+        with self._reload_lock:
+            trainer = self._served.trainer
+            if trainer is None:
+                return None
+            stats = trainer.update(force=force)
+        if stats is not None:
+            self._updates_since_checkpoint += 1
+            assert self.online_learning is not None
+            if self._updates_since_checkpoint >= self.online_learning.checkpoint_every:
+                self._checkpoint()
+        return stats
+
+    def set_online_updates(self, enabled: bool) -> None:
+        """The kill switch: off, the model keeps its current weights until switched back on."""
+        trainer = self._served.trainer
+        if trainer is not None:
+            trainer.enabled = enabled
+
+    def rollback_model(self) -> str:
+        """Serve the bundle's own weights again (online steps undone); returns the version."""
+        with self._reload_lock:
+            trainer = self._served.trainer
+            if trainer is not None:
+                trainer.rollback()
+                self._checkpoint()
+        return self.pipeline.model_version
+
+    def online_status(self) -> dict[str, object]:
+        """The online model: version, steps, freshness (``/metrics`` and the API read it)."""
+        served = self._served
+        status: dict[str, object] = {"model_version": served.pipeline.model_version}
+        if served.trainer is not None:
+            status |= served.trainer.status()
+        return status
+
+    def _checkpoint(self) -> None:
+        served = self._served
+        if self.online_checkpoint is None or served.trainer is None:
+            return
+        served.trainer.save_checkpoint(
+            self.online_checkpoint, served.pipeline.artifacts.model_version
+        )
+        self._updates_since_checkpoint = 0
+
+    def _update_loop(self) -> None:
+        assert self.online_learning is not None
+        while not self._stop_updates.wait(self.online_learning.interval_s):
+            try:
+                self.update_model()
+            except Exception:  # an update that fails leaves the serving model as it was
+                logger.exception("online model update failed")
 
     # ---------------------------------------------------------------------------- similar
     def similar_items(self, item_id: str, k: int) -> list[SimilarItem]:

@@ -276,6 +276,8 @@ class ALSSource:
             LastBatchMemo()
         )
         self._fold_in_cache: UserVectorCache | None = None
+        # Online updates published on the fitted factors (pipeline/online_learning).
+        self.online_step_ = 0
 
     @property
     def n_users(self) -> int:
@@ -479,6 +481,35 @@ class ALSSource:
         if self._gram is None:
             self._gram = item_gram(self.item_factors_)
         return self._gram
+
+    def publish_item_factors(
+        self, item_idx: npt.NDArray[np.int64], factors: npt.NDArray[np.float32]
+    ) -> None:
+        """Serve new factors (n, f) for items ``item_idx`` (n,) re-solved online
+        (``pipeline/online_learning/als_update.py``) from the next batch on.
+
+        The Gram matrix is corrected in place of a full re-sum; the index (large catalogues)
+        takes the new rows with their lift against the current largest norm (candidates are
+        rescored exactly from ``item_factors_``, so a lift off by a new largest norm costs
+        recall on that item only); user fold-ins computed against the old factors are dropped.
+        """
+        self._check_fitted()
+        items = np.asarray(item_idx, dtype=np.int64)
+        if items.size == 0:
+            return
+        if not self.item_factors_.flags.writeable:  # memory-mapped: a private copy to edit
+            self.item_factors_ = np.array(self.item_factors_)
+        old = self.item_factors_[items].astype(np.float64)
+        new = np.asarray(factors, dtype=np.float32)
+        gram = self._item_gram() + new.T.astype(np.float64) @ new - old.T @ old
+        self.item_factors_[items] = new
+        self._gram = gram
+        if self.index_ is not None:
+            norms = np.linalg.norm(self.item_factors_.astype(np.float64), axis=1)
+            lift = np.sqrt(np.maximum(norms.max() ** 2 - norms[items] ** 2, 0.0))
+            self.index_.add(np.hstack([new, lift[:, None].astype(np.float32)]), items)
+        self._fold_in_cache = None
+        self._vectors_memo.clear()
 
     # ------------------------------------------------------------------------------ serving
     def warm(self, users: UserBatch) -> None:

@@ -388,6 +388,11 @@ class RetrievalStage:
                 updated.append(name)
         return updated
 
+    @property
+    def online_step(self) -> int:
+        """Online steps published on the sources' weights (0: the weights as trained)."""
+        return max((getattr(s, "online_step_", 0) for s in self.sources_.values()), default=0)
+
     def add_items(
         self, item_idx: npt.ArrayLike, catalog: ItemCatalog, *, now: int | None = None
     ) -> list[str]:

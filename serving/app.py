@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from data.errors import BundleError
 from pipeline.feedback_store import FeedbackStore, describe_location, open_feedback_store
 from pipeline.log_follower import FollowerConfig, LogFollower
+from pipeline.online_learning import OnlineLearningConfig
 from pipeline.service import RecommenderService
 from serving.batcher import RequestBatcher
 from serving.errors import install_error_handlers
@@ -102,6 +103,12 @@ def _start_service(settings: ServiceSettings, feedback: FeedbackStore) -> Recomm
             online_user_ttl_s=settings.online_user_ttl_s,
             publish_reloads=True,
             generation=generation,
+            online_learning=(
+                OnlineLearningConfig(interval_s=settings.online_interval_s)
+                if settings.online_learning
+                else None
+            ),
+            online_checkpoint=settings.online_checkpoint,
         )
 
     try:

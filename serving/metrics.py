@@ -83,6 +83,21 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        # Online learning (pipeline/online_learning): the published step, and the time from an
+        # event to the first model version trained on it, over the trainer's recent examples.
+        self.online_step = Gauge(
+            "recsys_model_online_step",
+            "Online training steps published on the bundle's weights (0: as trained)",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.model_freshness = Gauge(
+            "recsys_model_freshness_seconds",
+            "Event time to its first use by the model",
+            ["quantile"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def observe_service(self, service: RecommenderService) -> None:
         """Set the gauges that describe ``service`` (at each scrape and each follower tick)."""
@@ -90,6 +105,12 @@ class Metrics:
         self.log_position.set(service.applied_seq)
         self.bundle_generation.set(service.generation)
         self.worker_up.set(1)
+        online = service.online_status()
+        self.online_step.set(float(online.get("online_step") or 0))  # type: ignore[arg-type]
+        for quantile, key in (("0.5", "model_freshness_p50_s"), ("0.99", "model_freshness_p99_s")):
+            value = online.get(key)
+            if isinstance(value, float):
+                self.model_freshness.labels(quantile=quantile).set(value)
 
     def exposition(self) -> bytes:
         """The Prometheus text of every worker (multiprocess mode) or of this app."""

@@ -73,6 +73,12 @@ class ServiceSettings(BaseSettings):
     max_online_users: int = Field(default=DEFAULT_MAX_ONLINE_USERS, ge=1)
     # Seconds after which an idle held user is evicted too; None keeps them until the cap.
     online_user_ttl_s: float | None = Field(default=None, gt=0)
+    # Train the two-tower online from the feedback this worker receives
+    # (pipeline/online_learning), one update every online_interval_s; checkpointed to
+    # online_checkpoint (a directory; None: a restart starts from the bundle's weights).
+    online_learning: bool = False
+    online_interval_s: float = Field(default=5.0, gt=0)
+    online_checkpoint: Path | None = None
 
     @field_validator("feedback_db", mode="before")
     @classmethod

@@ -129,7 +129,9 @@ def _config(**overrides: Any) -> dict[str, Any]:
 
 def test_example_config_parses_and_describes_the_issue_scenario() -> None:
     config = load_experiment_config(EXAMPLE)
-    assert [arm.kind for arm in config.arms] == ["frozen", "online"]
+    assert [arm.kind for arm in config.arms] == ["frozen", "online_state", "online_learning"]
+    assert config.analysis.comparisons == (("online", "online_learning"),)
+    assert config.behaviour.organic_share == 0.3
     assert config.drift_day == 10 and config.n_days == 30
     world = config.world_config()
     # The world spans pre-period + experiment; its drift day counts from the log's start.
@@ -158,6 +160,22 @@ def test_example_config_parses_and_describes_the_issue_scenario() -> None:
         ({"behaviour": {"ticks_per_day": 5}}, "divide 24"),
         ({"sample_loss": {"arm": "zzz", "fraction": 0.1}}, "not one of the arms"),
         ({"world": {"n_users": -3}}, "n_users"),
+        ({"behaviour": {"organic_share": 1.0}}, "organic_share"),
+        ({"analysis": {"comparisons": [["a", "zzz"]]}}, "not among the arms"),
+        ({"analysis": {"comparisons": [["a"]]}}, "pairs of two arm names"),
+        (
+            {
+                "arms": [
+                    {"name": "a", "kind": "frozen"},
+                    {
+                        "name": "b",
+                        "kind": "online_learning",
+                        "params": {"online_learning": {"learning_rate": -1}},
+                    },
+                ]
+            },
+            "learning_rate",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(overrides: dict[str, Any], message: str) -> None:
@@ -189,6 +207,9 @@ def test_arm_training_merges_overrides_and_popularity(tmp_path: Path) -> None:
         # (day, monitor alert) per end of day -> the days on which the policy retrains.
         ({"kind": "frozen"}, [True] * 6, []),
         ({"kind": "online"}, [True] * 6, []),
+        ({"kind": "online_state"}, [True] * 6, []),
+        ({"kind": "online_learning"}, [True] * 6, []),
+        ({"kind": "oracle"}, [True] * 6, []),
         ({"kind": "retrain_every", "params": {"every_days": 2}}, [False] * 6, [1, 3, 5]),
         (
             {"kind": "drift_retrain", "params": {"cooldown_days": 2}},
@@ -345,13 +366,24 @@ def _tiny_experiment(**overrides: Any) -> dict[str, Any]:
         "world": {"n_users": 300, "n_items": 150, "seed": 2, "drift": "concept", "drift_day": 2},
         "training": tomllib.loads(TINY_CONFIG),
         "behaviour": {"sessions_per_user_day": 1.0, "ticks_per_day": 4, "batch_size": 128},
-        "analysis": {"aa_replicates": 200, "coverage_replicates": 50, "srm_replicates": 20},
+        "analysis": {
+            "aa_replicates": 200,
+            "coverage_replicates": 50,
+            "srm_replicates": 20,
+            "comparisons": [["online", "learning"]],
+        },
         "monitors": {"reference_days": 1, "drift": {"min_window_size": 20}},
         "arms": [
             {"name": "frozen", "kind": "frozen"},
             {"name": "online", "kind": "online"},
             {"name": "retrain", "kind": "retrain_every", "params": {"every_days": 2}},
             {"name": "popular", "kind": "popularity"},
+            {
+                "name": "learning",
+                "kind": "online_learning",
+                "params": {"online_learning": {"min_events": 8}},
+            },
+            {"name": "oracle", "kind": "oracle"},
         ],
     }
     values.update(overrides)
@@ -369,7 +401,7 @@ def test_twin_copies_share_arrivals_and_record_consistent_outcomes(
     tiny_run: tuple[SimulationResult, Path],
 ) -> None:
     result, _ = tiny_run
-    n_arms, n_users, n_days = 4, 300, 4
+    n_arms, n_users, n_days = 6, 300, 4
     assert result.sessions.shape == (n_users, n_days)
     assert result.clicks.shape == result.expected_clicks.shape == (n_arms, n_users, n_days)
     assert result.sessions.sum() > 0
@@ -406,32 +438,49 @@ def test_feedback_went_down_the_service_path(tiny_run: tuple[SimulationResult, P
     # The logs start with the pre-period's test window (after the bundles' training data).
     seeded = load_dataset(work / "bundles" / "base-0" / "data").splits["test"].height
     assert seeded > 0
+    per_day = result.daily.group_by("day").agg(pl.col("organic_events").n_unique())
+    assert (per_day["organic_events"] == 1).all()  # exogenous: the same count in every arm
+    organic = int(result.daily.filter(pl.col("arm") == "frozen")["organic_events"].sum())
+    assert organic > 0
     for a, name in enumerate(result.arm_names):
         with FeedbackLog(FeedbackLogConfig(path=work / "arms" / name / "feedback.db")) as log:
-            # Every arm's log = that window + the arm's own simulated clicks, each once.
-            assert log.count() == seeded + int(result.clicks[a].sum()), name
+            # Every arm's log = that window + the arm's own simulated clicks + the organic
+            # consumption (the same in every arm), each once.
+            assert log.count() == seeded + int(result.clicks[a].sum()) + organic, name
     # The scheduled arm retrained once (end of day 1); a retrain after the last day is skipped.
+    # The oracle retrained once, at the end of the drift day.
     assert result.retrains.select("arm", "day", "reason").to_dicts() == [
-        {"arm": "retrain", "day": 1, "reason": "schedule"}
+        {"arm": "retrain", "day": 1, "reason": "schedule"},
+        {"arm": "oracle", "day": 2, "reason": "oracle"},
     ]
     retrained = work / "bundles" / "retrain-day001"
     assert (retrained / "bundle" / "manifest.json").is_file()
     # It learned from the pre-period and the arm's clicks of days 0-1, nothing else.
     interactions = load_dataset(retrained / "data").interactions.height
-    assert interactions == result.pre_user_clicks.sum() + result.clicks[2, :, :2].sum()
+    organic_early = result.daily.filter((pl.col("arm") == "retrain") & (pl.col("day") < 2))
+    assert interactions == (
+        result.pre_user_clicks.sum()
+        + result.clicks[2, :, :2].sum()
+        + organic_early["organic_events"].sum()
+    )
 
 
 def test_online_arms_serve_items_released_during_the_experiment(
     tiny_run: tuple[SimulationResult, Path],
 ) -> None:
     """Items the world releases after the bundles were trained: online kinds add them to their
-    live catalogue and show them; the frozen arm cannot (its log never names one)."""
+    live catalogue and show them; the frozen arm cannot (its clicks never name one)."""
     result, work = tiny_run
     assert result.new_item_coverage["frozen"] == 0.0
     assert result.new_item_coverage["online"] > 0.0
     trained = set(load_dataset(work / "bundles" / "base-0" / "data").items["item_id"].to_list())
     with FeedbackLog(FeedbackLogConfig(path=work / "arms" / "frozen" / "feedback.db")) as log:
-        assert set(log.to_frame()["item_id"].to_list()) <= trained
+        logged = pl.concat(log.iter_all())
+    # Its clicks are on trained items only; organic consumption (outside the recommender)
+    # reaches new items in every arm.
+    clicked = logged.filter(pl.col("type") == "click")["item_id"].to_list()
+    assert set(clicked) <= trained
+    assert not set(logged.filter(pl.col("type") == "organic")["item_id"].to_list()) <= trained
 
 
 def test_result_round_trip(tiny_run: tuple[SimulationResult, Path], tmp_path: Path) -> None:
@@ -448,21 +497,38 @@ def test_result_round_trip(tiny_run: tuple[SimulationResult, Path], tmp_path: Pa
 def test_analysis_report_and_files(tiny_run: tuple[SimulationResult, Path], tmp_path: Path) -> None:
     result, _ = tiny_run
     analysis = analyse(result)
-    assert set(analysis["comparisons"]) == {"online", "retrain", "popular"}
+    assert set(analysis["comparisons"]) == {"online", "retrain", "popular", "learning", "oracle"}
     online = analysis["comparisons"]["online"]["metrics"]["ctr"]
     assert online["n_control"] + analysis["users"]["per_arm"]["online"] > 0
     assert math.isfinite(online["true_effect"])
-    assert len(analysis["multiple_testing"]["holm"]) == 6
+    assert len(analysis["multiple_testing"]["holm"]) == 10
     aa = analysis["aa"]
     assert aa["replicates"] == 200
     assert 0.0 <= aa["fpr_fixed_horizon"] <= 0.12
     assert aa["fpr_sequential_msprt"] <= 0.12
     assert analysis["drift"]["drift_day"] == 2
-    assert set(analysis["drift"]["arms"]) == {"frozen", "online", "retrain", "popular"}
+    assert set(analysis["drift"]["arms"]) == {
+        "frozen",
+        "online",
+        "retrain",
+        "popular",
+        "learning",
+        "oracle",
+    }
     for arm in analysis["drift"]["arms"].values():
         # Before the drift the world and its no-drift twin are one world: the share is exactly 1.
         assert arm["no_drift_share"][:2] == [pytest.approx(1.0, abs=1e-6)] * 2
         assert 0 < arm["share_lowest"] < 1  # concept drift costs every arm something
+    recovery = analysis["drift"]["recovery_vs_oracle"]
+    assert recovery["oracle"]["cost_recovered_vs_oracle"] == 1.0
+    assert set(recovery) == {"oracle", *analysis["drift"]["arms"]}
+    pair = analysis["pairwise"]["learning_vs_online"]
+    assert (pair["baseline"], pair["candidate"]) == ("online", "learning")
+    assert math.isfinite(pair["post_drift_ctr"]["true_effect"])
+    # The learning arm's model moved: online steps were published, with their freshness.
+    learning = result.daily.filter(pl.col("arm") == "learning")
+    assert learning["online_step"][-1] > 0 and learning["online_examples"].sum() > 0
+    assert result.daily.filter(pl.col("arm") == "online")["online_step"].max() == 0
     # Every bundle has a ranker now, so every arm's prediction scores are monitored.
     assert set(analysis["monitors"]["popular"]) == {"clicked_popularity", "score"}
     paths = write_report(result, analysis, tmp_path / "report")
@@ -470,6 +536,7 @@ def test_analysis_report_and_files(tiny_run: tuple[SimulationResult, Path], tmp_
     text = paths["report"].read_text()
     assert "## Results" in text and "A/A false-positive rates" in text
     assert "Drift cost" in text and "alpha spending" in text
+    assert "## Pairwise comparisons" in text and "oracle's" in text
     for key in ("daily_ctr", "cumulative_effect", "drift"):
         assert paths[key].stat().st_size > 1_000
 
@@ -536,4 +603,5 @@ def test_cli_aa_twins_are_identical(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     seeded = load_dataset(work / "bundles" / "base-0" / "data").splits["test"].height
     with FeedbackLog(FeedbackLogConfig(path=work / "arms" / "a" / "feedback.db")) as log:
-        assert log.count() == seeded + result.clicks[0].sum()
+        organic = result.daily.filter(pl.col("arm") == "a")["organic_events"].sum()
+        assert log.count() == seeded + result.clicks[0].sum() + organic

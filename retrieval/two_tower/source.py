@@ -87,6 +87,8 @@ class TwoTowerSource:
         self.name = name
         self._vectors_memo: LastBatchMemo[npt.NDArray[np.float32]] = LastBatchMemo()
         self._user_cache: UserVectorCache | None = None
+        # Online steps published on top of the fitted weights (pipeline/online_learning).
+        self.online_step_ = 0
 
     @property
     def n_items(self) -> int:
@@ -265,6 +267,36 @@ class TwoTowerSource:
         self.index_.add(vectors, items)
         self.in_index_[items] = True
 
+    def publish_model(
+        self,
+        model: TwoTowerModel,
+        item_idx: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        *,
+        online_step: int,
+    ) -> None:
+        """Serve ``model`` (weights updated online) from the next batch on.
+
+        ``vectors`` (n, output_dim): ``model``'s vectors of ``item_idx`` (n,), the items whose
+        vectors it changed; every other item's vector must be unchanged by it (the online
+        trainer keeps the item tower's layers fixed for that). Vectors and index first, then the
+        weights and a fresh user-vector cache: cached vectors belong to the version that
+        computed them, so no request reads a vector of another version from the cache.
+        """
+        self._check_fitted()
+        if not self.item_vectors_.flags.writeable:  # memory-mapped: a private copy to edit
+            self.item_vectors_ = np.array(self.item_vectors_)
+        items = np.asarray(item_idx, dtype=np.int64)
+        if items.size:
+            self.item_vectors_[items] = vectors
+            live = self.in_index_[items]
+            if live.any():
+                self.index_.add(vectors[live], items[live])
+        self.model_ = model
+        self._user_cache = None
+        self._vectors_memo.clear()
+        self.online_step_ = online_step
+
     def remove_items(self, item_idx: npt.ArrayLike) -> int:
         """Take ``item_idx`` (n,) out of the index (retired items); returns how many were in it.
 
@@ -344,6 +376,7 @@ class TwoTowerSource:
         source.item_vectors_ = arrays["item_vectors"]
         source.in_index_ = arrays["in_index"]
         source.trained_until_ = int(meta["trained_until"])
+        source.online_step_ = 0
         source.index_ = VectorIndex.load(path / INDEX_DIR, mmap=mmap)
         return source
 
