@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 def run_postgres(
     bundle: Path, other: Path, users: list[str], items: list[str], seconds: float, root: Path
 ) -> dict[str, Any] | str:
-    """The PostgreSQL phases on a throw-away local server (``tests/postgres_server.py``)."""
-    from tests.postgres_server import PostgresUnavailableError, start_server, wait_accepting
+    """The PostgreSQL phases on a throw-away local server (``benchmarks/postgres_server.py``)."""
+    from benchmarks.postgres_server import PostgresUnavailableError, start_server, wait_accepting
 
     try:
         server = start_server()

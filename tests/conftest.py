@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main
-from ranking.compiled_forest import CACHE_ENV
-from tests.postgres_server import (
+from benchmarks.postgres_server import (
     PostgresServer,
     PostgresUnavailableError,
     start_server,
     wait_accepting,
 )
+from cli.main import main
+from ranking.compiled_forest import CACHE_ENV
 
 TINY_CONFIG = """
 [retrieval]
@@ -82,7 +82,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server for the session (tests/postgres_server.py); skips, with the
+    """A real PostgreSQL server for the session (benchmarks/postgres_server.py); skips, with the
     reason, where none can be started."""
     try:
         server = start_server()

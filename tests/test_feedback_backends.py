@@ -13,10 +13,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from benchmarks.postgres_server import PostgresUnavailableError, start_server, wait_accepting
 from data.errors import ConfigError, DataError
 from pipeline.feedback_pg import FeedbackLogUnavailableError, is_postgres_url, redacted
 from pipeline.feedback_store import FeedbackStore, open_feedback_store
-from tests.postgres_server import PostgresUnavailableError, start_server, wait_accepting
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

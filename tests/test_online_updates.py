@@ -29,8 +29,12 @@ def test_new_category_interactions_raise_its_share(tiny_bundle: tuple[Path, Path
     data, bundle = tiny_bundle
     artifacts = load_artifacts(bundle)
     stage = artifacts.retrieval
-    train = load_dataset(data).splits["train"]
-    log = Interactions.from_frame(train, users=artifacts.users, items=artifacts.items)
+    splits = load_dataset(data).splits
+    # What the sources learned: train + valid (RetrievalConfig.refit_after_validation).
+    learned = pl.concat([splits["train"], splits["valid"]])
+    log = Interactions.from_frame(
+        learned, users=artifacts.users, items=artifacts.items, drop_unknown=True
+    )
     state = OnlineState.from_log(log, artifacts.users, stage.config.history_length)
     category = artifacts.catalog.primary_category
     now = int(log.timestamp.max())

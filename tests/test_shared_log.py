@@ -31,15 +31,15 @@ import httpx
 import polars as pl
 import pytest
 
-from pipeline.bundle import MANIFEST_NAME
-from pipeline.feedback_store import open_feedback_store
-from serving.schemas import WORKER_HEADER
-from tests.postgres_server import (
+from benchmarks.postgres_server import (
     PostgresServer,
     PostgresUnavailableError,
     start_server,
     wait_accepting,
 )
+from pipeline.bundle import MANIFEST_NAME
+from pipeline.feedback_store import open_feedback_store
+from serving.schemas import WORKER_HEADER
 from tests.test_reload_under_load import resealed_copy
 from tests.test_serve_process import free_port
 

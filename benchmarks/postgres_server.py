@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests: ``initdb`` + ``pg_ctl`` in a temporary directory.
+"""A throw-away PostgreSQL server for the tests and the mixed-load benchmark: ``initdb`` +
+``pg_ctl`` in a temporary directory.
 
 Debian's ``postgresql`` package (``make test`` installs it where it may: root with apt-get)
 puts the server under ``/usr/lib/postgresql/<version>/bin``. ``initdb`` and ``postgres`` refuse
