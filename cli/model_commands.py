@@ -26,6 +26,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     train.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
     train.add_argument("--device", choices=("cpu", "cuda"), help="two-tower training device")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train the two-tower with N local DDP processes (gloo on CPU, NCCL on CUDA);"
+        " multi-node: run `recsys train` under torchrun instead (docs/scale.md)",
+    )
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="distributed runs: the two-tower's per-epoch checkpoint, resumed by a rerun"
+        " (default: BUNDLE.checkpoint beside --out; removed once the bundle is written)",
+    )
     add_progress_flag(train)
     train.set_defaults(handler=_train)
 
@@ -78,7 +91,35 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise DataError(f"--nproc must be positive, got {args.nproc}")
     config = load_config_file(args.config)
+    checkpoint = None if args.checkpoint_dir is None else str(args.checkpoint_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a torchrun job
+        if args.nproc > 1:
+            raise DataError("--nproc starts its own processes; under torchrun leave it out")
+        from pipeline.distributed_train import run_rank
+
+        manifest = run_rank(str(args.data), str(args.out), config, args.device, checkpoint)
+        if manifest is not None:
+            print(f"wrote bundle {args.out} (model_version {manifest['model_version']})")
+        return 0
+    if args.nproc > 1:
+        from pipeline.distributed_train import launch_local
+
+        manifest = launch_local(
+            args.data,
+            args.out,
+            nproc=args.nproc,
+            config=config,
+            device=args.device,
+            checkpoint_dir=checkpoint,
+        )
+        print(
+            f"wrote bundle {args.out} (model_version {manifest['model_version']}) with "
+            f"{args.nproc} DDP processes"
+        )
+        return 0
     with terminal_progress(wants_progress(args.progress)) as display:
         stages = StageLog(display)
         manifest = train_bundle(
