@@ -384,7 +384,11 @@ class _DistributedStep:
         )
         objective = loss * run.world_size
         if self.loss.id_l2 > 0:
-            objective = objective + self.loss.penalty(batch)
+            # Divided by the global batch's row counts, so that the ranks' average is the
+            # single-process penalty of the global batch.
+            n_rows = events.shape[0]
+            per_rows = (n_rows, n_rows + config.n_uniform_negatives)
+            objective = objective + self.loss.penalty(batch, per_rows) * run.world_size
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         objective.backward()

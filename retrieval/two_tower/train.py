@@ -489,9 +489,13 @@ class _BatchLoss:
             users.astype(np.int64), candidates.astype(np.int64), user_inputs, item_inputs
         )
 
-    def penalty(self, batch: BatchInputs) -> torch.Tensor:
-        """The L2 penalty on the id rows ``batch`` looked up (``_id_row_penalty``)."""
-        return _id_row_penalty(self.model, batch.user_inputs.ids, batch.item_inputs.ids, self.id_l2)
+    def penalty(self, batch: BatchInputs, per_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The L2 penalty on the id rows ``batch`` looked up (``_id_row_penalty``); ``per_rows``
+        divides the user and item sums by other counts than ``batch``'s own (a rank's share of
+        a global batch divides by the global counts)."""
+        return _id_row_penalty(
+            self.model, batch.user_inputs.ids, batch.item_inputs.ids, self.id_l2, per_rows
+        )
 
     def loss_of_vectors(
         self,
@@ -526,7 +530,11 @@ class _BatchLoss:
 
 
 def _id_row_penalty(
-    model: TwoTowerModel, user_rows: torch.Tensor, item_rows: torch.Tensor, strength: float
+    model: TwoTowerModel,
+    user_rows: torch.Tensor,
+    item_rows: torch.Tensor,
+    strength: float,
+    per_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``strength / 2`` x (mean squared norm of the looked-up user rows + of the item rows).
 
@@ -539,8 +547,9 @@ def _id_row_penalty(
     batch's users and candidate items; history slots reuse candidate rows of other events.
     """
     users, items = model.id_tables
-    user_term = users(user_rows).square().sum(dim=1).mean()
-    item_term = items(item_rows).square().sum(dim=1).mean()
+    n_users, n_items = per_rows if per_rows is not None else (len(user_rows), len(item_rows))
+    user_term = users(user_rows).square().sum() / n_users
+    item_term = items(item_rows).square().sum() / n_items
     return 0.5 * strength * (user_term + item_term)
 
 
