@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from data.errors import ConfigError
+from data.dataset import read_manifest
+from data.errors import ConfigError, RecsysError
 from data.progress import ProgressReporter
 from pipeline.artifacts import prepare_training_data, retrieval_section, train_bundle
 from retrieval.stage import RetrievalConfig, skip_reason
@@ -59,6 +61,10 @@ def launch_local(
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be positive, got {nproc}")
+    # What fails before training fails here, in one line, rather than in every rank.
+    read_manifest(Path(data_dir))
+    RetrievalConfig.from_mapping(retrieval_section(config or {}, device))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch = LaunchConfig(
@@ -72,17 +78,27 @@ def launch_local(
         start_method="spawn",
         monitor_interval=0.1,
     )
-    results = elastic_launch(launch, run_rank)(
-        str(data_dir),
-        str(out),
-        config,
-        device,
-        None if checkpoint_dir is None else str(checkpoint_dir),
-    )
+    try:
+        results = elastic_launch(launch, run_rank)(
+            str(data_dir),
+            str(out),
+            config,
+            device,
+            None if checkpoint_dir is None else str(checkpoint_dir),
+        )
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        message = str(failure.message or f"exit code {failure.exitcode}").strip().splitlines()
+        raise TrainingError(f"distributed training failed on rank {rank}: {message[0]}") from exc
     manifest: dict[str, Any] = results[0]
     return manifest
 
 
+class TrainingError(RecsysError):
+    """A rank of a distributed training run failed (its first line of error)."""
+
+
+@record  # a failing rank's exception reaches the launcher, and the CLI's one-line error
 def run_rank(
     data_dir: str,
     out: str,

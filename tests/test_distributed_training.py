@@ -77,11 +77,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(ranks_output: P
     assert len(curves["resumed"]["epochs"]) == 3
 
 
-def test_train_nproc_2_matches_single_process_recall(tmp_path: Path) -> None:
-    data, config = tmp_path / "data", tmp_path / "config.toml"
+def test_train_nproc_2_matches_single_process_recall(
+    tiny_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, config = tiny_bundle[0], tmp_path / "config.toml"  # the suite's tiny world
     config.write_text(SPARSE_CONFIG)
-    world = ["--users", "300", "--items", "150", "--days", "20", "--interactions", "9000"]
-    assert main(["data", "synth", "--out", str(data), *world, "--seed", "1"]) == 0
     recall = {}
     for nproc in (1, 2):
         bundle = tmp_path / f"bundle{nproc}"

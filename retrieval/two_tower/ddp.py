@@ -86,8 +86,8 @@ class DistributedRun:
     """This process's place in a distributed training run.
 
     rank / world_size: torch.distributed's; local_rank: the rank on this machine (its GPU);
-    checkpoint_dir: where rank 0 writes the per-epoch checkpoint (None: no checkpoints). Under
-    multi-node ``torchrun`` it must be one shared directory: every rank reads it to resume.
+    checkpoint_dir: where rank 0 writes the per-epoch checkpoint (None: no checkpoints); only
+    rank 0 reads it (it sends the content to the others), so it need not be shared.
     """
 
     rank: int
@@ -269,7 +269,7 @@ def train_two_tower_ddp(
         model.use_sparse_id_gradients(sparse)
         optimizers = _optimizers(model, config, sparse)
         checkpoints = _Checkpoints(run.checkpoint_dir, _run_key(config, log, features))
-        progress_state = checkpoints.load(model, optimizers, config.eval_k, device)
+        progress_state = checkpoints.load(model, optimizers, config.eval_k, device, run)
         towers = _wrap(model, sparse, device)
         history = PointInTimeHistory(
             log.user_idx, log.item_idx, log.timestamp, config.history_length
@@ -449,7 +449,8 @@ def _run_key(config: TwoTowerConfig, log: Interactions, features: TowerFeatures)
 
 
 class _Checkpoints:
-    """Rank 0 writes ``two_tower.pt`` after each epoch; every rank reads it back to resume."""
+    """Rank 0 writes ``two_tower.pt`` after each epoch and reads it back to resume; the other
+    ranks receive its content from rank 0."""
 
     def __init__(self, directory: Path | None, key: str) -> None:
         self.path = None if directory is None else Path(directory) / CHECKPOINT_FILE
@@ -486,16 +487,21 @@ class _Checkpoints:
         optimizers: list[torch.optim.Optimizer],
         eval_k: int,
         device: torch.device,
+        run: DistributedRun,
     ) -> _Progress:
         """Restore the last completed epoch into ``model`` and ``optimizers``, or a fresh start.
 
         A checkpoint of another run (other data or config) is ignored, not an error: the
         directory belongs to this output, and a changed config starts training over.
         """
-        if self.path is None or not self.path.is_file():
-            return _Progress(TrainingCurves(eval_k=eval_k))
-        payload = torch.load(self.path, map_location=device, weights_only=True)
-        if payload["key"] != self.key:
+        payload = None
+        if run.is_main and self.path is not None and self.path.is_file():
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        # Every rank resumes from rank 0's file: the directory need not be shared across nodes.
+        box = [payload]
+        dist.broadcast_object_list(box, src=0, device=device)
+        payload = box[0]
+        if payload is None or payload["key"] != self.key:
             return _Progress(TrainingCurves(eval_k=eval_k))
         model.load_state_dict(payload["model"])
         for optimizer, values in zip(optimizers, payload["optimizers"], strict=True):
