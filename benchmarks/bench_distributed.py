@@ -3,9 +3,8 @@
 The world is ``make run``'s (``WorldConfig()``, seed 0, temporal 80/10/10). Two parts:
 
 1. **DDP training** (``recsys train --nproc N``). Three bundles with the same config and seed,
-   hence the same global batch (512): single-process ``train_bundle`` (the baseline, torch's
-   default threads), DDP with 1 process, and DDP with 2 gloo processes (one thread each: the
-   launcher splits the cores). Each run's two-tower examples/s is the median over its epochs
+   hence the same global batch (512): single-process ``train_bundle`` (the baseline), DDP with
+   1 process, and DDP with 2 gloo processes, one torch thread per process. Each run's two-tower examples/s is the median over its epochs
    (``curves.json``), and its recall@100 on the test split is what ``recsys evaluate`` reports
    for the ``two_tower`` source. Retrieval is ``two_tower`` + ``popular`` and the ranker is cut
    to 20 rounds: the other stages run on rank 0 alone and are not what is measured.
@@ -44,10 +43,12 @@ from pipeline.artifacts import load_artifacts, train_bundle
 from pipeline.distributed_train import launch_local
 from pipeline.factory import make_pipeline, online_state_for
 
-# Only the two-tower is distributed; see the module docstring.
+# Only the two-tower is distributed; see the module docstring. One torch thread per process:
+# N processes are then N threads, and on a shared machine torch's default pool (one thread per
+# core) stalls every step waiting for a busy core (TwoTowerConfig.num_threads).
 CONFIG: dict[str, Any] = {
-    "retrieval": {"sources": ["two_tower", "popular"]},
-    "ranking": {"lightgbm": {"max_rounds": 20}},
+    "retrieval": {"sources": ["two_tower", "popular"], "two_tower": {"num_threads": 1}},
+    "ranking": {"lightgbm": {"max_rounds": 20, "num_threads": 1}},
 }
 K = 10
 NOW = 1_700_000_000

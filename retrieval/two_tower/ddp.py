@@ -361,24 +361,26 @@ class _DistributedStep:
         uniform = shares(config.n_uniform_negatives, run.world_size)
         batch = self.loss.inputs(local, rng, uniform[run.rank])
         user_vectors, item_vectors = self.towers(batch.user_inputs, batch.item_inputs)
-        n_local = local.shape[0]
+        n_local, width = local.shape[0], user_vectors.shape[1]
+        # One gather for each event's (user vector, positive vector) and one for its ids: the
+        # collectives' latency, not their bytes, is what a small model's step waits on.
+        pairs = gather_rows(
+            torch.cat([user_vectors, item_vectors[:n_local]], dim=1), counts, run.rank
+        )
+        pair_ids = gather_ids(
+            np.stack([batch.users, batch.candidates[:n_local]], axis=1), counts, device
+        )
         # Candidates in single-process order: every rank's positives, then every rank's draws.
-        candidates = torch.cat(
-            [
-                gather_rows(item_vectors[:n_local], counts, run.rank),
-                gather_rows(item_vectors[n_local:], uniform, run.rank),
-            ]
-        )
-        candidate_ids = np.concatenate(
-            [
-                gather_ids(batch.candidates[:n_local], counts, device),
-                gather_ids(batch.candidates[n_local:], uniform, device),
-            ]
-        )
+        candidates, candidate_ids = pairs[:, width:], pair_ids[:, 1]
+        if config.n_uniform_negatives:
+            drawn = gather_rows(item_vectors[n_local:], uniform, run.rank)
+            drawn_ids = gather_ids(batch.candidates[n_local:], uniform, device)
+            candidates = torch.cat([candidates, drawn])
+            candidate_ids = np.concatenate([candidate_ids, drawn_ids])
         loss = self.loss.loss_of_vectors(
-            gather_rows(user_vectors, counts, run.rank),
+            pairs[:, :width],
             candidates,
-            gather_ids(batch.users, counts, device),
+            pair_ids[:, 0],
             candidate_ids,
             config.n_uniform_negatives,
         )
