@@ -8,6 +8,9 @@ parts written by the workers; ``recsys evaluate --engine ray`` reports the same 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,3 +68,14 @@ def test_engine_flags_need_the_ray_engine(tiny_bundle: tuple[Path, Path], tmp_pa
     args = ["recommend", "--bundle", str(bundle), "--all", "--out", str(tmp_path / "x.csv")]
     assert main([*args, "--num-workers", "2"]) == 1
     assert main([*args, "--engine", "ray", "--num-workers", "0"]) == 1
+
+
+def test_the_default_commands_never_import_ray() -> None:
+    """``make run`` and the service must not need the extra (nor pay Ray's import)."""
+    code = (
+        "import sys, cli.main, pipeline.factory, serving.app, evaluation.offline;"
+        "sys.exit('ray' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, env=env).returncode == 0
