@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy.typing as npt
 import polars as pl
 import scipy.sparse as sp
 
-from data.dataset import load_dataset
+from data.dataset import Dataset, load_dataset
 from data.errors import ConfigError
 from data.interactions import Interactions
 from data.progress import ProgressReporter, StageSteps, stage
@@ -90,23 +91,33 @@ class OfflineConfig:
                 positive_int(k, f"OfflineConfig.{name}")
 
 
+# Name prefix of the pipelines that stop after the first i re-ranking rules (the rules' costs).
+RULES_PREFIX = "rules:"
+# Recommends, for every pipeline of evaluation_pipelines(), (n_users, k) item indices:
+# (bundle dir, data dir, user ids, k, now) -> {pipeline name: items}. None: in this process.
+PipelineEngine = Callable[[Path, Path, list[str], int, int], dict[str, npt.NDArray[np.int32]]]
+
+
 def evaluate_offline(
     data_dir: str | Path,
     bundle_dir: str | Path,
     config: OfflineConfig | None = None,
     *,
     progress: ProgressReporter | None = None,
+    engine: PipelineEngine | None = None,
 ) -> dict[str, Any]:
     """Run the whole evaluation; returns the report (the content of ``report.json``).
 
     ``progress`` receives the stages: loading, each system's recommendations (one step per
-    batch of users), the rules, the sources, each baseline, the oracle, metrics, bootstrap."""
+    batch of users), the rules, the sources, each baseline, the oracle, metrics, bootstrap.
+    ``engine`` answers the pipelines' requests elsewhere (``evaluation.ray_engine``); each
+    user's answer depends only on that user, so the report is the same."""
     config = config or OfflineConfig()
     started = time.perf_counter()
     with stage(progress, "load bundle and data"):
         artifacts = load_artifacts(bundle_dir)
         dataset = load_dataset(data_dir)
-        history = pl.concat([dataset.splits["train"], dataset.splits["valid"]])
+        history = evaluation_history(dataset)
         test = dataset.splits["test"]
         evaluation = build_evaluation_users(
             artifacts,
@@ -123,16 +134,23 @@ def evaluate_offline(
     k_max = max(config.ks)
     now = config.now if config.now is not None else request_time(history, test)
 
-    systems: dict[str, npt.NDArray[np.int32]] = {}
-    state = _history_state(artifacts, history)
-    n_batches = -(-len(user_ids) // config.batch_size)
-    for name, pipeline in _stage_pipelines(artifacts, state).items():
-        with stage(progress, f"recommend: {name}", total=n_batches) as batches:
-            systems[name] = _recommend(
-                pipeline, user_ids, k_max, now, config.batch_size, batches=batches
-            )
+    if engine is None:
+        recommended: dict[str, npt.NDArray[np.int32]] = {}
+        pipelines = evaluation_pipelines(artifacts, _history_state(artifacts, history))
+        n_batches = -(-len(user_ids) // config.batch_size)
+        for name, pipeline in pipelines.items():
+            with stage(progress, f"recommend: {name}", total=n_batches) as batches:
+                recommended[name] = recommend_items(
+                    pipeline, user_ids, k_max, now, config.batch_size, batches=batches
+                )
+    else:
+        with stage(progress, "recommend: every pipeline (engine)"):
+            recommended = engine(Path(bundle_dir), Path(data_dir), user_ids, k_max, now)
+    systems = {
+        name: items for name, items in recommended.items() if not name.startswith(RULES_PREFIX)
+    }
     with stage(progress, "re-ranking rules"):
-        rule_costs = _rule_costs(artifacts, state, user_ids, relevant, k_max, now, config)
+        rule_costs = _rule_costs(artifacts, recommended, relevant, config)
     # Each candidate source's own order: the bar the ranker has to clear.
     with stage(progress, "recommend: each source"):
         own_order = artifacts.retrieval.retrieve_each(
@@ -253,6 +271,32 @@ def request_time(history: pl.DataFrame, test: pl.DataFrame) -> int:
     return max(bounds, default=0)
 
 
+def evaluation_history(dataset: Dataset) -> pl.DataFrame:
+    """The users' state before the test window: train + valid events."""
+    return pl.concat([dataset.splits["train"], dataset.splits["valid"]])
+
+
+def evaluation_state(artifacts: Artifacts, data_dir: str | Path) -> OnlineState:
+    """The online state every evaluated pipeline answers from (what a worker rebuilds)."""
+    return _history_state(artifacts, evaluation_history(load_dataset(data_dir)))
+
+
+def evaluation_pipelines(artifacts: Artifacts, state: OnlineState) -> dict[str, Pipeline]:
+    """Every pipeline the report scores: the served funnel and its stages, and the funnel
+    after each prefix of the re-ranking rules (``rules:i``, the first i rules)."""
+    pipelines = _stage_pipelines(artifacts, state)
+    rules = RerankerConfig.from_mapping(artifacts.manifest["config"].get("reranking")).rules
+    for i in range(len(rules) + 1):
+        pipelines[f"{RULES_PREFIX}{i}"] = Pipeline(
+            artifacts,
+            state,
+            ranker=served_ranker(artifacts),
+            reranker=RuleReranker(RerankerConfig(tuple(rules[:i])), artifacts.catalog),
+            enforce_budgets=False,
+        )
+    return pipelines
+
+
 def _history_state(artifacts: Artifacts, history: pl.DataFrame) -> OnlineState:
     state = OnlineState(
         artifacts.users, len(artifacts.items), artifacts.retrieval.config.history_length
@@ -277,7 +321,7 @@ def _stage_pipelines(artifacts: Artifacts, state: OnlineState) -> dict[str, Pipe
     return pipelines
 
 
-def _recommend(
+def recommend_items(
     pipeline: Pipeline,
     user_ids: list[str],
     k: int,
@@ -304,26 +348,15 @@ def _recommend(
 
 def _rule_costs(
     artifacts: Artifacts,
-    state: OnlineState,
-    user_ids: list[str],
+    recommended: dict[str, npt.NDArray[np.int32]],
     relevant: sp.csr_matrix,
-    k: int,
-    now: int,
     config: OfflineConfig,
 ) -> list[dict[str, Any]]:
     """NDCG@k after each re-ranking rule (prefixes of the rule list), and what it changed."""
     rules = RerankerConfig.from_mapping(artifacts.manifest["config"].get("reranking")).rules
     out = []
     for i in range(len(rules) + 1):
-        reranker = RuleReranker(RerankerConfig(tuple(rules[:i])), artifacts.catalog)
-        pipeline = Pipeline(
-            artifacts,
-            state,
-            ranker=served_ranker(artifacts),
-            reranker=reranker,
-            enforce_budgets=False,
-        )
-        rec = _recommend(pipeline, user_ids, k, now, config.batch_size)
+        rec = recommended[f"{RULES_PREFIX}{i}"]
         cut = config.ks[0]
         out.append(
             {

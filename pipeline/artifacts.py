@@ -15,7 +15,7 @@ import polars as pl
 
 from data.catalog import ItemCatalog
 from data.configuration import load_toml
-from data.dataset import load_dataset
+from data.dataset import Dataset, load_dataset
 from data.errors import BundleError, ConfigError
 from data.idmap import IdMap
 from data.interactions import Interactions
@@ -58,6 +58,49 @@ class Artifacts:
         return str(self.manifest["model_version"])
 
 
+@dataclass(frozen=True, eq=False)
+class TrainingData:
+    """What every stage trains on: the dataset, its id maps, the train and valid logs in index
+    space (``valid_log`` None without a validation window) and the item catalogue."""
+
+    dataset: Dataset
+    users: IdMap
+    items: IdMap
+    log: Interactions
+    valid_log: Interactions | None
+    catalog: ItemCatalog
+
+
+def prepare_training_data(data_dir: str | Path) -> TrainingData:
+    """Load the dataset and index its train and valid splits (deterministic: the ranks of a
+    distributed run each call it and hold the same arrays)."""
+    dataset = load_dataset(data_dir)
+    train, valid = dataset.splits["train"], dataset.splits["valid"]
+    users = IdMap.from_ids(train[USER_ID])
+    # Items listed in the catalogue but never trained on still get an index: the item tower embeds
+    # them from their features, so they are retrievable from day one.
+    catalog_ids = (
+        dataset.items[ITEM_ID] if dataset.items is not None else pl.Series([], dtype=pl.String)
+    )
+    items = IdMap.from_ids(pl.concat([train[ITEM_ID], catalog_ids.cast(pl.String)]))
+    log = Interactions.from_frame(train, users=users, items=items)
+    valid_log = (
+        Interactions.from_frame(valid, users=users, items=items, drop_unknown=True)
+        if valid.height
+        else None
+    )
+    catalog = ItemCatalog.from_frame(dataset.items, items)
+    return TrainingData(dataset, users, items, log, valid_log, catalog)
+
+
+def retrieval_section(config: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """The config's ``[retrieval]`` table, with ``device`` (if given) as the two-tower's."""
+    values = dict(config.get("retrieval", {}))
+    if device is not None:
+        values["two_tower"] = {**values.get("two_tower", {}), "device": device}
+    return values
+
+
 def train_bundle(
     data_dir: str | Path,
     out: str | Path,
@@ -77,9 +120,7 @@ def train_bundle(
     unknown = sorted(set(config) - set(KNOWN_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {list(KNOWN_SECTIONS)}")
-    retrieval_values = dict(config.get("retrieval", {}))
-    if device is not None:
-        retrieval_values["two_tower"] = {**retrieval_values.get("two_tower", {}), "device": device}
+    retrieval_values = retrieval_section(config, device)
     retrieval_config = RetrievalConfig.from_mapping(retrieval_values)
     ranking_config = RankingConfig.from_mapping(config.get("ranking"))
     # Validated now, so a bad rule fails the training run, not the first request.
@@ -87,22 +128,10 @@ def train_bundle(
 
     stages = StageLog(progress)
     with stage(stages, "load dataset"):
-        dataset = load_dataset(data_dir)
+        data = prepare_training_data(data_dir)
+    dataset, users, items, log = data.dataset, data.users, data.items, data.log
+    valid_log, catalog = data.valid_log, data.catalog
     train, valid = dataset.splits["train"], dataset.splits["valid"]
-    users = IdMap.from_ids(train[USER_ID])
-    # Items listed in the catalogue but never trained on still get an index: the item tower embeds
-    # them from their features, so they are retrievable from day one.
-    catalog_ids = (
-        dataset.items[ITEM_ID] if dataset.items is not None else pl.Series([], dtype=pl.String)
-    )
-    items = IdMap.from_ids(pl.concat([train[ITEM_ID], catalog_ids.cast(pl.String)]))
-    log = Interactions.from_frame(train, users=users, items=items)
-    valid_log = (
-        Interactions.from_frame(valid, users=users, items=items, drop_unknown=True)
-        if valid.height
-        else None
-    )
-    catalog = ItemCatalog.from_frame(dataset.items, items)
     retrieval = RetrievalStage(retrieval_config).fit(log, catalog, valid_log, progress=stages)
     # The ranker learns from the funnel as it will see it: candidates from retrieval fitted on
     # train, labels from the valid window after it; its feature tables are then refreshed as of

@@ -114,14 +114,7 @@ class TwoTowerSource:
         progress: receives the training epochs (``train_two_tower``).
         """
         catalog = catalog if catalog is not None else ItemCatalog.empty(log.items)
-        _check_catalog(catalog, log)
-        features = TowerFeatures.build(
-            catalog,
-            log.item_counts,
-            n_users=log.n_users,
-            config=self.config,
-            user_features=user_features,
-        )
+        features = self.build_features(log, catalog, user_features)
         trained = train_two_tower(log, features, self.config, valid=valid, progress=progress)
         self.model_, self.features_, self.curves_ = trained.model, features, trained.curves
         self._vectors_memo.clear()
@@ -132,6 +125,23 @@ class TwoTowerSource:
         self.in_index_ = np.ones(catalog.n_items, dtype=bool)
         self.index_ = VectorIndex.build(self.index_config, self.item_vectors_, items)
         return self
+
+    def build_features(
+        self,
+        log: Interactions,
+        catalog: ItemCatalog,
+        user_features: npt.ArrayLike | None = None,
+    ) -> TowerFeatures:
+        """The towers' inputs that :meth:`fit` trains on (also what every rank of a distributed
+        fit builds for itself)."""
+        _check_catalog(catalog, log)
+        return TowerFeatures.build(
+            catalog,
+            log.item_counts,
+            n_users=log.n_users,
+            config=self.config,
+            user_features=user_features,
+        )
 
     # ------------------------------------------------------------------------------ vectors
     def user_vectors(self, users: UserBatch) -> npt.NDArray[np.float32]:

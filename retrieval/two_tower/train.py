@@ -43,8 +43,10 @@ from data.progress import ProgressReporter, stage
 from retrieval.base import PAD_ITEM, Candidates, UserBatch
 from retrieval.two_tower.config import TwoTowerConfig
 from retrieval.two_tower.model import (
+    ItemInputs,
     TowerFeatures,
     TwoTowerModel,
+    UserInputs,
     encode_items,
     encode_users,
     torch_threads,
@@ -268,7 +270,16 @@ def train_two_tower(
     ``features`` covers at least the log's items (``TowerFeatures.build``). Without ``valid``
     (or with an empty one) all ``max_epochs`` run and the last weights are kept. ``progress``
     receives each epoch with its training loss and validation loss and recall@``eval_k``.
+
+    Inside ``retrieval.two_tower.ddp.distributed_run`` (set by ``recsys train --nproc N`` or
+    under ``torchrun``) every rank trains its share of each batch with DDP instead.
     """
+    # Imported here: ddp builds on this module's loss and validator.
+    from retrieval.two_tower import ddp
+
+    run = ddp.current_run()
+    if run is not None:
+        return ddp.train_two_tower_ddp(log, features, config, run, valid=valid, progress=progress)
     _check_inputs(log, features, valid)
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
@@ -389,12 +400,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True, eq=False)
+class BatchInputs:
+    """A batch of events turned into tower inputs (see :meth:`_BatchLoss.inputs`).
+
+    users: (B,) user index of each event; candidates: (B + U,) the events' items, then U sampled
+    items; user_inputs / item_inputs: the towers' inputs for those rows.
+    """
+
+    users: npt.NDArray[np.int64]
+    candidates: npt.NDArray[np.int64]
+    user_inputs: UserInputs
+    item_inputs: ItemInputs
+
+
 class _BatchLoss:
     """The configured loss of a batch of events (rows of ``log``), as a differentiable scalar.
 
     With an ``rng`` (training) it draws id-dropout masks and ``n_uniform_negatives``; without
     one (evaluation) it uses in-batch negatives only and hides no id. ``id_l2 > 0`` (training
     with sparse id tables) also returns an L2 penalty on the id rows the batch looked up.
+
+    The three steps (:meth:`inputs`, the towers, :meth:`loss_of_vectors`) are separate so that
+    distributed training (``retrieval.two_tower.ddp``) encodes each rank's share of a batch and
+    computes the loss over the vectors gathered from every rank.
     """
 
     def __init__(
@@ -417,11 +446,25 @@ class _BatchLoss:
         self, events: npt.NDArray[np.int64], rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean loss over the batch's events, the id-row L2 penalty or None)."""
+        n_uniform = self.config.n_uniform_negatives if rng is not None else 0
+        batch = self.inputs(events, rng, n_uniform)
+        user_vectors = self.model.encode_users(batch.user_inputs)
+        item_vectors = self.model.encode_items(batch.item_inputs)
+        penalty = None
+        if self.id_l2 > 0 and rng is not None:
+            penalty = self.penalty(batch)
+        return self.loss_of_vectors(
+            user_vectors, item_vectors, batch.users, batch.candidates, n_uniform
+        ), penalty
+
+    def inputs(
+        self, events: npt.NDArray[np.int64], rng: np.random.Generator | None, n_uniform: int
+    ) -> BatchInputs:
+        """Tower inputs of ``events`` plus ``n_uniform`` uniformly drawn items (with ``rng``)."""
         config, features, log, device = self.config, self.features, self.log, self.device
         users, items, times = log.user_idx[events], log.item_idx[events], log.timestamp[events]
         recent = self.history.gather(events)
         batch = events.shape[0]
-        n_uniform = config.n_uniform_negatives if rng is not None else 0
         sampled = (
             rng.integers(0, features.n_items, n_uniform) if rng is not None
             else np.zeros(0, dtype=np.int64)
@@ -442,10 +485,34 @@ class _BatchLoss:
             hide_id=_flags(rng, candidates.shape[0], config.item_id_dropout),
             device=device,
         )
-        scores = self.model.encode_users(user_inputs) @ self.model.encode_items(item_inputs).T
-        penalty = None
-        if self.id_l2 > 0 and rng is not None:
-            penalty = _id_row_penalty(self.model, user_inputs.ids, item_inputs.ids, self.id_l2)
+        return BatchInputs(
+            users.astype(np.int64), candidates.astype(np.int64), user_inputs, item_inputs
+        )
+
+    def penalty(self, batch: BatchInputs, per_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The L2 penalty on the id rows ``batch`` looked up (``_id_row_penalty``); ``per_rows``
+        divides the user and item sums by other counts than ``batch``'s own (a rank's share of
+        a global batch divides by the global counts)."""
+        return _id_row_penalty(
+            self.model, batch.user_inputs.ids, batch.item_inputs.ids, self.id_l2, per_rows
+        )
+
+    def loss_of_vectors(
+        self,
+        user_vectors: torch.Tensor,
+        item_vectors: torch.Tensor,
+        users: npt.NDArray[np.int64],
+        candidates: npt.NDArray[np.int64],
+        n_uniform: int,
+    ) -> torch.Tensor:
+        """Mean loss of B events: (B, d) user vectors against (B + U, d) candidate vectors.
+
+        ``users`` (B,) and ``candidates`` (B + U,) are their indices: candidate ``j < B`` is
+        event ``j``'s positive, the last ``n_uniform`` are sampled items.
+        """
+        config, device = self.config, self.device
+        batch = users.shape[0]
+        scores = user_vectors @ item_vectors.T
         candidate_items = torch.tensor(candidates, device=device)
         user_ids = torch.tensor(users, device=device)
         no_user = torch.full((n_uniform,), -1, dtype=user_ids.dtype, device=device)
@@ -453,17 +520,21 @@ class _BatchLoss:
             candidate_items[:batch], user_ids, candidate_items, torch.cat([user_ids, no_user])
         )
         if config.loss == "bpr":
-            return bpr_loss(scores, hits, config.temperature), penalty
+            return bpr_loss(scores, hits, config.temperature)
         log_q = None
         if config.logq_correction:
             log_q = candidate_log_q(
-                self.item_probability, candidate_items, batch, n_uniform, features.n_items
+                self.item_probability, candidate_items, batch, n_uniform, self.features.n_items
             )
-        return sampled_softmax_loss(scores, hits, config.temperature, log_q), penalty
+        return sampled_softmax_loss(scores, hits, config.temperature, log_q)
 
 
 def _id_row_penalty(
-    model: TwoTowerModel, user_rows: torch.Tensor, item_rows: torch.Tensor, strength: float
+    model: TwoTowerModel,
+    user_rows: torch.Tensor,
+    item_rows: torch.Tensor,
+    strength: float,
+    per_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``strength / 2`` x (mean squared norm of the looked-up user rows + of the item rows).
 
@@ -476,8 +547,9 @@ def _id_row_penalty(
     batch's users and candidate items; history slots reuse candidate rows of other events.
     """
     users, items = model.id_tables
-    user_term = users(user_rows).square().sum(dim=1).mean()
-    item_term = items(item_rows).square().sum(dim=1).mean()
+    n_users, n_items = per_rows if per_rows is not None else (len(user_rows), len(item_rows))
+    user_term = users(user_rows).square().sum() / n_users
+    item_term = items(item_rows).square().sum() / n_items
     return 0.5 * strength * (user_term + item_term)
 
 
