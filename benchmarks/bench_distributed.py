@@ -4,10 +4,11 @@ The world is ``make run``'s (``WorldConfig()``, seed 0, temporal 80/10/10). Two 
 
 1. **DDP training** (``recsys train --nproc N``). Three bundles with the same config and seed,
    hence the same global batch (512): single-process ``train_bundle`` (the baseline), DDP with
-   1 process, and DDP with 2 gloo processes, one torch thread per process. Each run's two-tower examples/s is the median over its epochs
-   (``curves.json``), and its recall@100 on the test split is what ``recsys evaluate`` reports
-   for the ``two_tower`` source. Retrieval is ``two_tower`` + ``popular`` and the ranker is cut
-   to 20 rounds: the other stages run on rank 0 alone and are not what is measured.
+   1 process, and DDP with 2 gloo processes, one torch thread per process. Each run's
+   two-tower examples/s is the median over its epochs (``curves.json``), and its recall@100 on
+   the test split is what ``recsys evaluate`` reports for the ``two_tower`` source. Retrieval
+   is ``two_tower`` + ``popular`` and the ranker is cut to 20 rounds: the other stages run on
+   rank 0 alone and are not what is measured.
 2. **Batch scoring** (``recsys recommend --all``), on the single-process bundle: users/s of
    today's local engine with 1 and 2 worker threads (``recommend_batch``) against the Ray
    engine with 1 and 2 actors on a local 2-CPU Ray (``evaluation.ray_engine``). The Ray
